@@ -1,0 +1,24 @@
+//! jobgate `consumer`: the worker that drains job queues.
+//!
+//! Users run the `consumer` binary with a built-in handler, or write their own
+//! [`Handler`] in Rust and call [`run`] to get the whole worker around it: broker
+//! connection and reconnects, bounded concurrency, settle-after-outcome, graceful
+//! shutdown.
+//!
+//! Handlers must be idempotent on the job id: delivery is at least once.
+//!
+//! Layout:
+//! - [`config`]: flags and `JOBGATE_*` variables.
+//! - [`handler`]: the [`Handler`] trait and [`Outcome`].
+//! - [`handlers`]: built-in handlers (`log`).
+//! - [`worker`]: the loop that takes deliveries, runs the handler, settles.
+
+pub mod config;
+pub mod handler;
+pub mod handlers;
+pub mod worker;
+
+pub use config::ConsumerConfig;
+pub use handler::{Handler, Outcome};
+pub use jobgate_shared::job::{Job, JobMeta};
+pub use worker::{run, run_with_source, WorkerOptions};

@@ -1,0 +1,128 @@
+//! Errors as `application/problem+json` (RFC 9457). Bodies say what went wrong in
+//! words a client can act on; internals (broker messages, addresses) stay in the logs.
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use jobgate_shared::broker::PublishError;
+use serde::Serialize;
+
+/// Every error the HTTP API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("queue {0:?} is not configured")]
+    UnknownQueue(String),
+    #[error("the job body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the request body could not be read")]
+    BadBody,
+    #[error("the job could not be handed to the broker: {0}")]
+    Publish(#[from] PublishError),
+    #[error("no route for this path")]
+    NotFound,
+    #[error("the producer is shutting down")]
+    ShuttingDown,
+}
+
+/// The problem document.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::UnknownQueue(_) | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::Publish(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A stable identifier clients can switch on.
+    fn slug(&self) -> &'static str {
+        match self {
+            Self::UnknownQueue(_) => "unknown-queue",
+            Self::NotFound => "not-found",
+            Self::BodyTooLarge { .. } => "body-too-large",
+            Self::BadBody => "bad-body",
+            Self::Publish(_) => "broker-unavailable",
+            Self::ShuttingDown => "shutting-down",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::UnknownQueue(_) => "Unknown queue",
+            Self::NotFound => "Not found",
+            Self::BodyTooLarge { .. } => "Job body too large",
+            Self::BadBody => "Unreadable request body",
+            Self::Publish(_) => "Broker unavailable",
+            Self::ShuttingDown => "Shutting down",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            // The broker's own words stay in the log: they may name hosts and users.
+            Self::Publish(e) => format!(
+                "The job was not accepted ({}). Nothing was queued; retry later.",
+                match e {
+                    PublishError::Unavailable => "the message broker is not reachable",
+                    PublishError::Timeout(_) => "the message broker did not confirm in time",
+                    PublishError::Nacked => "the message broker refused it",
+                    PublishError::Unroutable => "the message broker has no queue for it",
+                    PublishError::Broker(_) => "the message broker failed",
+                }
+            ),
+            Self::ShuttingDown => {
+                "This producer is shutting down; retry, another replica will take the job."
+                    .to_owned()
+            }
+            other => format!("{other}."),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Publish(e) => Some(e.retry_after()),
+            Self::ShuttingDown => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Publish(error) = &self {
+            tracing::warn!(%error, "publish failed; answering 503");
+        }
+        let problem = Problem {
+            kind: format!("urn:jobgate:problem:{}", self.slug()),
+            title: self.title(),
+            status: status.as_u16(),
+            detail: self.detail(),
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(after) = self.retry_after() {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,22 @@
+//! jobgate `producer`: the HTTP ingress.
+//!
+//! A client POSTs a job body to `/jobs/{queue}`; the producer publishes it to the
+//! broker and answers `202 Request received` with the job id only after the broker
+//! confirmed it. Any failure is a `application/problem+json` error, never a hang.
+//!
+//! Layout:
+//! - [`config`]: flags and `JOBGATE_*` variables.
+//! - [`startup`]: [`run`] (serve a listener until a shutdown future completes) and
+//!   [`app`] (the router, testable without a socket).
+//! - [`state`]: what handlers share. [`error`]: problem+json responses.
+//! - `routes`: `jobs` (POST /jobs, /jobs/{queue}) and `health` (/healthz, /readyz).
+
+pub mod config;
+pub mod error;
+mod routes;
+pub mod startup;
+pub mod state;
+
+pub use config::ProducerConfig;
+pub use startup::{app, run};
+pub use state::AppState;

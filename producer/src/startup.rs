@@ -1,0 +1,224 @@
+//! Building and running the HTTP server.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use jobgate_shared::broker::rabbitmq::{PublisherOptions, RabbitPublisher};
+use jobgate_shared::broker::SharedPublisher;
+use jobgate_shared::config::Backend;
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::config::ProducerConfig;
+use crate::error::ApiError;
+use crate::routes::{health, jobs};
+use crate::state::AppState;
+
+/// The router, without a socket: tests drive it with `oneshot`.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.max_body_bytes;
+    Router::new()
+        .route("/jobs", post(jobs::post_to_default_queue))
+        .route("/jobs/{queue}", post(jobs::post_to_queue))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Connects the publisher for the configured backend (in the background).
+pub fn start_publisher(config: &ProducerConfig) -> SharedPublisher {
+    match config.broker.backend {
+        Backend::Rabbitmq => RabbitPublisher::start(PublisherOptions {
+            url: config.broker.amqp_url.clone(),
+            queues: config.queues.clone(),
+            connect_timeout: config.broker.connect_timeout(),
+            publish_timeout: config.publish_timeout(),
+            channels: usize::from(config.publish_channels),
+        }),
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then stops taking requests, lets the
+/// ones in flight finish (at most the shutdown grace), closes the broker connection.
+pub async fn run(
+    listener: TcpListener,
+    config: ProducerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let publisher = start_publisher(&config);
+    let state = AppState::new(
+        Arc::clone(&publisher),
+        config.queues.clone(),
+        config.max_body_bytes,
+    );
+    let draining = state.draining.clone();
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, queues = ?config.queues, backend = ?config.broker.backend, "producer listening");
+
+    let stop = draining.clone();
+    let server = axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stop.cancel();
+        })
+        .into_future();
+    let grace = config.shutdown_grace();
+    let gave_up = async {
+        draining.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = gave_up => tracing::warn!(?grace, "in-flight requests did not finish within the grace period"),
+    }
+    publisher.close().await;
+    tracing::info!("producer stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use jobgate_shared::broker::memory::MemoryBroker;
+    use jobgate_shared::broker::PublishError;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn test_app(broker: &MemoryBroker) -> Router {
+        let state = AppState::new(
+            Arc::new(broker.clone()),
+            vec!["emails".into(), "reports".into()],
+            16,
+        );
+        app(state)
+    }
+
+    async fn send(
+        app: Router,
+        request: Request<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, json)
+    }
+
+    fn post(path: &str, body: &'static [u8]) -> Request<Body> {
+        Request::post(path)
+            .header("content-type", "text/plain")
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn accepted_job_is_published_byte_for_byte_with_its_metadata() {
+        let broker = MemoryBroker::new();
+        let (status, _, json) = send(test_app(&broker), post("/jobs/reports", b"\xffraw")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(json["message"], "Request received");
+        assert_eq!(json["queue"], "reports");
+        let published = broker.published();
+        assert_eq!(published.len(), 1);
+        let job = &published[0];
+        assert_eq!(&job.body[..], b"\xffraw");
+        assert_eq!(job.meta.id, json["job_id"].as_str().unwrap());
+        assert_eq!(job.meta.queue, "reports");
+        assert_eq!(job.meta.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(job.meta.attempt, 1);
+    }
+
+    #[tokio::test]
+    async fn post_jobs_goes_to_the_first_queue() {
+        let broker = MemoryBroker::new();
+        let (status, _, json) = send(test_app(&broker), post("/jobs", b"x")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(json["queue"], "emails");
+    }
+
+    #[tokio::test]
+    async fn unknown_queue_is_404_problem_and_nothing_is_published() {
+        let broker = MemoryBroker::new();
+        let (status, headers, json) = send(test_app(&broker), post("/jobs/other", b"x")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert_eq!(json["type"], "urn:jobgate:problem:unknown-queue");
+        assert!(broker.published().is_empty());
+    }
+
+    #[tokio::test]
+    async fn body_over_the_limit_is_413_and_nothing_is_published() {
+        let broker = MemoryBroker::new();
+        let (status, _, json) = send(
+            test_app(&broker),
+            post("/jobs/emails", b"seventeen bytes!!"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(json["status"], 413);
+        assert!(broker.published().is_empty());
+        let (status, _, _) =
+            send(test_app(&broker), post("/jobs/emails", b"sixteen bytes!!!")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+
+    #[tokio::test]
+    async fn every_publish_failure_is_503_with_retry_after_and_no_internals() {
+        for error in [
+            PublishError::Unavailable,
+            PublishError::Nacked,
+            PublishError::Unroutable,
+            PublishError::Timeout(std::time::Duration::from_secs(5)),
+            PublishError::Broker("connection to 10.1.2.3 refused for user admin".into()),
+        ] {
+            let broker = MemoryBroker::new();
+            broker.fail_next_publish(error.clone());
+            let (status, headers, json) = send(test_app(&broker), post("/jobs/emails", b"x")).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error:?}");
+            assert!(headers.contains_key("retry-after"), "{error:?}");
+            assert_eq!(json["type"], "urn:jobgate:problem:broker-unavailable");
+            let detail = json["detail"].as_str().unwrap();
+            assert!(
+                !detail.contains("10.1.2.3") && !detail.contains("admin"),
+                "{detail}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_broker_and_shutdown() {
+        let broker = MemoryBroker::new();
+        let state = AppState::new(Arc::new(broker.clone()), vec!["q".into()], 16);
+        let get = || Request::get("/readyz").body(Body::empty()).unwrap();
+        let (status, _, _) = send(app(state.clone()), get()).await;
+        assert_eq!(status, StatusCode::OK);
+        broker.set_ready(false);
+        let (status, _, json) = send(app(state.clone()), get()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json["broker"], "down");
+        broker.set_ready(true);
+        state.draining.cancel();
+        let (status, _, _) = send(app(state.clone()), get()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, _, json) = send(app(state.clone()), post("/jobs/q", b"x")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json["type"], "urn:jobgate:problem:shutting-down");
+        let (status, _, _) = send(
+            app(state),
+            Request::get("/healthz").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}

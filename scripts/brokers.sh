@@ -1,0 +1,729 @@
+#!/usr/bin/env bash
+# Bring real RabbitMQ and Kafka brokers up on a Debian machine WITHOUT Docker.
+#
+#   scripts/brokers.sh up|down|status|restart|kill [rabbitmq|kafka|all]   (default: all)
+#
+# RabbitMQ: Debian's rabbitmq-server package (installed with apt-get on first use),
+#           AMQP on 127.0.0.1:5672, management API on :15672 (guest/guest), prometheus :15692.
+# Kafka:    Apache Kafka from Maven Central jars (single combined KRaft node),
+#           PLAINTEXT on 127.0.0.1:9092, controller on 127.0.0.1:9093.
+#
+# Idempotent: a broker that already answers is reused and left alone.
+# See `scripts/brokers.sh help` for the environment variables.
+set -euo pipefail
+
+readonly PROG="scripts/brokers.sh"
+
+# ---------------------------------------------------------------- configuration
+KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+KAFKA_FALLBACK_VERSION="${KAFKA_FALLBACK_VERSION:-4.1.0}"
+LOG4J_VERSION="${LOG4J_VERSION:-2.24.3}"
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}"
+KAFKA_HOST=127.0.0.1
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+RABBITMQ_HOST=127.0.0.1
+RABBITMQ_PORT=5672
+RABBITMQ_MGMT_PORT=15672
+RABBITMQ_TIMEOUT="${RABBITMQ_TIMEOUT:-90}"
+KAFKA_TIMEOUT="${KAFKA_TIMEOUT:-120}"
+KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
+
+CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/jobgate"
+STATE_ROOT="${JOBGATE_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/jobgate}"
+KAFKA_STATE="$STATE_ROOT/kafka"
+KAFKA_DATA="$KAFKA_STATE/data"
+KAFKA_LOGS="$KAFKA_STATE/logs"
+KAFKA_CONFIG_DIR="$KAFKA_STATE/config"
+KAFKA_PROPS="$KAFKA_CONFIG_DIR/server.properties"
+KAFKA_LOG4J="$KAFKA_CONFIG_DIR/log4j2.properties"
+KAFKA_PIDFILE="$KAFKA_STATE/kafka.pid"
+KAFKA_CLUSTER_ID_FILE="$KAFKA_STATE/cluster.id"
+KAFKA_SERVER_LOG="$KAFKA_LOGS/server.log"
+KAFKA_STDOUT="$KAFKA_LOGS/kafka.out"
+RABBITMQ_STATE="$STATE_ROOT/rabbitmq"
+
+# ---------------------------------------------------------------- helpers
+log()  { printf 'brokers: %s\n' "$*"; }
+warn() { printf 'brokers: WARNING: %s\n' "$*" >&2; }
+err()  { printf 'brokers: ERROR: %s\n' "$*" >&2; }
+die()  { err "$@"; exit 1; }
+
+usage() {
+  cat <<EOF
+usage: $PROG up|down|status|restart|kill [rabbitmq|kafka|all]   (default: all)
+
+  up       start the broker(s) (install/fetch on first use); reuse one already answering
+  down     stop the broker(s) (SIGTERM for Kafka, 'rabbitmqctl stop' for RabbitMQ)
+  status   print up/down per broker; exit 0 if all requested are up, 1 otherwise
+  restart  down, then up
+  kill     SIGKILL the broker(s) immediately (crash tests); data survives
+
+RabbitMQ: amqp://guest:guest@127.0.0.1:5672  management http://127.0.0.1:15672 (guest/guest)
+Kafka:    127.0.0.1:$KAFKA_PORT (PLAINTEXT), KRaft controller 127.0.0.1:$KAFKA_CONTROLLER_PORT
+
+environment:
+  KAFKA_VERSION           Kafka version from Maven Central (default 4.1.1)
+  KAFKA_FALLBACK_VERSION  tried when KAFKA_VERSION does not resolve (default 4.1.0)
+  KAFKA_HEAP_OPTS         JVM heap options (default "-Xms512m -Xmx512m")
+  RABBITMQ_TIMEOUT / KAFKA_TIMEOUT   readiness timeouts in seconds (90 / 120)
+  JOBGATE_STATE_DIR       state root (default \${XDG_STATE_HOME:-~/.local/state}/jobgate)
+  XDG_CACHE_HOME          jar cache root (jars in \${XDG_CACHE_HOME:-~/.cache}/jobgate/kafka-VERSION/libs)
+EOF
+}
+
+# Run a command as root: directly when root, via sudo when available. Fd 9 (the
+# lock held by with_lock) is closed so daemons spawned here (epmd, beam) can't keep it.
+as_root() {
+  if [[ $EUID -eq 0 ]]; then
+    "$@" 9>&-
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@" 9>&-
+  else
+    die "need root for '$*' (not root and no sudo)"
+  fi
+}
+
+# port_open HOST PORT: true when a TCP connection succeeds.
+port_open() {
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+# Run "$@" with an exclusive lock on LOCKFILE so concurrent invocations don't race.
+with_lock() {
+  local lockfile=$1; shift
+  mkdir -p "$(dirname "$lockfile")"
+  (
+    exec 9>"$lockfile"
+    if ! flock -w 600 9; then
+      die "timed out waiting for lock $lockfile"
+    fi
+    "$@"
+  )
+}
+
+fmt_secs() { printf '%ss' "$1"; }
+
+# ---------------------------------------------------------------- RabbitMQ
+rabbit_bin() {
+  local name=$1
+  if command -v "$name" >/dev/null 2>&1; then
+    command -v "$name"
+  elif [[ -x /usr/sbin/$name ]]; then
+    printf '/usr/sbin/%s\n' "$name"
+  else
+    return 1
+  fi
+}
+
+rabbit_installed() { rabbit_bin rabbitmq-server >/dev/null 2>&1; }
+
+rabbitmqctl_()        { as_root "$(rabbit_bin rabbitmqctl)" "$@"; }
+rabbitmq_plugins_()   { as_root "$(rabbit_bin rabbitmq-plugins)" "$@"; }
+rabbitmq_diag_()      { as_root "$(rabbit_bin rabbitmq-diagnostics)" "$@"; }
+
+rabbit_mgmt_ok() {
+  curl -fsS --max-time 5 -o /dev/null -u guest:guest \
+    "http://$RABBITMQ_HOST:$RABBITMQ_MGMT_PORT/api/overview" 2>/dev/null
+}
+
+rabbit_up() { port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT" && rabbit_mgmt_ok; }
+
+rabbit_ping() { rabbit_installed && rabbitmq_diag_ -q ping >/dev/null 2>&1; }
+
+rabbit_version() {
+  curl -fsS --max-time 5 -u guest:guest "http://$RABBITMQ_HOST:$RABBITMQ_MGMT_PORT/api/overview" 2>/dev/null |
+    grep -o '"rabbitmq_version":"[^"]*"' | head -n1 | cut -d'"' -f4 || true
+}
+
+rabbit_log_tail() {
+  local f
+  for f in "$RABBITMQ_STATE/start.out" /var/log/rabbitmq/rabbit@*.log; do
+    if [[ -s $f && -r $f ]]; then
+      printf -- '----- tail of %s -----\n' "$f" >&2
+      tail -n 40 "$f" >&2 || true
+    fi
+  done
+}
+
+# Install rabbitmq-server (and curl) with apt-get, without starting services.
+rabbit_install() {
+  local t0=$SECONDS apt_log="$RABBITMQ_STATE/apt.log" created_policy=0 rc=0
+  local -a pkgs=(rabbitmq-server)
+  command -v curl >/dev/null 2>&1 || pkgs+=(curl)
+  log "rabbitmq: installing ${pkgs[*]} with apt-get (log: $apt_log)"
+  # No init system here: keep maintainer scripts from trying to start services.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
+    created_policy=1
+  fi
+  {
+    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a || true
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${pkgs[@]}"
+  } >"$apt_log" 2>&1 || rc=$?
+  if [[ $rc -ne 0 ]]; then
+    # A failing service start in a postinst leaves packages half-configured; finish them.
+    warn "rabbitmq: apt-get exited $rc; trying 'dpkg --configure -a'"
+    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a >>"$apt_log" 2>&1 || true
+  fi
+  if [[ $created_policy -eq 1 ]]; then
+    as_root rm -f /usr/sbin/policy-rc.d
+  fi
+  if ! rabbit_installed; then
+    tail -n 30 "$apt_log" >&2 || true
+    die "rabbitmq: installing rabbitmq-server failed (see $apt_log)"
+  fi
+  log "rabbitmq: installed $(dpkg-query -W -f='rabbitmq-server ${Version}' rabbitmq-server 2>/dev/null) in $(fmt_secs $((SECONDS - t0)))"
+}
+
+rabbit_enable_plugins() {
+  local enabled=/etc/rabbitmq/enabled_plugins online=$1
+  if [[ -r $enabled ]] && grep -qw rabbitmq_management "$enabled" && grep -qw rabbitmq_prometheus "$enabled"; then
+    return 0
+  fi
+  log "rabbitmq: enabling plugins rabbitmq_management rabbitmq_prometheus"
+  if [[ $online == online ]]; then
+    rabbitmq_plugins_ -q enable rabbitmq_management rabbitmq_prometheus >/dev/null
+  else
+    rabbitmq_plugins_ -q --offline enable rabbitmq_management rabbitmq_prometheus >/dev/null
+  fi
+}
+
+rabbit_enable_feature_flags() {
+  if rabbitmqctl_ -q enable_feature_flag all >/dev/null 2>&1; then
+    log "rabbitmq: all feature flags enabled"
+  else
+    warn "rabbitmq: 'rabbitmqctl enable_feature_flag all' failed; flags still disabled:"
+    rabbitmqctl_ -q list_feature_flags name state 2>/dev/null | grep -w disabled >&2 || true
+  fi
+}
+
+rabbit_wait_ready() {
+  local deadline=$((SECONDS + RABBITMQ_TIMEOUT))
+  while ((SECONDS < deadline)); do
+    if rabbit_ping && rabbit_mgmt_ok; then
+      return 0
+    fi
+    sleep 1
+  done
+  err "rabbitmq: not ready after ${RABBITMQ_TIMEOUT}s (ping and http://$RABBITMQ_HOST:$RABBITMQ_MGMT_PORT/api/overview)"
+  rabbit_log_tail
+  return 1
+}
+
+up_rabbitmq() {
+  local t0=$SECONDS
+  if rabbit_up; then
+    log "rabbitmq: already up on $RABBITMQ_HOST:$RABBITMQ_PORT (management :$RABBITMQ_MGMT_PORT answers, RabbitMQ $(rabbit_version)); reusing it"
+    return 0
+  fi
+  mkdir -p "$RABBITMQ_STATE"
+  rabbit_installed || rabbit_install
+  if rabbit_ping; then
+    log "rabbitmq: node is running but the management API does not answer yet"
+    rabbit_enable_plugins online
+  else
+    rabbit_enable_plugins offline
+    log "rabbitmq: starting rabbitmq-server -detached"
+    if ! as_root "$(rabbit_bin rabbitmq-server)" -detached >"$RABBITMQ_STATE/start.out" 2>&1 </dev/null 9>&-; then
+      err "rabbitmq: 'rabbitmq-server -detached' failed"
+      rabbit_log_tail
+      return 1
+    fi
+  fi
+  rabbit_wait_ready || return 1
+  rabbit_enable_feature_flags
+  log "rabbitmq: up on $RABBITMQ_HOST:$RABBITMQ_PORT, management http://$RABBITMQ_HOST:$RABBITMQ_MGMT_PORT (guest/guest), RabbitMQ $(rabbit_version), in $(fmt_secs $((SECONDS - t0)))"
+}
+
+rabbit_wait_port_closed() {
+  local deadline=$((SECONDS + 30))
+  while port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; do
+    ((SECONDS < deadline)) || { warn "rabbitmq: port $RABBITMQ_PORT still open after 30s"; return 1; }
+    sleep 0.5
+  done
+}
+
+down_rabbitmq() {
+  if ! rabbit_installed; then
+    if port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; then
+      err "rabbitmq: something listens on $RABBITMQ_PORT but rabbitmq-server is not installed here; not stopping it"
+      return 1
+    fi
+    log "rabbitmq: not installed; nothing to stop"
+    return 0
+  fi
+  if ! rabbit_ping && ! port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; then
+    log "rabbitmq: already stopped"
+    return 0
+  fi
+  log "rabbitmq: stopping (rabbitmqctl stop)"
+  rabbitmqctl_ -q stop >/dev/null 2>&1 || warn "rabbitmq: 'rabbitmqctl stop' failed (already stopped?)"
+  rabbit_wait_port_closed
+  log "rabbitmq: stopped"
+}
+
+rabbit_os_pid() {
+  local f pid
+  for f in /var/lib/rabbitmq/mnesia/rabbit@*.pid; do
+    [[ -r $f ]] || continue
+    pid=$(tr -dc '0-9' <"$f")
+    if [[ -n $pid && -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q beam; then
+      printf '%s\n' "$pid"
+      return 0
+    fi
+  done
+  return 1
+}
+
+kill_rabbitmq() {
+  local pid
+  if ! pid=$(rabbit_os_pid); then
+    log "rabbitmq: no running node found (pid file); nothing to kill"
+    return 0
+  fi
+  log "rabbitmq: SIGKILL beam pid $pid"
+  as_root kill -KILL "$pid" 2>/dev/null || true
+  rabbit_wait_port_closed
+  log "rabbitmq: killed"
+}
+
+status_rabbitmq() {
+  if rabbit_up; then
+    log "rabbitmq: up ($RABBITMQ_HOST:$RABBITMQ_PORT, management :$RABBITMQ_MGMT_PORT, RabbitMQ $(rabbit_version))"
+    return 0
+  fi
+  if port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; then
+    log "rabbitmq: down (port $RABBITMQ_PORT open but management API on :$RABBITMQ_MGMT_PORT does not answer)"
+  else
+    log "rabbitmq: down"
+  fi
+  return 1
+}
+
+# ---------------------------------------------------------------- Kafka
+kafka_libs_dir() { printf '%s/kafka-%s/libs\n' "$CACHE_ROOT" "$1"; }
+kafka_marker()   { printf '%s/kafka-%s/.complete\n' "$CACHE_ROOT" "$1"; }
+
+kafka_cached() {
+  local v=$1
+  [[ -f $(kafka_marker "$v") && -f $(kafka_libs_dir "$v")/kafka_2.13-$v.jar ]]
+}
+
+check_java() {
+  local java_bin=java ver major
+  if [[ -n ${JAVA_HOME:-} && -x $JAVA_HOME/bin/java ]]; then
+    java_bin="$JAVA_HOME/bin/java"
+  fi
+  command -v "$java_bin" >/dev/null 2>&1 || die "kafka: java not found (Java 17+ required)"
+  ver=$("$java_bin" -version 2>&1 | head -n1 | sed -E 's/.*version "([^"]+)".*/\1/')
+  major=${ver%%.*}
+  [[ $major == 1 ]] && major=$(cut -d. -f2 <<<"$ver")
+  if ! [[ $major =~ ^[0-9]+$ ]] || ((major < 17)); then
+    die "kafka: Java 17+ required, found '$ver' ($java_bin)"
+  fi
+  JAVA_BIN=$java_bin
+}
+
+write_kafka_pom() {
+  local pom=$1 v=$2 binding=$3
+  cat >"$pom" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- throwaway pom written by $PROG to fetch Kafka $v jars -->
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>jobgate.local</groupId>
+  <artifactId>kafka-jars</artifactId>
+  <version>$v</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>$v</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-core</artifactId>
+      <version>$LOG4J_VERSION</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>$binding</artifactId>
+      <version>$LOG4J_VERSION</version>
+    </dependency>
+  </dependencies>
+</project>
+EOF
+}
+
+# fetch_kafka VERSION: download the jars of one version into the cache.
+fetch_kafka() {
+  local v=$1 t0=$SECONDS base libs tmp pom mvn_log binding=log4j-slf4j-impl want
+  base="$CACHE_ROOT/kafka-$v"
+  libs=$(kafka_libs_dir "$v")
+  mkdir -p "$base" || return 1
+  tmp=$(mktemp -d "$base/fetch.XXXXXX") || return 1
+  pom="$tmp/pom.xml"
+  mvn_log="$base/mvn.log"
+  command -v mvn >/dev/null 2>&1 || die "kafka: mvn (Maven) not found"
+  log "kafka: fetching Kafka $v jars from Maven Central (log: $mvn_log)"
+  local _
+  for _ in 1 2; do
+    rm -rf "$tmp/libs"
+    write_kafka_pom "$pom" "$v" "$binding"
+    if ! mvn -q -B -Dstyle.color=never -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$tmp/libs" >"$mvn_log" 2>&1; then
+      warn "kafka: Maven could not resolve Kafka $v"
+      tail -n 15 "$mvn_log" >&2 || true
+      rm -rf "$tmp"
+      return 1
+    fi
+    # The SLF4J binding must match the slf4j-api that Kafka brings in.
+    if compgen -G "$tmp/libs/slf4j-api-2.*.jar" >/dev/null; then
+      want=log4j-slf4j2-impl
+    else
+      want=log4j-slf4j-impl
+    fi
+    [[ $want == "$binding" ]] && break
+    log "kafka: slf4j-api is $(basename "$(compgen -G "$tmp/libs/slf4j-api-*.jar" | head -n1)"), switching binding to $want"
+    binding=$want
+  done
+  if [[ ! -f $tmp/libs/kafka_2.13-$v.jar ]]; then
+    rm -rf "$tmp"
+    warn "kafka: kafka_2.13-$v.jar missing after the fetch"
+    return 1
+  fi
+  rm -rf "$libs"
+  mv "$tmp/libs" "$libs"
+  rm -rf "$tmp"
+  printf 'kafka %s, %s jars, %s\n' "$v" "$(find "$libs" -name '*.jar' | wc -l)" "$binding" >"$(kafka_marker "$v")"
+  log "kafka: cached $(find "$libs" -name '*.jar' | wc -l) jars in $libs ($(fmt_secs $((SECONDS - t0))))"
+}
+
+# Sets KAFKA_LIBS and KAFKA_RESOLVED_VERSION.
+resolve_kafka_libs() {
+  local -a versions=("$KAFKA_VERSION")
+  [[ -n $KAFKA_FALLBACK_VERSION && $KAFKA_FALLBACK_VERSION != "$KAFKA_VERSION" ]] &&
+    versions+=("$KAFKA_FALLBACK_VERSION")
+  local v
+  for v in "${versions[@]}"; do
+    if kafka_cached "$v"; then
+      KAFKA_RESOLVED_VERSION=$v
+      KAFKA_LIBS=$(kafka_libs_dir "$v")
+      return 0
+    fi
+  done
+  for v in "${versions[@]}"; do
+    if with_lock "$CACHE_ROOT/kafka-$v.lock" fetch_kafka "$v"; then
+      KAFKA_RESOLVED_VERSION=$v
+      KAFKA_LIBS=$(kafka_libs_dir "$v")
+      return 0
+    fi
+  done
+  die "kafka: could not fetch any of: ${versions[*]}"
+}
+
+write_kafka_config() {
+  mkdir -p "$KAFKA_DATA" "$KAFKA_LOGS" "$KAFKA_CONFIG_DIR"
+  cat >"$KAFKA_PROPS.tmp" <<EOF
+# Written by $PROG (regenerated on every 'up'): single combined KRaft node for local tests.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$KAFKA_DATA
+
+# Single node: every internal topic with replication factor / min ISR 1.
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+
+# Faster, more predictable tests.
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+delete.topic.enable=true
+log.retention.hours=24
+log.segment.bytes=67108864
+EOF
+  mv "$KAFKA_PROPS.tmp" "$KAFKA_PROPS"
+
+  cat >"$KAFKA_LOG4J.tmp" <<EOF
+# Written by $PROG: Kafka logs INFO to $KAFKA_SERVER_LOG (not stdout).
+name=jobgate-kafka
+status=warn
+appender.file.type=RollingFile
+appender.file.name=FILE
+appender.file.fileName=$KAFKA_SERVER_LOG
+appender.file.filePattern=$KAFKA_SERVER_LOG.%i
+appender.file.layout.type=PatternLayout
+appender.file.layout.pattern=[%d] %p %m (%c)%n
+appender.file.policies.type=Policies
+appender.file.policies.size.type=SizeBasedTriggeringPolicy
+appender.file.policies.size.size=50MB
+appender.file.strategy.type=DefaultRolloverStrategy
+appender.file.strategy.max=3
+rootLogger.level=INFO
+rootLogger.appenderRef.file.ref=FILE
+logger.request.name=kafka.request.logger
+logger.request.level=WARN
+logger.statechange.name=state.change.logger
+logger.statechange.level=WARN
+EOF
+  mv "$KAFKA_LOG4J.tmp" "$KAFKA_LOG4J"
+}
+
+kafka_java() {
+  local -a heap
+  read -r -a heap <<<"$KAFKA_HEAP_OPTS"
+  "$JAVA_BIN" "${heap[@]}" -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$KAFKA_LOG4J" -cp "$KAFKA_LIBS/*" "$@"
+}
+
+kafka_format_storage() {
+  local cid
+  if [[ -f $KAFKA_DATA/meta.properties ]]; then
+    return 0
+  fi
+  if [[ -s $KAFKA_CLUSTER_ID_FILE ]]; then
+    cid=$(<"$KAFKA_CLUSTER_ID_FILE")
+  else
+    cid=$(KAFKA_HEAP_OPTS="-Xmx256m" kafka_java kafka.tools.StorageTool random-uuid | tail -n1)
+    [[ -n $cid ]] || die "kafka: 'StorageTool random-uuid' printed nothing"
+    printf '%s\n' "$cid" >"$KAFKA_CLUSTER_ID_FILE"
+  fi
+  log "kafka: formatting storage $KAFKA_DATA (cluster id $cid)"
+  if ! KAFKA_HEAP_OPTS="-Xmx256m" kafka_java kafka.tools.StorageTool format \
+    -t "$cid" -c "$KAFKA_PROPS" --ignore-formatted >"$KAFKA_LOGS/format.out" 2>&1; then
+    cat "$KAFKA_LOGS/format.out" >&2 || true
+    die "kafka: storage format failed"
+  fi
+}
+
+# kafka_pid: print the pid from the pid file when that process is our Kafka.
+kafka_pid() {
+  local pid
+  [[ -r $KAFKA_PIDFILE ]] || return 1
+  pid=$(tr -dc '0-9' <"$KAFKA_PIDFILE")
+  [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka' || return 1
+  printf '%s\n' "$pid"
+}
+
+kafka_log_tail() {
+  local f
+  for f in "$KAFKA_SERVER_LOG" "$KAFKA_STDOUT"; do
+    if [[ -s $f ]]; then
+      printf -- '----- tail of %s -----\n' "$f" >&2
+      tail -n 40 "$f" >&2 || true
+    fi
+  done
+}
+
+# kafka_wait_ready PID LOG_OFFSET: wait for the port and for "Kafka Server started"
+# in the server log after byte LOG_OFFSET.
+kafka_wait_ready() {
+  local pid=$1 offset=$2 deadline=$((SECONDS + KAFKA_TIMEOUT)) size
+  while ((SECONDS < deadline)); do
+    if [[ ! -r /proc/$pid/cmdline ]] || ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka'; then
+      err "kafka: process $pid exited during startup"
+      kafka_log_tail
+      return 1
+    fi
+    if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
+      size=$(stat -c %s "$KAFKA_SERVER_LOG" 2>/dev/null || echo 0)
+      ((size < offset)) && offset=0 # the log rolled over
+      if tail -c +"$((offset + 1))" "$KAFKA_SERVER_LOG" 2>/dev/null | grep -q 'Kafka Server started'; then
+        return 0
+      fi
+    fi
+    sleep 0.5
+  done
+  err "kafka: not ready after ${KAFKA_TIMEOUT}s (port $KAFKA_PORT + 'Kafka Server started' in $KAFKA_SERVER_LOG)"
+  kafka_log_tail
+  return 1
+}
+
+up_kafka() {
+  local t0=$SECONDS pid offset
+  if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
+    if pid=$(kafka_pid); then
+      log "kafka: already up on $KAFKA_HOST:$KAFKA_PORT (pid $pid); reusing it"
+    else
+      log "kafka: something already accepts connections on $KAFKA_HOST:$KAFKA_PORT; reusing it"
+    fi
+    return 0
+  fi
+  check_java
+  if pid=$(kafka_pid); then
+    log "kafka: pid $pid is starting; waiting for it"
+    kafka_wait_ready "$pid" 0 || return 1
+    log "kafka: up on $KAFKA_HOST:$KAFKA_PORT (pid $pid)"
+    return 0
+  fi
+  resolve_kafka_libs
+  write_kafka_config
+  kafka_format_storage
+  offset=$(stat -c %s "$KAFKA_SERVER_LOG" 2>/dev/null || echo 0)
+  local -a heap
+  read -r -a heap <<<"$KAFKA_HEAP_OPTS"
+  log "kafka: starting Kafka $KAFKA_RESOLVED_VERSION (state: $KAFKA_STATE)"
+  printf -- '--- start %s ---\n' "$(date -Is)" >>"$KAFKA_STDOUT"
+  # A new session, detached from this script; the inner shell records its own pid
+  # and then becomes java (exec keeps the pid).
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  setsid nohup bash -c 'printf "%s\n" "$$" >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
+    "$JAVA_BIN" "${heap[@]}" -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+    >>"$KAFKA_STDOUT" 2>&1 </dev/null 9>&- &
+  local deadline=$((SECONDS + 10))
+  until pid=$(kafka_pid); do
+    if ((SECONDS >= deadline)); then
+      err "kafka: the java process did not start"
+      kafka_log_tail
+      return 1
+    fi
+    sleep 0.2
+  done
+  kafka_wait_ready "$pid" "$offset" || return 1
+  log "kafka: up on $KAFKA_HOST:$KAFKA_PORT (Kafka $KAFKA_RESOLVED_VERSION, pid $pid) in $(fmt_secs $((SECONDS - t0)))"
+}
+
+# kafka_stop SIGNAL WAIT_SECONDS
+kafka_stop() {
+  local sig=$1 wait_s=$2 pid deadline
+  if ! pid=$(kafka_pid); then
+    rm -f "$KAFKA_PIDFILE"
+    if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
+      err "kafka: something listens on $KAFKA_HOST:$KAFKA_PORT but was not started by this script (no pid in $KAFKA_PIDFILE); not stopping it"
+      return 1
+    fi
+    log "kafka: already stopped"
+    return 0
+  fi
+  log "kafka: sending SIG$sig to pid $pid"
+  kill -"$sig" "$pid" 2>/dev/null || true
+  deadline=$((SECONDS + wait_s))
+  while kafka_pid >/dev/null; do
+    if ((SECONDS >= deadline)); then
+      if [[ $sig == KILL ]]; then
+        err "kafka: pid $pid survived SIGKILL"
+        return 1
+      fi
+      warn "kafka: pid $pid still alive after ${wait_s}s; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      sig=KILL
+      deadline=$((SECONDS + 10))
+    fi
+    sleep 0.2
+  done
+  rm -f "$KAFKA_PIDFILE"
+  deadline=$((SECONDS + 10))
+  while port_open "$KAFKA_HOST" "$KAFKA_PORT" && ((SECONDS < deadline)); do sleep 0.2; done
+  log "kafka: stopped"
+}
+
+down_kafka() { kafka_stop TERM "$KAFKA_STOP_TIMEOUT"; }
+kill_kafka() { kafka_stop KILL 10; }
+
+status_kafka() {
+  local pid
+  if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
+    if pid=$(kafka_pid); then
+      log "kafka: up ($KAFKA_HOST:$KAFKA_PORT, pid $pid, state $KAFKA_STATE)"
+    else
+      log "kafka: up ($KAFKA_HOST:$KAFKA_PORT, not started by this script)"
+    fi
+    return 0
+  fi
+  if pid=$(kafka_pid); then
+    log "kafka: down (pid $pid running but $KAFKA_HOST:$KAFKA_PORT not accepting connections yet)"
+  else
+    log "kafka: down"
+  fi
+  return 1
+}
+
+# ---------------------------------------------------------------- dispatch
+# act ACTION BROKER: run one action for one broker under that broker's lock.
+act() {
+  local action=$1 broker=$2
+  case $action in
+    status) "status_$broker" ;;
+    restart) with_lock "$STATE_ROOT/$broker.lock" sh_restart "$broker" ;;
+    *) with_lock "$STATE_ROOT/$broker.lock" "${action}_$broker" ;;
+  esac
+}
+
+sh_restart() {
+  "down_$1"
+  "up_$1"
+}
+
+main() {
+  local action=${1:-} target=${2:-all}
+  case $action in
+    up | down | status | restart | kill) ;;
+    -h | --help | help) usage; return 0 ;;
+    "") usage >&2; return 2 ;;
+    *) err "unknown action '$action'"; usage >&2; return 2 ;;
+  esac
+  [[ $# -le 2 ]] || { usage >&2; return 2; }
+  local -a brokers
+  case $target in
+    all) brokers=(rabbitmq kafka) ;;
+    rabbitmq | rabbit) brokers=(rabbitmq) ;;
+    kafka) brokers=(kafka) ;;
+    *) err "unknown broker '$target'"; usage >&2; return 2 ;;
+  esac
+  mkdir -p "$STATE_ROOT"
+
+  # Each action runs as a background job and is then waited for: that keeps `set -e`
+  # in force inside it (it is ignored in functions called from `||`/`if`), and lets
+  # `all` acts on both brokers in parallel (status stays sequential for tidy output).
+  local t0=$SECONDS rc=0 b
+  local -A pids=()
+  if [[ ${#brokers[@]} -gt 1 && $action != status ]]; then
+    for b in "${brokers[@]}"; do
+      act "$action" "$b" &
+      pids[$b]=$!
+    done
+    for b in "${brokers[@]}"; do
+      if ! wait "${pids[$b]}"; then
+        [[ $action == status ]] || err "$b: '$action' failed"
+        rc=1
+      fi
+    done
+  else
+    for b in "${brokers[@]}"; do
+      act "$action" "$b" &
+      if ! wait "$!"; then
+        [[ $action == status ]] || err "$b: '$action' failed"
+        rc=1
+      fi
+    done
+  fi
+  if [[ $action != status ]]; then
+    if [[ $rc -eq 0 ]]; then
+      log "$action ${target}: done in $(fmt_secs $((SECONDS - t0)))"
+    else
+      err "$action ${target}: failed after $(fmt_secs $((SECONDS - t0)))"
+    fi
+  fi
+  return "$rc"
+}
+
+main "$@"

@@ -1,0 +1,178 @@
+//! An in-memory fake broker for unit tests of routing and worker logic.
+//! It keeps every published job and every settlement so tests can assert on them.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
+use crate::job::{Job, JobMeta};
+
+/// What became of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    Acked,
+    Requeued,
+    Rejected,
+}
+
+#[derive(Default)]
+struct State {
+    queued: VecDeque<Job>,
+    published: Vec<Job>,
+    settled: Vec<(String, Settlement)>,
+    fail_next_publish: Option<PublishError>,
+    ready: bool,
+}
+
+/// A fake broker: a publisher and a source over one in-process queue.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    state: Arc<Mutex<State>>,
+    arrived: Arc<Notify>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBroker {
+    pub fn new() -> Self {
+        let state = State {
+            ready: true,
+            ..State::default()
+        };
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            arrived: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the next publish fail with `error`.
+    pub fn fail_next_publish(&self, error: PublishError) {
+        self.lock().fail_next_publish = Some(error);
+    }
+
+    /// Sets what `is_ready` answers.
+    pub fn set_ready(&self, ready: bool) {
+        self.lock().ready = ready;
+    }
+
+    /// Puts a job on the queue as if a producer had published it.
+    pub fn enqueue(&self, job: Job) {
+        self.lock().queued.push_back(job);
+        self.arrived.notify_one();
+    }
+
+    /// Every job published so far.
+    pub fn published(&self) -> Vec<Job> {
+        self.lock().published.clone()
+    }
+
+    /// Every settlement so far, as (job id, settlement).
+    pub fn settled(&self) -> Vec<(String, Settlement)> {
+        self.lock().settled.clone()
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryBroker {
+    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError> {
+        let job = Job {
+            meta: meta.clone(),
+            body: Bytes::copy_from_slice(body),
+        };
+        {
+            let mut state = self.lock();
+            if let Some(error) = state.fail_next_publish.take() {
+                return Err(error);
+            }
+            state.published.push(job.clone());
+        }
+        self.enqueue(job);
+        Ok(())
+    }
+
+    fn is_ready(&self) -> bool {
+        self.lock().ready
+    }
+
+    async fn close(&self) {
+        self.set_ready(false);
+    }
+}
+
+struct MemorySettle {
+    broker: MemoryBroker,
+    job: Job,
+}
+
+impl MemorySettle {
+    fn record(self, settlement: Settlement) {
+        self.broker
+            .lock()
+            .settled
+            .push((self.job.meta.id.clone(), settlement));
+        if settlement == Settlement::Requeued {
+            self.broker.enqueue(self.job);
+        }
+    }
+}
+
+#[async_trait]
+impl Settle for MemorySettle {
+    async fn ack(self: Box<Self>) -> Result<(), SettleError> {
+        self.record(Settlement::Acked);
+        Ok(())
+    }
+    async fn requeue(self: Box<Self>) -> Result<(), SettleError> {
+        self.record(Settlement::Requeued);
+        Ok(())
+    }
+    async fn reject(self: Box<Self>) -> Result<(), SettleError> {
+        self.record(Settlement::Rejected);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobSource for MemoryBroker {
+    async fn run(&mut self, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
+        loop {
+            let next = self.lock().queued.pop_front();
+            let Some(job) = next else {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = self.arrived.notified() => continue,
+                }
+            };
+            let delivery = Delivery {
+                job: job.clone(),
+                settle: Box::new(MemorySettle {
+                    broker: self.clone(),
+                    job,
+                }),
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                sent = tx.send(delivery) => if sent.is_err() { return },
+            }
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.lock().ready
+    }
+
+    async fn close(&mut self) {}
+}

@@ -1,0 +1,114 @@
+//! Broker backends behind two small traits.
+//!
+//! - [`Publisher`]: what the ingress needs. `publish` returns `Ok` only after the broker
+//!   confirmed that it durably took the message; every other result is an error that
+//!   the ingress turns into a 503.
+//! - [`JobSource`]: what a worker needs. It delivers [`Delivery`]s, each carrying a
+//!   [`Settle`] handle; the worker settles a delivery only after its outcome is durable,
+//!   so a crash at any point means redelivery, never loss.
+//!
+//! Backends: [`rabbitmq`] (real broker) and [`memory`] (in-process fake for unit tests
+//! of routing and worker logic; never used by integration tests).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{Job, JobMeta};
+
+pub mod memory;
+pub mod rabbitmq;
+
+/// Why a publish did not end in a broker confirm. All of these are retryable by the
+/// client; none of them means the job was taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("the message broker is not connected")]
+    Unavailable,
+    #[error("the message broker refused the message")]
+    Nacked,
+    #[error("the message broker could not route the message to its queue")]
+    Unroutable,
+    #[error("the message broker did not confirm the message within {0:?}")]
+    Timeout(Duration),
+    #[error("the message broker failed: {0}")]
+    Broker(String),
+}
+
+impl PublishError {
+    /// A sensible `Retry-After` for the client: longer while the broker is away.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Self::Unavailable | Self::Timeout(_) => Duration::from_secs(5),
+            Self::Nacked | Self::Unroutable | Self::Broker(_) => Duration::from_secs(1),
+        }
+    }
+}
+
+/// The ingress side of a broker.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes one job and waits for the broker's confirm, at most the configured
+    /// publish timeout. Many calls may be in flight at once.
+    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError>;
+
+    /// True while the connection is up, the topology is declared and the broker is not
+    /// blocking publishers.
+    fn is_ready(&self) -> bool;
+
+    /// Closes the broker connection; publishes after this fail with `Unavailable`.
+    async fn close(&self);
+}
+
+/// Errors while settling a delivery (the broker connection went away, typically).
+/// The job is then redelivered by the broker: at least once.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("could not settle the delivery: {0}")]
+pub struct SettleError(pub String);
+
+/// How a worker tells the broker what became of one delivery.
+#[async_trait]
+pub trait Settle: Send + Sync + 'static {
+    /// The job's outcome is durable: remove the delivery for good.
+    async fn ack(self: Box<Self>) -> Result<(), SettleError>;
+    /// Give the delivery back to the broker for immediate redelivery.
+    async fn requeue(self: Box<Self>) -> Result<(), SettleError>;
+    /// Refuse the delivery: the broker dead-letters it to `Q.dlq`.
+    async fn reject(self: Box<Self>) -> Result<(), SettleError>;
+}
+
+/// One job handed to a worker, with the handle that settles it.
+pub struct Delivery {
+    pub job: Job,
+    pub settle: Box<dyn Settle>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("job", &self.job.meta)
+            .finish()
+    }
+}
+
+/// The worker side of a broker.
+#[async_trait]
+pub trait JobSource: Send + 'static {
+    /// Sends deliveries into `tx` until `stop` is cancelled or `tx` is closed,
+    /// reconnecting by itself with backoff. When `stop` fires it cancels its
+    /// subscriptions but keeps the connection open, so in-flight deliveries can
+    /// still be settled.
+    async fn run(&mut self, tx: mpsc::Sender<Delivery>, stop: CancellationToken);
+
+    /// True while the subscription is live.
+    fn is_ready(&self) -> bool;
+
+    /// Closes the connection. Deliveries not settled by then go back to the broker.
+    async fn close(&mut self);
+}
+
+/// A shared, type-erased publisher.
+pub type SharedPublisher = Arc<dyn Publisher>;

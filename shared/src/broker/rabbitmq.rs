@@ -1,0 +1,585 @@
+//! RabbitMQ backend (AMQP 0-9-1 through `lapin`).
+//!
+//! Delivery guarantee, in plain words:
+//! - Ingress: a job is published persistent (`delivery_mode` 2) and `mandatory` on a
+//!   channel in confirm mode into a durable quorum queue. `publish` returns `Ok` only
+//!   when RabbitMQ acked it; a nack, an unroutable return, a lost connection or no
+//!   confirm within the publish timeout is an error, never a silent success.
+//! - Workers: deliveries are acked only after the worker's outcome is durable. A crash
+//!   or a lost connection before the ack makes RabbitMQ redeliver: at least once.
+//!
+//! Both sides run a supervisor task that connects, declares the topology, serves, and
+//! on any connection or channel failure reconnects with backoff. Readiness is true only
+//! while a session is up (and, for publishers, the broker is not blocking us).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, Event};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
+use crate::backoff::Backoff;
+use crate::config::SecretUrl;
+use crate::job::{self, Job, JobMeta};
+
+/// How long a settle (ack/nack) or a declare may take before we give up on it.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the supervisor checks the health of a session besides listening to events.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Name of the dead-letter queue of job queue `queue`.
+pub fn dlq_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// Declares, idempotently, the queues of job queue `queue`:
+/// - `queue`: durable quorum queue whose dead letters go to `queue.dlq`;
+/// - `queue.dlq`: durable quorum queue that keeps dead jobs until an operator acts.
+///
+/// Both binaries call this at every (re)connect, so whichever starts first creates
+/// the topology. The arguments must never change for an existing queue (RabbitMQ
+/// refuses a redeclare with other arguments), so they live here and only here.
+pub async fn declare_topology(channel: &Channel, queue: &str) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let dlq = dlq_name(queue);
+
+    let mut dlq_args = FieldTable::default();
+    dlq_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(ShortString::from(dlq.as_str()), durable, dlq_args)
+        .await?;
+
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dlq.as_str().into()),
+    );
+    channel
+        .queue_declare(ShortString::from(queue), durable, args)
+        .await?;
+    Ok(())
+}
+
+/// Connects with a client-visible connection name (shown in the management UI).
+async fn connect(url: &SecretUrl, name: &str, timeout: Duration) -> Result<Connection, String> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(timeout, Connection::connect(url.expose(), props)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no connection within {timeout:?}")),
+    }
+}
+
+/// A name for connections that tells operators which process holds them.
+fn connection_name(role: &str) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    format!("jobgate-{role}@{host}:{}", std::process::id())
+}
+
+/// Runs `op` with [`OPERATION_TIMEOUT`], flattening the timeout into a string error.
+async fn bounded<T>(
+    what: &str,
+    op: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, op).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {OPERATION_TIMEOUT:?}")),
+    }
+}
+
+/// Watches a connection until it fails (or `cancel` fires) and keeps `blocked` up to
+/// date with RabbitMQ's `connection.blocked` / `connection.unblocked` notifications.
+async fn watch_connection(
+    conn: &Connection,
+    channels: &[Channel],
+    blocked: &AtomicBool,
+    cancel: &CancellationToken,
+) {
+    let mut events = conn.events_listener();
+    let mut tick = tokio::time::interval(HEALTH_CHECK_INTERVAL);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            event = events.next() => match event {
+                Some(Event::ConnectionBlocked(reason)) => {
+                    tracing::warn!(%reason, "RabbitMQ blocks publishers (resource alarm)");
+                    blocked.store(true, Ordering::SeqCst);
+                }
+                Some(Event::ConnectionUnblocked) => {
+                    tracing::info!("RabbitMQ unblocked publishers");
+                    blocked.store(false, Ordering::SeqCst);
+                }
+                Some(Event::Error(error)) => {
+                    tracing::warn!(%error, "RabbitMQ connection failed");
+                    return;
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = tick.tick() => {
+                if !conn.status().connected() || channels.iter().any(|c| !c.status().connected()) {
+                    tracing::warn!("RabbitMQ connection or channel closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Closes a connection politely, without waiting long for a broker that is gone.
+async fn close_connection(conn: &Connection, why: &str) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        conn.close(200, ShortString::from(why)),
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------
+// Publisher
+// ---------------------------------------------------------------------------------
+
+/// Options of the RabbitMQ publisher.
+#[derive(Debug, Clone)]
+pub struct PublisherOptions {
+    pub url: SecretUrl,
+    /// Job queues whose topology is declared at every connect.
+    pub queues: Vec<String>,
+    pub connect_timeout: Duration,
+    /// How long `publish` waits for the confirm.
+    pub publish_timeout: Duration,
+    /// Confirm channels; publishes are spread over them round-robin.
+    pub channels: usize,
+}
+
+/// One live connection with its confirm channels.
+struct PublishSession {
+    conn: Connection,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+    blocked: AtomicBool,
+}
+
+impl PublishSession {
+    /// Round-robin: confirms of many requests are in flight together on each channel;
+    /// no channel per request and no lock held across a confirm.
+    fn channel(&self) -> &Channel {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        &self.channels[i]
+    }
+}
+
+/// Publishes jobs to RabbitMQ with publisher confirms; reconnects by itself.
+pub struct RabbitPublisher {
+    options: PublisherOptions,
+    session: RwLock<Option<Arc<PublishSession>>>,
+    cancel: CancellationToken,
+}
+
+impl RabbitPublisher {
+    /// Starts the publisher. It connects in the background: until the broker answers,
+    /// `is_ready` is false and `publish` fails with `Unavailable`.
+    pub fn start(options: PublisherOptions) -> Arc<Self> {
+        let publisher = Arc::new(Self {
+            options,
+            session: RwLock::new(None),
+            cancel: CancellationToken::new(),
+        });
+        tokio::spawn(Arc::clone(&publisher).supervise());
+        publisher
+    }
+
+    fn current(&self) -> Option<Arc<PublishSession>> {
+        self.session
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_current(&self, session: Option<Arc<PublishSession>>) {
+        *self.session.write().unwrap_or_else(|e| e.into_inner()) = session;
+    }
+
+    async fn open_session(&self) -> Result<PublishSession, String> {
+        let o = &self.options;
+        let conn = connect(&o.url, &connection_name("producer"), o.connect_timeout).await?;
+        let setup = async {
+            let mut channels = Vec::with_capacity(o.channels.max(1));
+            for _ in 0..o.channels.max(1) {
+                let channel = bounded("channel.open", conn.create_channel()).await?;
+                bounded(
+                    "confirm.select",
+                    channel.confirm_select(ConfirmSelectOptions::default()),
+                )
+                .await?;
+                channels.push(channel);
+            }
+            for queue in &o.queues {
+                bounded("queue.declare", declare_topology(&channels[0], queue)).await?;
+            }
+            Ok::<_, String>(channels)
+        };
+        match setup.await {
+            Ok(channels) => Ok(PublishSession {
+                conn,
+                channels,
+                next: AtomicUsize::new(0),
+                blocked: AtomicBool::new(false),
+            }),
+            Err(e) => {
+                close_connection(&conn, "setup failed").await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let mut backoff = Backoff::for_reconnect();
+        while !self.cancel.is_cancelled() {
+            match self.open_session().await {
+                Ok(session) => {
+                    backoff.reset();
+                    let session = Arc::new(session);
+                    self.set_current(Some(Arc::clone(&session)));
+                    tracing::info!(url = %self.options.url, "publisher connected to RabbitMQ; topology declared");
+                    watch_connection(
+                        &session.conn,
+                        &session.channels,
+                        &session.blocked,
+                        &self.cancel,
+                    )
+                    .await;
+                    self.set_current(None);
+                    close_connection(&session.conn, "reconnecting").await;
+                    if self.cancel.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(url = %self.options.url, %error, "cannot connect to RabbitMQ");
+                }
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    async fn publish_confirmed(
+        session: &PublishSession,
+        meta: &JobMeta,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let broker = |e: lapin::Error| PublishError::Broker(e.to_string());
+        let confirm = session
+            .channel()
+            .basic_publish(
+                ShortString::default(),
+                ShortString::from(meta.queue.as_str()),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                job::amqp::properties(meta),
+            )
+            .await
+            .map_err(broker)?
+            .await
+            .map_err(broker)?;
+        if confirm.is_nack() {
+            return Err(PublishError::Nacked);
+        }
+        // An ack that carries a returned message: `mandatory` and no queue took it.
+        if confirm.take_message().is_some() {
+            return Err(PublishError::Unroutable);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Publisher for RabbitPublisher {
+    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError> {
+        let session = self.current().ok_or(PublishError::Unavailable)?;
+        let timeout = self.options.publish_timeout;
+        let result = match tokio::time::timeout(
+            timeout,
+            Self::publish_confirmed(&session, meta, body),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(PublishError::Timeout(timeout)),
+        };
+        if result == Err(PublishError::Unroutable) {
+            // The queue was deleted behind our back (by an operator, say). This request
+            // gets its 503; declaring the topology again lets the next ones through.
+            let queue = meta.queue.clone();
+            tokio::spawn(async move {
+                tracing::warn!(%queue, "queue missing on the broker; declaring it again");
+                if let Err(error) = bounded(
+                    "queue.declare",
+                    declare_topology(&session.channels[0], &queue),
+                )
+                .await
+                {
+                    tracing::warn!(%queue, %error, "could not declare the queue again");
+                }
+            });
+        }
+        result
+    }
+
+    fn is_ready(&self) -> bool {
+        self.current()
+            .is_some_and(|s| !s.blocked.load(Ordering::SeqCst))
+    }
+
+    async fn close(&self) {
+        self.cancel.cancel();
+        if let Some(session) = self.current() {
+            self.set_current(None);
+            close_connection(&session.conn, "producer shutting down").await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Job source (workers)
+// ---------------------------------------------------------------------------------
+
+/// Options of the RabbitMQ job source.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub url: SecretUrl,
+    /// Queues to drain.
+    pub queues: Vec<String>,
+    pub connect_timeout: Duration,
+    /// `basic.qos` prefetch per queue: the worker's concurrency.
+    pub prefetch: u16,
+}
+
+/// Consumes jobs from RabbitMQ queues; reconnects by itself.
+pub struct RabbitSource {
+    options: SourceOptions,
+    /// Kept open after the subscription is cancelled, until in-flight deliveries are
+    /// settled. The channel is kept too: lapin closes a channel when it is dropped,
+    /// and unsettled deliveries would go back to the queue.
+    session: Option<(Connection, Channel)>,
+    ready: Arc<AtomicBool>,
+}
+
+impl RabbitSource {
+    pub fn new(options: SourceOptions) -> Self {
+        Self {
+            options,
+            session: None,
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    async fn open(&self) -> Result<(Connection, Channel, Vec<lapin::Consumer>), String> {
+        let o = &self.options;
+        let conn = connect(&o.url, &connection_name("consumer"), o.connect_timeout).await?;
+        let setup = async {
+            let channel = bounded("channel.open", conn.create_channel()).await?;
+            bounded(
+                "basic.qos",
+                channel.basic_qos(o.prefetch.max(1), BasicQosOptions::default()),
+            )
+            .await?;
+            let mut consumers = Vec::new();
+            for queue in &o.queues {
+                bounded("queue.declare", declare_topology(&channel, queue)).await?;
+                let consumer = bounded(
+                    "basic.consume",
+                    channel.basic_consume(
+                        ShortString::from(queue.as_str()),
+                        ShortString::from(format!("{}-{queue}", connection_name("consumer"))),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    ),
+                )
+                .await?;
+                consumers.push(consumer);
+            }
+            Ok::<_, String>((channel, consumers))
+        };
+        match setup.await {
+            Ok((channel, consumers)) => Ok((conn, channel, consumers)),
+            Err(e) => {
+                close_connection(&conn, "setup failed").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves one connection. Returns true when `stop` fired (subscriptions cancelled,
+    /// connection kept for settling), false when the connection failed.
+    async fn serve(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+        consumers: Vec<lapin::Consumer>,
+        tx: &mpsc::Sender<Delivery>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let tags: Vec<ShortString> = consumers.iter().map(|c| c.tag()).collect();
+        let mut deliveries = futures::stream::select_all(consumers);
+        let lost = CancellationToken::new();
+        let blocked = AtomicBool::new(false);
+        let watch = watch_connection(conn, std::slice::from_ref(channel), &blocked, &lost);
+        tokio::pin!(watch);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    for tag in tags {
+                        let _ = bounded("basic.cancel", channel.basic_cancel(tag, BasicCancelOptions::default())).await;
+                    }
+                    return true;
+                }
+                () = &mut watch => return false,
+                next = deliveries.next() => match next {
+                    Some(Ok(d)) => {
+                        let queue = d.routing_key.to_string();
+                        let queue = if self.options.queues.contains(&queue) { queue } else {
+                            // Published via another exchange: the routing key is not the
+                            // queue name; fall back to the only queue when there is one.
+                            self.options.queues.first().cloned().unwrap_or(queue)
+                        };
+                        let job = Job {
+                            meta: job::amqp::meta_from(&queue, &d.properties),
+                            body: Bytes::from(d.data),
+                        };
+                        let delivery = Delivery { job, settle: Box::new(RabbitSettle { acker: d.acker }) };
+                        tokio::select! {
+                            () = stop.cancelled() => continue,
+                            sent = tx.send(delivery) => if sent.is_err() { return true },
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "RabbitMQ consumer failed");
+                        return false;
+                    }
+                    None => {
+                        tracing::warn!("RabbitMQ ended the subscription");
+                        return false;
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl JobSource for RabbitSource {
+    async fn run(&mut self, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
+        let mut backoff = Backoff::for_reconnect();
+        while !stop.is_cancelled() {
+            match self.open().await {
+                Ok((conn, channel, consumers)) => {
+                    backoff.reset();
+                    tracing::info!(url = %self.options.url, queues = ?self.options.queues, prefetch = self.options.prefetch, "consumer subscribed");
+                    self.ready.store(true, Ordering::SeqCst);
+                    let stopped = self.serve(&conn, &channel, consumers, &tx, &stop).await;
+                    self.ready.store(false, Ordering::SeqCst);
+                    if stopped {
+                        self.session = Some((conn, channel));
+                        return;
+                    }
+                    close_connection(&conn, "reconnecting").await;
+                }
+                Err(error) => {
+                    tracing::warn!(url = %self.options.url, %error, "cannot connect to RabbitMQ");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    async fn close(&mut self) {
+        if let Some((conn, _channel)) = self.session.take() {
+            close_connection(&conn, "consumer shutting down").await;
+        }
+    }
+}
+
+struct RabbitSettle {
+    acker: lapin::Acker,
+}
+
+fn settle_result(
+    what: &str,
+    r: Result<lapin::Result<bool>, tokio::time::error::Elapsed>,
+) -> Result<(), SettleError> {
+    match r {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(SettleError(format!("{what}: {e}"))),
+        Err(_) => Err(SettleError(format!(
+            "{what}: no answer within {OPERATION_TIMEOUT:?}"
+        ))),
+    }
+}
+
+#[async_trait]
+impl Settle for RabbitSettle {
+    async fn ack(self: Box<Self>) -> Result<(), SettleError> {
+        let r = tokio::time::timeout(
+            OPERATION_TIMEOUT,
+            self.acker.ack(BasicAckOptions::default()),
+        )
+        .await;
+        settle_result("basic.ack", r)
+    }
+
+    async fn requeue(self: Box<Self>) -> Result<(), SettleError> {
+        let options = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        let r = tokio::time::timeout(OPERATION_TIMEOUT, self.acker.nack(options)).await;
+        settle_result("basic.nack", r)
+    }
+
+    async fn reject(self: Box<Self>) -> Result<(), SettleError> {
+        let options = BasicRejectOptions { requeue: false };
+        let r = tokio::time::timeout(OPERATION_TIMEOUT, self.acker.reject(options)).await;
+        settle_result("basic.reject", r)
+    }
+}

@@ -1,0 +1,182 @@
+//! Options shared by both binaries. Each is a flag and a `JOBGATE_*` variable.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::telemetry::LogFormat;
+
+/// Which message broker carries the jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// RabbitMQ through AMQP 0-9-1 (quorum queues, publisher confirms).
+    Rabbitmq,
+}
+
+/// Broker connection options, flattened into each binary's configuration.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Message broker to use.
+    #[arg(long, env = "JOBGATE_BACKEND", value_enum, default_value_t = Backend::Rabbitmq)]
+    pub backend: Backend,
+
+    /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`); the password is never logged.
+    #[arg(
+        long,
+        env = "JOBGATE_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: SecretUrl,
+
+    /// How long one connection attempt to the broker may take, in milliseconds.
+    #[arg(long, env = "JOBGATE_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+
+    /// Log line format.
+    #[arg(long, env = "JOBGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl BrokerArgs {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// A URL that may carry a password. `Debug` and `Display` show it with the password
+/// replaced by `***`, so configuration can be logged safely.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The full URL, password included: pass it to the client library only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password masked.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+            return url.clone();
+        };
+        let authority_end = url[scheme_end..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| scheme_end + i);
+        let authority = &url[scheme_end..authority_end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                let user = userinfo.split(':').next().unwrap_or_default();
+                let masked = if userinfo.contains(':') {
+                    format!("{user}:***")
+                } else {
+                    user.to_owned()
+                };
+                format!(
+                    "{}{}{}",
+                    &url[..scheme_end],
+                    masked,
+                    &url[scheme_end + at..]
+                )
+            }
+            None => url.clone(),
+        }
+    }
+}
+
+impl FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Parses a comma-separated list of queue names (blanks trimmed, empties dropped) and
+/// checks each name. Used for `JOBGATE_QUEUES` and `JOBGATE_QUEUE`.
+pub fn parse_queue_list(s: &str) -> Result<Vec<String>, String> {
+    let queues: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|q| !q.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if queues.is_empty() {
+        return Err("at least one queue name is required".into());
+    }
+    for q in &queues {
+        validate_queue_name(q)?;
+    }
+    Ok(queues)
+}
+
+/// Queue names become RabbitMQ queue names and Kafka topic names (with `.retry.*` and
+/// `.dlq` suffixes), so they are limited to what both accept.
+pub fn validate_queue_name(name: &str) -> Result<(), String> {
+    const MAX: usize = 200;
+    if name.is_empty() || name.len() > MAX {
+        return Err(format!(
+            "queue name must be 1 to {MAX} characters: {name:?}"
+        ));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "queue name may contain only ASCII letters, digits, '.', '_' and '-': {name:?}"
+        ));
+    }
+    if name.starts_with("amq.") || name == "." || name == ".." {
+        return Err(format!("queue name is reserved by the broker: {name:?}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_url_masks_the_password_in_debug_and_display() {
+        let url: SecretUrl = "amqp://user:s3cret@host:5672/%2f".parse().unwrap();
+        assert_eq!(url.to_string(), "amqp://user:***@host:5672/%2f");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert_eq!(url.expose(), "amqp://user:s3cret@host:5672/%2f");
+    }
+
+    #[test]
+    fn secret_url_without_password_is_unchanged() {
+        let url: SecretUrl = "amqp://host:5672".parse().unwrap();
+        assert_eq!(url.to_string(), "amqp://host:5672");
+        let url: SecretUrl = "amqp://user@host/v?x=a@b".parse().unwrap();
+        assert_eq!(url.to_string(), "amqp://user@host/v?x=a@b");
+    }
+
+    #[test]
+    fn queue_lists_are_trimmed_and_validated() {
+        assert_eq!(
+            parse_queue_list(" a, b-1 ,,c.d_e").unwrap(),
+            vec!["a", "b-1", "c.d_e"]
+        );
+        assert!(parse_queue_list(" , ").is_err());
+        assert!(parse_queue_list("ok,not ok").is_err());
+        assert!(parse_queue_list("amq.gen").is_err());
+        assert!(parse_queue_list(&"x".repeat(201)).is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! Code shared by the jobgate `producer` (HTTP ingress) and `consumer` (worker).
+//!
+//! Layout:
+//! - [`config`]: broker options common to both binaries (flags and `JOBGATE_*` variables).
+//! - [`job`]: the job envelope and its one mapping to and from the wire (AMQP properties).
+//! - [`broker`]: the backends behind small traits: [`broker::Publisher`] for the ingress,
+//!   [`broker::JobSource`] for workers; RabbitMQ ([`broker::rabbitmq`]) and an in-memory
+//!   fake for unit tests ([`broker::memory`]).
+//! - [`backoff`]: the reconnect delay schedule.
+//! - [`telemetry`]: logging set-up; [`shutdown`]: the SIGTERM/SIGINT future.
+
+pub mod backoff;
+pub mod broker;
+pub mod config;
+pub mod job;
+pub mod shutdown;
+pub mod telemetry;

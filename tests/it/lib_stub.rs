@@ -1,0 +1,1 @@
+//! Empty: the integration tests live in `it/`.
