@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the whole system on this machine without Docker: the brokers (scripts/brokers.sh),
+# one producer on :8080 and JOBGATE_CONSUMERS consumer processes (default 3), all in the
+# foreground. Ctrl-C (or SIGTERM) stops jobgate gracefully; the brokers keep running
+# (`scripts/brokers.sh down` stops them). Every JOBGATE_* variable is passed through.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+consumers="${JOBGATE_CONSUMERS:-3}"
+bash scripts/brokers.sh up rabbitmq
+cargo build --release --bins
+
+pids=()
+stop() {
+  trap - INT TERM
+  echo "run: stopping jobgate (graceful)" >&2
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  exit 0
+}
+trap stop INT TERM
+
+./target/release/producer &
+pids+=("$!")
+for _ in $(seq 1 "$consumers"); do
+  ./target/release/consumer &
+  pids+=("$!")
+done
+echo "run: producer on ${JOBGATE_LISTEN:-0.0.0.0:8080}, $consumers consumer(s); RabbitMQ UI http://127.0.0.1:15672 (guest/guest); Ctrl-C to stop" >&2
+wait -n "${pids[@]}" || true
+stop

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The one command that runs all of jobgate's tests:
+#   1. brings up the real brokers the integration tests need (scripts/brokers.sh:
+#      installs RabbitMQ from Debian's packages on first use; reuses running ones);
+#   2. builds the binaries the integration tests start as child processes;
+#   3. runs every unit and integration test of the workspace.
+# Extra arguments go to `cargo test` (for example a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/brokers.sh up rabbitmq
+cargo build --workspace --bins
+cargo test --workspace "$@"
