@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole system on this machine without Docker: the brokers (scripts/brokers.sh),
+# Runs the whole system on this machine without Docker: the broker (scripts/brokers.sh;
+# RabbitMQ, or Kafka with JOBGATE_BACKEND=kafka),
 # one producer on :8080 and JOBGATE_CONSUMERS consumer processes (default 3), all in the
 # foreground. Ctrl-C (or SIGTERM) stops jobgate gracefully; the brokers keep running
 # (`scripts/brokers.sh down` stops them). Every JOBGATE_* variable is passed through.
@@ -7,7 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 consumers="${JOBGATE_CONSUMERS:-3}"
-bash scripts/brokers.sh up rabbitmq
+case "${JOBGATE_BACKEND:-rabbitmq}" in
+  kafka) bash scripts/brokers.sh up kafka ;;
+  *) bash scripts/brokers.sh up rabbitmq ;;
+esac
 cargo build --release --bins
 
 pids=()
@@ -26,6 +30,6 @@ for _ in $(seq 1 "$consumers"); do
   ./target/release/consumer &
   pids+=("$!")
 done
-echo "run: producer on ${JOBGATE_LISTEN:-0.0.0.0:8080}, $consumers consumer(s); RabbitMQ UI http://127.0.0.1:15672 (guest/guest); Ctrl-C to stop" >&2
+echo "run: producer on ${JOBGATE_LISTEN:-0.0.0.0:8080}, $consumers consumer(s) on ${JOBGATE_BACKEND:-rabbitmq}; Ctrl-C to stop" >&2
 wait -n "${pids[@]}" || true
 stop

@@ -38,6 +38,16 @@ pub struct ConsumerConfig {
     #[arg(long, env = "JOBGATE_LOG_DELAY_MS", default_value_t = 0)]
     pub log_delay_ms: u64,
 
+    /// Kafka consumer group of each queue; `{queue}` is replaced by the queue name.
+    #[arg(long, env = "JOBGATE_KAFKA_GROUP", default_value = "jobgate.{queue}")]
+    pub kafka_group: String,
+
+    /// Kafka session timeout in milliseconds: how soon the partitions of a replica that
+    /// died move to the others.
+    #[arg(long, env = "JOBGATE_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    pub kafka_session_timeout_ms: u64,
+
     #[command(flatten)]
     pub broker: BrokerArgs,
 }

@@ -16,7 +16,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobgate_shared::broker::rabbitmq::{RabbitSource, SourceOptions};
+use jobgate_shared::broker::kafka::{self, KafkaSource};
+use jobgate_shared::broker::rabbitmq::{self, RabbitSource};
 use jobgate_shared::broker::{Delivery, JobSource};
 use jobgate_shared::config::Backend;
 use tokio::sync::{mpsc, Semaphore};
@@ -47,11 +48,17 @@ impl From<&ConsumerConfig> for WorkerOptions {
 /// Builds the job source for the configured backend.
 pub fn source_from_config(config: &ConsumerConfig) -> Box<dyn JobSource> {
     match config.broker.backend {
-        Backend::Rabbitmq => Box::new(RabbitSource::new(SourceOptions {
+        Backend::Rabbitmq => Box::new(RabbitSource::new(rabbitmq::SourceOptions {
             url: config.broker.amqp_url.clone(),
             queues: config.queue.clone(),
             connect_timeout: config.broker.connect_timeout(),
             prefetch: config.concurrency,
+        })),
+        Backend::Kafka => Box::new(KafkaSource::new(kafka::SourceOptions {
+            topics: config.broker.kafka_topics(),
+            queues: config.queue.clone(),
+            group_template: config.kafka_group.clone(),
+            session_timeout: Duration::from_millis(config.kafka_session_timeout_ms),
         })),
     }
 }

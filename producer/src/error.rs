@@ -79,6 +79,7 @@ impl ApiError {
                     PublishError::Nacked => "the message broker refused it",
                     PublishError::Unroutable => "the message broker has no queue for it",
                     PublishError::Broker(_) => "the message broker failed",
+                    PublishError::Overloaded => "too many jobs are waiting for the message broker",
                 }
             ),
             Self::ShuttingDown => {

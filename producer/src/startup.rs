@@ -6,7 +6,8 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use jobgate_shared::broker::rabbitmq::{PublisherOptions, RabbitPublisher};
+use jobgate_shared::broker::kafka::{self, KafkaPublisher};
+use jobgate_shared::broker::rabbitmq::{self, RabbitPublisher};
 use jobgate_shared::broker::SharedPublisher;
 use jobgate_shared::config::Backend;
 use tokio::net::TcpListener;
@@ -31,17 +32,23 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Connects the publisher for the configured backend (in the background).
-pub fn start_publisher(config: &ProducerConfig) -> SharedPublisher {
-    match config.broker.backend {
-        Backend::Rabbitmq => RabbitPublisher::start(PublisherOptions {
+/// Starts the publisher for the configured backend; it connects in the background.
+pub fn start_publisher(config: &ProducerConfig) -> anyhow::Result<SharedPublisher> {
+    Ok(match config.broker.backend {
+        Backend::Rabbitmq => RabbitPublisher::start(rabbitmq::PublisherOptions {
             url: config.broker.amqp_url.clone(),
             queues: config.queues.clone(),
             connect_timeout: config.broker.connect_timeout(),
             publish_timeout: config.publish_timeout(),
             channels: usize::from(config.publish_channels),
         }),
-    }
+        Backend::Kafka => KafkaPublisher::start(kafka::PublisherOptions {
+            topics: config.broker.kafka_topics(),
+            queues: config.queues.clone(),
+            publish_timeout: config.publish_timeout(),
+        })
+        .map_err(anyhow::Error::msg)?,
+    })
 }
 
 /// Serves `listener` until `shutdown` completes, then stops taking requests, lets the
@@ -51,7 +58,7 @@ pub async fn run(
     config: ProducerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let publisher = start_publisher(&config);
+    let publisher = start_publisher(&config)?;
     let state = AppState::new(
         Arc::clone(&publisher),
         config.queues.clone(),

@@ -13,6 +13,8 @@ use crate::telemetry::LogFormat;
 pub enum Backend {
     /// RabbitMQ through AMQP 0-9-1 (quorum queues, publisher confirms).
     Rabbitmq,
+    /// Apache Kafka (acks=all, idempotent producer, consumer groups).
+    Kafka,
 }
 
 /// Broker connection options, flattened into each binary's configuration.
@@ -31,6 +33,20 @@ pub struct BrokerArgs {
     )]
     pub amqp_url: SecretUrl,
 
+    /// Kafka bootstrap servers (comma list of host:port).
+    #[arg(long, env = "JOBGATE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+
+    /// Partitions of each topic jobgate creates (existing topics are left alone).
+    #[arg(long, env = "JOBGATE_KAFKA_PARTITIONS", default_value_t = 6,
+          value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub kafka_partitions: i32,
+
+    /// Replication factor of each topic jobgate creates.
+    #[arg(long, env = "JOBGATE_KAFKA_REPLICATION_FACTOR", default_value_t = 1,
+          value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub kafka_replication_factor: i32,
+
     /// How long one connection attempt to the broker may take, in milliseconds.
     #[arg(long, env = "JOBGATE_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
     pub connect_timeout_ms: u64,
@@ -43,6 +59,16 @@ pub struct BrokerArgs {
 impl BrokerArgs {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// Where Kafka topics are created, and how.
+    pub fn kafka_topics(&self) -> crate::broker::kafka::TopicSpec {
+        crate::broker::kafka::TopicSpec {
+            brokers: self.kafka_brokers.clone(),
+            partitions: self.kafka_partitions,
+            replication_factor: self.kafka_replication_factor,
+            timeout: self.connect_timeout(),
+        }
     }
 }
 

@@ -5,14 +5,14 @@
 //! Metadata travels beside it. This module is the ONE place that knows how metadata
 //! maps onto broker messages; every backend and tool goes through it.
 //!
-//! | field        | RabbitMQ                 |
-//! |--------------|--------------------------|
-//! | job id       | `message_id` property    |
-//! | content type | `content_type` property  |
-//! | enqueued at  | `timestamp` property (s) |
-//! | queue        | routing key              |
-//! | attempt      | header `x-attempt`       |
-//! | other        | string headers           |
+//! | field        | RabbitMQ                 | Kafka                                  |
+//! |--------------|--------------------------|----------------------------------------|
+//! | job id       | `message_id` property    | header `job-id` (and the record key)   |
+//! | content type | `content_type` property  | header `content-type`                  |
+//! | enqueued at  | `timestamp` property (s) | record timestamp (ms)                  |
+//! | queue        | routing key              | topic                                  |
+//! | attempt      | header `x-attempt`       | header `x-attempt` (decimal text)      |
+//! | other        | string headers           | headers (UTF-8 text)                   |
 //!
 //! A message that lacks our fields (published by hand in the management UI, say) is
 //! still a job: missing fields get defaults and nothing panics.
@@ -231,6 +231,153 @@ pub mod amqp {
             table.insert("x-attempt".into(), AMQPValue::LongString("4".into()));
             let meta = meta_from("q", &BasicProperties::default().with_headers(table));
             assert_eq!(meta.attempt, 4);
+        }
+    }
+}
+
+/// Mapping to and from Kafka records.
+pub mod kafka {
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+    use super::*;
+
+    /// Header that carries the job id (also the record key).
+    pub const HEADER_JOB_ID: &str = "job-id";
+    /// Header that carries the body's MIME type.
+    pub const HEADER_CONTENT_TYPE: &str = "content-type";
+
+    /// The headers a job's record is produced with.
+    pub fn headers(meta: &JobMeta) -> OwnedHeaders {
+        let attempt = meta.attempt.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(3 + meta.headers.len())
+            .insert(Header {
+                key: HEADER_JOB_ID,
+                value: Some(meta.id.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_ATTEMPT,
+                value: Some(attempt.as_bytes()),
+            });
+        if let Some(ct) = &meta.content_type {
+            headers = headers.insert(Header {
+                key: HEADER_CONTENT_TYPE,
+                value: Some(ct.as_bytes()),
+            });
+        }
+        for (name, value) in &meta.headers {
+            headers = headers.insert(Header {
+                key: name.as_str(),
+                value: Some(value.as_bytes()),
+            });
+        }
+        headers
+    }
+
+    /// The record timestamp: when the job was accepted, in ms since the epoch.
+    pub fn timestamp_millis(meta: &JobMeta) -> Option<i64> {
+        let at = meta.enqueued_at?.duration_since(UNIX_EPOCH).ok()?;
+        i64::try_from(at.as_millis()).ok()
+    }
+
+    /// Reads job metadata from a record. Never fails: a record produced by another
+    /// tool gets defaults (the key, or a fresh UUID v7, as id; attempt 1).
+    pub fn meta_from<H: Headers + ?Sized>(
+        topic: &str,
+        key: Option<&[u8]>,
+        headers: Option<&H>,
+        timestamp_millis: Option<i64>,
+    ) -> JobMeta {
+        let mut id = None;
+        let mut content_type = None;
+        let mut attempt = 1;
+        let mut extra = BTreeMap::new();
+        let all = headers.map_or(0, |h| h.count());
+        for header in (0..all).filter_map(|i| headers.and_then(|h| h.try_get(i))) {
+            let Some(value) = header.value else { continue };
+            let text = String::from_utf8_lossy(value).into_owned();
+            match header.key {
+                HEADER_JOB_ID => id = Some(text).filter(|t| !t.is_empty()),
+                HEADER_CONTENT_TYPE => content_type = Some(text),
+                HEADER_ATTEMPT => {
+                    attempt = text
+                        .trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .unwrap_or(1)
+                }
+                other => {
+                    extra.insert(other.to_owned(), text);
+                }
+            }
+        }
+        let id = id
+            .or_else(|| {
+                key.and_then(|k| std::str::from_utf8(k).ok())
+                    .map(str::to_owned)
+            })
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        JobMeta {
+            id,
+            queue: topic.to_owned(),
+            content_type,
+            enqueued_at: timestamp_millis
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+            attempt,
+            headers: extra,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn metadata_survives_a_round_trip() {
+            let mut meta = JobMeta::new("emails", Some("text/csv".into()));
+            meta.attempt = 2;
+            meta.headers.insert("x-job-tenant".into(), "acme".into());
+            let headers = headers(&meta);
+            let back = meta_from("emails", None, Some(&headers), timestamp_millis(&meta));
+            assert_eq!(back.id, meta.id);
+            assert_eq!(back.content_type.as_deref(), Some("text/csv"));
+            assert_eq!(back.attempt, 2);
+            assert_eq!(
+                back.headers.get("x-job-tenant").map(String::as_str),
+                Some("acme")
+            );
+            let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis();
+            assert_eq!(ms(back.enqueued_at.unwrap()), ms(meta.enqueued_at.unwrap()));
+        }
+
+        #[test]
+        fn a_foreign_record_gets_defaults_and_junk_headers_are_tolerated() {
+            let meta = meta_from::<OwnedHeaders>("t", Some(b"order-42"), None, None);
+            assert_eq!(meta.id, "order-42");
+            assert_eq!(meta.attempt, 1);
+            let junk = OwnedHeaders::new()
+                .insert(Header {
+                    key: HEADER_ATTEMPT,
+                    value: Some(&b"-3"[..]),
+                })
+                .insert(Header {
+                    key: "bin",
+                    value: Some(&[0xff_u8, 0x00][..]),
+                })
+                .insert(Header::<&[u8]> {
+                    key: "null",
+                    value: None,
+                });
+            let meta = meta_from("t", Some(&[0xff, 0xfe][..]), Some(&junk), Some(-1));
+            assert_eq!(meta.attempt, 1);
+            assert!(Uuid::parse_str(&meta.id).is_ok(), "non-UTF-8 key: fresh id");
+            assert_eq!(
+                meta.headers.get("bin").map(String::as_str),
+                Some("\u{fffd}\0")
+            );
+            assert!(meta.enqueued_at.is_none());
         }
     }
 }

@@ -19,8 +19,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{Job, JobMeta};
 
+pub mod kafka;
 pub mod memory;
 pub mod rabbitmq;
+
+/// Name of the dead-letter queue (RabbitMQ queue, Kafka topic) of job queue `queue`.
+pub fn dlq_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
 
 /// Why a publish did not end in a broker confirm. All of these are retryable by the
 /// client; none of them means the job was taken.
@@ -36,6 +42,8 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("the message broker failed: {0}")]
     Broker(String),
+    #[error("too many jobs are waiting for the message broker")]
+    Overloaded,
 }
 
 impl PublishError {
@@ -43,7 +51,9 @@ impl PublishError {
     pub fn retry_after(&self) -> Duration {
         match self {
             Self::Unavailable | Self::Timeout(_) => Duration::from_secs(5),
-            Self::Nacked | Self::Unroutable | Self::Broker(_) => Duration::from_secs(1),
+            Self::Nacked | Self::Unroutable | Self::Broker(_) | Self::Overloaded => {
+                Duration::from_secs(1)
+            }
         }
     }
 }

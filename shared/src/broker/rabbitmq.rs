@@ -29,7 +29,7 @@ use lapin::{Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
+use super::{dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
 use crate::backoff::Backoff;
 use crate::config::SecretUrl;
 use crate::job::{self, Job, JobMeta};
@@ -38,11 +38,6 @@ use crate::job::{self, Job, JobMeta};
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the supervisor checks the health of a session besides listening to events.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Name of the dead-letter queue of job queue `queue`.
-pub fn dlq_name(queue: &str) -> String {
-    format!("{queue}.dlq")
-}
 
 /// Declares, idempotently, the queues of job queue `queue`:
 /// - `queue`: durable quorum queue whose dead letters go to `queue.dlq`;

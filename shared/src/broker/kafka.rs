@@ -1,0 +1,671 @@
+//! Apache Kafka backend (`rdkafka` with the bundled librdkafka).
+//!
+//! Delivery guarantee, in plain words:
+//! - Ingress: records are produced with `acks=all` and `enable.idempotence=true`;
+//!   `publish` returns `Ok` only when the delivery report says the record is written.
+//!   A full local queue, a delivery error, an unreachable broker or no report within
+//!   the publish timeout is an error, never a silent success.
+//! - Workers: automatic offset *storing* is off. An offset is stored (and then committed
+//!   by the periodic auto-commit, on revoke and on close) only after the job's outcome
+//!   is durable, and only up to the first unfinished job of its partition, even when
+//!   jobs of one partition run concurrently and finish out of order. A crash replays
+//!   from the last committed offset: at least once, never loss.
+//! - Rebalances: on revoke, the partition's bookkeeping is dropped; jobs of that
+//!   partition still running finish, but their offsets are not stored (the new owner
+//!   processes them again from the committed offset). Duplicates, never loss.
+//!
+//! Topics (`Q` and `Q.dlq`) are created through the admin API, never by broker
+//! auto-creation; existing topics are left alone.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
+use crate::backoff::Backoff;
+use crate::job::{self, Job, JobMeta};
+
+/// How often the publisher checks that the cluster answers (readiness).
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one metadata request of that check may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where and how jobgate creates its topics.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Bound of one admin or metadata request.
+    pub timeout: Duration,
+}
+
+impl TopicSpec {
+    fn client_config(&self, role: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set(
+                "client.id",
+                format!("jobgate-{role}-{}", std::process::id()),
+            )
+            .set("reconnect.backoff.ms", "100")
+            .set("reconnect.backoff.max.ms", "5000");
+        config
+    }
+}
+
+/// Creates, idempotently, topics `Q` and `Q.dlq` for each job queue. Both binaries call
+/// it at start. A topic that already exists is left as it is (its partition count too).
+pub async fn ensure_topics(spec: &TopicSpec, queues: &[String]) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = spec
+        .client_config("admin")
+        .create()
+        .map_err(|e| format!("admin client: {e}"))?;
+    let names: Vec<String> = queues
+        .iter()
+        .flat_map(|q| [q.clone(), dlq_name(q)])
+        .collect();
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                spec.partitions,
+                TopicReplication::Fixed(spec.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .request_timeout(Some(spec.timeout))
+        .operation_timeout(Some(spec.timeout));
+    let results = tokio::time::timeout(spec.timeout * 2, admin.create_topics(&topics, &options))
+        .await
+        .map_err(|_| format!("no answer to CreateTopics within {:?}", spec.timeout * 2))?
+        .map_err(|e| format!("CreateTopics: {e}"))?;
+    for result in results {
+        match result {
+            Ok(name) => {
+                tracing::info!(topic = %name, partitions = spec.partitions, "created Kafka topic")
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(format!("cannot create topic {name}: {code}")),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Publisher
+// ---------------------------------------------------------------------------------
+
+/// Options of the Kafka publisher.
+#[derive(Debug, Clone)]
+pub struct PublisherOptions {
+    pub topics: TopicSpec,
+    pub queues: Vec<String>,
+    /// How long `publish` waits for the delivery report (also librdkafka's
+    /// `message.timeout.ms`, so a record is never delivered after we answered 503).
+    pub publish_timeout: Duration,
+}
+
+/// Produces jobs to Kafka; waits for each record's delivery report.
+pub struct KafkaPublisher {
+    options: PublisherOptions,
+    producer: FutureProducer,
+    ready: AtomicBool,
+    /// Set when a publish found its topic missing: the supervisor creates it again.
+    topics_missing: AtomicBool,
+    cancel: CancellationToken,
+}
+
+impl KafkaPublisher {
+    /// Starts the publisher; topics are created and readiness checked in the background.
+    pub fn start(options: PublisherOptions) -> Result<Arc<Self>, String> {
+        let timeout_ms = options.publish_timeout.as_millis().max(1).to_string();
+        let producer: FutureProducer = options
+            .topics
+            .client_config("producer")
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", &timeout_ms)
+            .set("linger.ms", "2")
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .map_err(|e| format!("Kafka producer: {e}"))?;
+        let publisher = Arc::new(Self {
+            options,
+            producer,
+            ready: AtomicBool::new(false),
+            topics_missing: AtomicBool::new(true),
+            cancel: CancellationToken::new(),
+        });
+        tokio::spawn(Arc::clone(&publisher).supervise());
+        Ok(publisher)
+    }
+
+    /// Keeps `ready` true only while the cluster answers and our topics exist.
+    async fn supervise(self: Arc<Self>) {
+        let mut was_ready = false;
+        while !self.cancel.is_cancelled() {
+            let producer = self.producer.clone();
+            let answers = tokio::task::spawn_blocking(move || {
+                producer.client().fetch_metadata(None, METADATA_TIMEOUT)
+            })
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+            if !answers {
+                // After an outage the cluster may be a new one: check the topics again.
+                self.topics_missing.store(true, Ordering::SeqCst);
+            } else if self.topics_missing.load(Ordering::SeqCst) {
+                match ensure_topics(&self.options.topics, &self.options.queues).await {
+                    Ok(()) => self.topics_missing.store(false, Ordering::SeqCst),
+                    Err(error) => tracing::warn!(%error, "cannot create Kafka topics"),
+                }
+            }
+            let ready = answers && !self.topics_missing.load(Ordering::SeqCst);
+            self.ready.store(ready, Ordering::SeqCst);
+            if ready != was_ready {
+                if ready {
+                    tracing::info!(brokers = %self.options.topics.brokers, "publisher connected to Kafka; topics ensured");
+                } else {
+                    tracing::warn!(brokers = %self.options.topics.brokers, "Kafka is not reachable");
+                }
+                was_ready = ready;
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                () = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {}
+            }
+        }
+    }
+
+    fn delivery_error(&self, error: &KafkaError) -> PublishError {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::MessageTimedOut) => {
+                PublishError::Timeout(self.options.publish_timeout)
+            }
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                self.topics_missing.store(true, Ordering::SeqCst);
+                PublishError::Unroutable
+            }
+            _ => PublishError::Broker(error.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err(PublishError::Unavailable);
+        }
+        let mut record = FutureRecord::to(&meta.queue)
+            .key(meta.id.as_bytes())
+            .payload(body)
+            .headers(job::kafka::headers(meta));
+        if let Some(ms) = job::kafka::timestamp_millis(meta) {
+            record = record.timestamp(ms);
+        }
+        let delivery = match self.producer.send_result(record) {
+            Ok(delivery) => delivery,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Err(PublishError::Overloaded)
+            }
+            Err((error, _)) => return Err(self.delivery_error(&error)),
+        };
+        // librdkafka reports by `message.timeout.ms` (= the publish timeout); the extra
+        // second only guards against a report that never comes.
+        let limit = self.options.publish_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(limit, delivery).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err((error, _)))) => Err(self.delivery_error(&error)),
+            Ok(Err(_canceled)) => Err(PublishError::Broker("the producer was closed".into())),
+            Err(_) => Err(PublishError::Timeout(self.options.publish_timeout)),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    async fn close(&self) {
+        self.cancel.cancel();
+        self.ready.store(false, Ordering::SeqCst);
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Job source (workers)
+// ---------------------------------------------------------------------------------
+
+/// Options of the Kafka job source.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub topics: TopicSpec,
+    pub queues: Vec<String>,
+    /// Consumer group id; `{queue}` is replaced by the queue name.
+    pub group_template: String,
+    /// `session.timeout.ms`: how soon a dead replica's partitions move on.
+    pub session_timeout: Duration,
+}
+
+impl SourceOptions {
+    pub fn group_for(&self, queue: &str) -> String {
+        self.group_template.replace("{queue}", queue)
+    }
+}
+
+/// Per-partition bookkeeping of fetched and finished offsets.
+#[derive(Debug)]
+struct PartitionLedger {
+    /// Bumped at each assignment, so completions from an earlier ownership are ignored.
+    generation: u64,
+    /// Offsets fetched and not yet finished.
+    pending: BTreeSet<i64>,
+    /// One past the highest offset fetched.
+    next: i64,
+    /// The last offset stored for commit (the next offset to consume).
+    stored: Option<i64>,
+}
+
+/// Tracks, for every owned partition, which offsets are in flight, and computes the
+/// highest offset that may be committed: never past an unfinished job.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    partitions: Mutex<HashMap<(String, i32), PartitionLedger>>,
+    generations: AtomicU64,
+}
+
+impl Ledger {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, i32), PartitionLedger>> {
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a fetched offset; returns the ownership generation it belongs to.
+    pub fn fetched(&self, topic: &str, partition: i32, offset: i64) -> u64 {
+        let mut parts = self.lock();
+        let entry = parts
+            .entry((topic.to_owned(), partition))
+            .or_insert_with(|| PartitionLedger {
+                generation: self.generations.fetch_add(1, Ordering::SeqCst),
+                pending: BTreeSet::new(),
+                next: offset,
+                stored: None,
+            });
+        entry.pending.insert(offset);
+        entry.next = entry.next.max(offset + 1);
+        entry.generation
+    }
+
+    /// Records a finished offset. Returns the offset to store for commit (the first
+    /// unfinished offset, or one past the highest fetched), or `None` when the
+    /// partition was revoked since the job was fetched or nothing new can be committed.
+    pub fn finished(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+    ) -> Option<i64> {
+        let mut parts = self.lock();
+        let entry = parts.get_mut(&(topic.to_owned(), partition))?;
+        if entry.generation != generation {
+            return None;
+        }
+        entry.pending.remove(&offset);
+        let commit = entry.pending.first().copied().unwrap_or(entry.next);
+        if entry.stored.is_some_and(|s| s >= commit) {
+            return None;
+        }
+        entry.stored = Some(commit);
+        Some(commit)
+    }
+
+    /// Forgets revoked partitions.
+    pub fn revoke(&self, partitions: &[(String, i32)]) {
+        let mut parts = self.lock();
+        for key in partitions {
+            parts.remove(key);
+        }
+    }
+
+    /// The stored offsets of every owned partition, for the final commit.
+    fn stored_offsets(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), entry) in self.lock().iter() {
+            if let Some(offset) = entry.stored {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
+            }
+        }
+        tpl
+    }
+}
+
+/// Consumer callbacks: rebalance bookkeeping and logs.
+struct JobConsumerContext {
+    ledger: Arc<Ledger>,
+    group: String,
+}
+
+impl ClientContext for JobConsumerContext {}
+
+impl ConsumerContext for JobConsumerContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            self.ledger.revoke(&revoked);
+            tracing::info!(group = %self.group, revoked = revoked.len(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(group = %self.group, assigned = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Error(error) => {
+                tracing::warn!(group = %self.group, %error, "rebalance failed");
+            }
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+type JobConsumer = StreamConsumer<JobConsumerContext>;
+
+/// Consumes jobs from Kafka topics, one consumer group per queue.
+pub struct KafkaSource {
+    options: SourceOptions,
+    ledger: Arc<Ledger>,
+    consumers: Vec<Arc<JobConsumer>>,
+    ready: Arc<AtomicBool>,
+}
+
+impl KafkaSource {
+    pub fn new(options: SourceOptions) -> Self {
+        Self {
+            options,
+            ledger: Arc::new(Ledger::default()),
+            consumers: Vec::new(),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn subscribe(&self, queue: &str) -> Result<JobConsumer, String> {
+        let session_ms = self.options.session_timeout.as_millis().max(1000);
+        let heartbeat_ms = (session_ms / 3).max(100);
+        let group = self.options.group_for(queue);
+        let context = JobConsumerContext {
+            ledger: Arc::clone(&self.ledger),
+            group: group.clone(),
+        };
+        let consumer: JobConsumer = self
+            .options
+            .topics
+            .client_config("consumer")
+            .set("group.id", &group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set("heartbeat.interval.ms", heartbeat_ms.to_string())
+            .set("allow.auto.create.topics", "false")
+            .create_with_context(context)
+            .map_err(|e| format!("Kafka consumer: {e}"))?;
+        consumer
+            .subscribe(&[queue])
+            .map_err(|e| format!("subscribe to {queue}: {e}"))?;
+        Ok(consumer)
+    }
+
+    fn delivery(
+        &self,
+        consumer: &Arc<JobConsumer>,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Delivery {
+        let (topic, partition, offset) = (
+            message.topic().to_owned(),
+            message.partition(),
+            message.offset(),
+        );
+        let generation = self.ledger.fetched(&topic, partition, offset);
+        let meta = job::kafka::meta_from(
+            &topic,
+            message.key(),
+            message.headers(),
+            message.timestamp().to_millis(),
+        );
+        let body = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+        Delivery {
+            job: Job { meta, body },
+            settle: Box::new(KafkaSettle {
+                consumer: Arc::clone(consumer),
+                ledger: Arc::clone(&self.ledger),
+                topic,
+                partition,
+                offset,
+                generation,
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl JobSource for KafkaSource {
+    async fn run(&mut self, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
+        let mut backoff = Backoff::for_reconnect();
+        loop {
+            match ensure_topics(&self.options.topics, &self.options.queues).await {
+                Ok(()) => break,
+                Err(error) => tracing::warn!(%error, "cannot create Kafka topics; retrying"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+        for queue in &self.options.queues {
+            match self.subscribe(queue) {
+                Ok(consumer) => self.consumers.push(Arc::new(consumer)),
+                Err(error) => {
+                    tracing::error!(%error, "cannot subscribe");
+                    return;
+                }
+            }
+        }
+        tracing::info!(brokers = %self.options.topics.brokers, queues = ?self.options.queues, "consumer subscribed");
+        self.ready.store(true, Ordering::SeqCst);
+
+        // librdkafka reconnects by itself; this loop only moves records to the worker.
+        let consumers = self.consumers.clone();
+        let mut streams = futures::stream::select_all(
+            consumers
+                .iter()
+                .map(|c| c.stream().map(move |m| (Arc::clone(c), m))),
+        );
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                next = streams.next() => match next {
+                    Some((consumer, Ok(message))) => {
+                        let delivery = self.delivery(&consumer, &message);
+                        drop(message);
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            sent = tx.send(delivery) => if sent.is_err() { break },
+                        }
+                    }
+                    Some((_, Err(error))) => tracing::warn!(%error, "Kafka consumer error"),
+                    None => break,
+                },
+            }
+        }
+        self.ready.store(false, Ordering::SeqCst);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Commits what is finished, then leaves the groups.
+    async fn close(&mut self) {
+        let consumers = std::mem::take(&mut self.consumers);
+        let ledger = Arc::clone(&self.ledger);
+        let done = tokio::task::spawn_blocking(move || {
+            let offsets = ledger.stored_offsets();
+            for consumer in consumers {
+                let mine: Vec<_> = offsets
+                    .elements()
+                    .into_iter()
+                    .filter(|e| {
+                        consumer
+                            .assignment()
+                            .is_ok_and(|a| a.find_partition(e.topic(), e.partition()).is_some())
+                    })
+                    .map(|e| (e.topic().to_owned(), e.partition(), e.offset()))
+                    .collect();
+                if !mine.is_empty() {
+                    let mut tpl = TopicPartitionList::new();
+                    for (topic, partition, offset) in mine {
+                        let _ = tpl.add_partition_offset(&topic, partition, offset);
+                    }
+                    if let Err(error) = consumer.commit(&tpl, CommitMode::Sync) {
+                        tracing::warn!(%error, "final commit failed; finished jobs may be redelivered");
+                    }
+                }
+                consumer.unsubscribe();
+                // Dropping the last handle closes the consumer and leaves the group.
+                drop(consumer);
+            }
+        });
+        if tokio::time::timeout(Duration::from_secs(15), done)
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the Kafka consumer took too long");
+        }
+    }
+}
+
+struct KafkaSettle {
+    consumer: Arc<JobConsumer>,
+    ledger: Arc<Ledger>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    generation: u64,
+}
+
+#[async_trait]
+impl Settle for KafkaSettle {
+    async fn ack(self: Box<Self>) -> Result<(), SettleError> {
+        let Some(commit) =
+            self.ledger
+                .finished(&self.topic, self.partition, self.offset, self.generation)
+        else {
+            return Ok(());
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(commit))
+            .map_err(|e| SettleError(e.to_string()))?;
+        self.consumer
+            .store_offsets(&tpl)
+            .map_err(|e| SettleError(format!("store offset: {e}")))
+    }
+
+    /// Kafka cannot give one record back: leaving its offset unstored makes the group
+    /// replay it (and everything after it in its partition) after a restart or a
+    /// rebalance. Used for jobs fetched but not started at shutdown.
+    async fn requeue(self: Box<Self>) -> Result<(), SettleError> {
+        Ok(())
+    }
+
+    /// As `requeue` until dead-letter publishing lands for Kafka.
+    async fn reject(self: Box<Self>) -> Result<(), SettleError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_never_passes_an_unfinished_offset() {
+        let ledger = Ledger::default();
+        let g = (0..5).map(|o| ledger.fetched("t", 0, o)).last().unwrap();
+        // Finish out of order: 3, 1, 4 -> nothing past 0 may be committed.
+        assert_eq!(ledger.finished("t", 0, 3, g), Some(0));
+        assert_eq!(ledger.finished("t", 0, 1, g), None);
+        assert_eq!(ledger.finished("t", 0, 4, g), None);
+        // 0 finishes: 0 and 1 are done, 2 is not -> commit 2.
+        assert_eq!(ledger.finished("t", 0, 0, g), Some(2));
+        // 2 finishes: everything up to 4 is done -> commit 5.
+        assert_eq!(ledger.finished("t", 0, 2, g), Some(5));
+    }
+
+    #[test]
+    fn partitions_are_tracked_separately() {
+        let ledger = Ledger::default();
+        let a = ledger.fetched("t", 0, 10);
+        let b = ledger.fetched("t", 1, 7);
+        ledger.fetched("t", 1, 8);
+        assert_eq!(ledger.finished("t", 0, 10, a), Some(11));
+        assert_eq!(ledger.finished("t", 1, 8, b), Some(7));
+        assert_eq!(ledger.finished("t", 1, 7, b), Some(9));
+    }
+
+    #[test]
+    fn completions_from_before_a_revoke_are_ignored() {
+        let ledger = Ledger::default();
+        let old = ledger.fetched("t", 0, 0);
+        ledger.revoke(&[("t".into(), 0)]);
+        assert_eq!(ledger.finished("t", 0, 0, old), None);
+        // Re-assigned later: a new generation starts from what is fetched then.
+        let new = ledger.fetched("t", 0, 0);
+        assert_ne!(old, new);
+        assert_eq!(ledger.finished("t", 0, 0, old), None);
+        assert_eq!(ledger.finished("t", 0, 0, new), Some(1));
+    }
+
+    #[test]
+    fn the_final_commit_lists_stored_offsets_only() {
+        let ledger = Ledger::default();
+        let g = ledger.fetched("t", 0, 4);
+        ledger.fetched("t", 1, 9);
+        ledger.finished("t", 0, 4, g);
+        let tpl = ledger.stored_offsets();
+        assert_eq!(tpl.count(), 1);
+        assert_eq!(
+            tpl.find_partition("t", 0).unwrap().offset(),
+            Offset::Offset(5)
+        );
+    }
+}
