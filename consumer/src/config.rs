@@ -2,15 +2,11 @@
 
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use jobgate_shared::config::{parse_queue_list, BrokerArgs};
+use jobgate_shared::retry::RetryPolicy;
 
-/// The built-in handlers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum HandlerKind {
-    /// Logs each job (id, queue, attempt, body size) and succeeds.
-    Log,
-}
+use crate::handlers::HandlerArgs;
 
 /// jobgate consumer: drains job queues and processes each job at least once.
 #[derive(Debug, Clone, Parser)]
@@ -30,13 +26,34 @@ pub struct ConsumerConfig {
     #[arg(long, env = "JOBGATE_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
 
-    /// Which built-in handler processes the jobs.
-    #[arg(long, env = "JOBGATE_HANDLER", value_enum, default_value_t = HandlerKind::Log)]
-    pub handler: HandlerKind,
+    #[command(flatten)]
+    pub handler: HandlerArgs,
 
-    /// `log` handler: pretend each job takes this long, in milliseconds (demos, load tests).
-    #[arg(long, env = "JOBGATE_LOG_DELAY_MS", default_value_t = 0)]
-    pub log_delay_ms: u64,
+    /// Attempts a job gets in all (the first included); then it is dead-lettered.
+    #[arg(long, env = "JOBGATE_MAX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+
+    /// Delay before the first retry, in milliseconds; it doubles with each attempt.
+    #[arg(long, env = "JOBGATE_RETRY_BASE_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub retry_base_ms: u64,
+
+    /// Longest delay between attempts, in milliseconds. Each delay from the base up to
+    /// this one is a retry tier: a queue (RabbitMQ) or topic (Kafka) `Q.retry.<tier>`.
+    #[arg(long, env = "JOBGATE_RETRY_MAX_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub retry_max_ms: u64,
+
+    /// A job still running after this long is cancelled and retried, in milliseconds
+    /// (0: no limit).
+    #[arg(long, env = "JOBGATE_JOB_TIMEOUT_MS", default_value_t = 300_000)]
+    pub job_timeout_ms: u64,
+
+    /// How long a retry or dead-letter publish may wait for the broker's confirm,
+    /// in milliseconds.
+    #[arg(long, env = "JOBGATE_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
+    pub publish_timeout_ms: u64,
 
     /// Kafka consumer group of each queue; `{queue}` is replaced by the queue name.
     #[arg(long, env = "JOBGATE_KAFKA_GROUP", default_value = "jobgate.{queue}")]
@@ -50,12 +67,105 @@ pub struct ConsumerConfig {
 
     #[command(flatten)]
     pub broker: BrokerArgs,
+
+    /// A tool to run instead of the worker (`consumer dlq ...`); none runs the worker.
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
 impl ConsumerConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            base: Duration::from_millis(self.retry_base_ms),
+            max: Duration::from_millis(self.retry_max_ms),
+        }
+    }
+
+    pub fn job_timeout(&self) -> Option<Duration> {
+        (self.job_timeout_ms > 0).then(|| Duration::from_millis(self.job_timeout_ms))
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+/// Tools of the consumer binary. Broker options (`JOBGATE_BACKEND`, `JOBGATE_AMQP_URL`,
+/// `JOBGATE_KAFKA_BROKERS`, ...) and the retry and Kafka group options come from the
+/// top-level flags (given before the subcommand) or the environment.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Inspect, replay or purge the dead-letter queue `<queue>.dlq` of a job queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// `consumer dlq ...`: exit code 0 when done, 1 on broker or operational errors, 2 on
+/// usage errors.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DlqCommand {
+    /// Show dead jobs without removing them (results on stdout, logs on stderr).
+    List(DlqListArgs),
+    /// Move dead jobs back to their queue with attempt 1 (published and confirmed
+    /// before they leave the dead-letter queue).
+    Replay(DlqReplayArgs),
+    /// Remove all dead jobs of a queue (needs --yes).
+    Purge(DlqPurgeArgs),
+}
+
+/// Options of `consumer dlq list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DlqListArgs {
+    /// Job queue whose dead-letter queue (`<queue>.dlq`) is shown.
+    #[arg(long, value_parser = parse_queue_name)]
+    pub queue: String,
+
+    /// Show at most this many dead jobs.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: u64,
+
+    /// One JSON object per dead job and line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `consumer dlq replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DlqReplayArgs {
+    /// Job queue whose dead jobs (in `<queue>.dlq`) go back to it.
+    #[arg(long, value_parser = parse_queue_name)]
+    pub queue: String,
+
+    /// Replay at most this many dead jobs (default: all that are dead when it starts).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+
+    /// Replay only the dead job with this id.
+    #[arg(long)]
+    pub job_id: Option<String>,
+}
+
+/// Options of `consumer dlq purge`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DlqPurgeArgs {
+    /// Job queue whose dead jobs (in `<queue>.dlq`) are removed.
+    #[arg(long, value_parser = parse_queue_name)]
+    pub queue: String,
+
+    /// Confirm that the dead jobs are to be removed for good (refused without it).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// One queue name, checked like those of `JOBGATE_QUEUE`.
+fn parse_queue_name(s: &str) -> Result<String, String> {
+    jobgate_shared::config::validate_queue_name(s)?;
+    Ok(s.to_owned())
 }
 
 #[cfg(test)]
@@ -68,7 +178,7 @@ mod tests {
         assert_eq!(c.queue, vec!["default"]);
         assert_eq!(c.concurrency, 8);
         assert_eq!(c.shutdown_grace(), Duration::from_secs(30));
-        assert_eq!(c.handler, HandlerKind::Log);
+        assert_eq!(c.handler.handler, crate::handlers::HandlerKind::Log);
     }
 
     #[test]

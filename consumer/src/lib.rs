@@ -11,11 +11,14 @@
 //! - [`config`]: flags and `JOBGATE_*` variables.
 //! - [`handler`]: the [`Handler`] trait and [`Outcome`].
 //! - [`handlers`]: built-in handlers (`log`).
-//! - [`worker`]: the loop that takes deliveries, runs the handler, settles.
+//! - [`worker`]: the loop that takes deliveries and runs the handler.
+//! - [`settle`]: what becomes of a job after an attempt (ack, retry tier, dead letter).
 
+mod backend;
 pub mod config;
 pub mod handler;
 pub mod handlers;
+pub mod settle;
 pub mod worker;
 
 pub use config::ConsumerConfig;

@@ -1,39 +1,46 @@
 //! The worker loop.
 //!
 //! Delivery guarantee, in plain words: a delivery is settled only after the handler
-//! finished with it and its outcome is durable (ack for done; for retry and dead the
-//! broker takes the job back before the original is removed). If the process crashes,
-//! is killed, or loses the broker before that, the broker delivers the job again. So
-//! every job is processed at least once; handlers must be idempotent on the job id.
+//! finished with it and its outcome is durable: for done, the ack itself; for a retry or
+//! a dead job, the broker confirmed the copy in the retry tier or the dead-letter queue
+//! before the original is acked (see [`crate::settle`]). If the process crashes, is
+//! killed, or loses the broker before that, the broker delivers the job again. So every
+//! job is processed at least once; handlers must be idempotent on the job id.
 //!
-//! Concurrency is bounded by a semaphore; each job runs in its own task, so a panic
-//! in a handler is a failed attempt, not a dead worker. On shutdown the worker stops
-//! taking deliveries (the subscription is cancelled), gives back the ones it had not
-//! started, waits for in-flight jobs up to the grace period, settles them, and closes
-//! the connection; jobs still running then are redelivered by the broker.
+//! Concurrency is bounded by a semaphore; each job runs in its own task, so a panic in
+//! a handler is a failed attempt, not a dead worker, and a job past the job timeout is
+//! cancelled (its task dropped) and retried. On shutdown the worker stops taking
+//! deliveries (the subscription is cancelled), gives back the ones it had not started,
+//! waits for in-flight jobs up to the grace period, settles them, and closes the
+//! connection; jobs still running then are redelivered by the broker.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobgate_shared::broker::kafka::{self, KafkaSource};
-use jobgate_shared::broker::rabbitmq::{self, RabbitSource};
-use jobgate_shared::broker::{Delivery, JobSource};
-use jobgate_shared::config::Backend;
+use jobgate_shared::broker::{Delivery, JobSource, SharedPublisher};
+use jobgate_shared::job::Job;
+use jobgate_shared::retry::RetryPolicy;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend;
 use crate::config::ConsumerConfig;
 use crate::handler::{Handler, Outcome};
+use crate::settle;
 
-/// What the worker loop needs besides a source and a handler.
+/// What the worker loop needs besides a source, a publisher and a handler.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Jobs processed at once.
     pub concurrency: usize,
     /// How long in-flight jobs may take after shutdown began.
     pub shutdown_grace: Duration,
+    /// Attempts and retry delays.
+    pub retry: RetryPolicy,
+    /// A job running longer is cancelled and retried.
+    pub job_timeout: Option<Duration>,
 }
 
 impl From<&ConsumerConfig> for WorkerOptions {
@@ -41,25 +48,9 @@ impl From<&ConsumerConfig> for WorkerOptions {
         Self {
             concurrency: usize::from(c.concurrency),
             shutdown_grace: c.shutdown_grace(),
+            retry: c.retry_policy(),
+            job_timeout: c.job_timeout(),
         }
-    }
-}
-
-/// Builds the job source for the configured backend.
-pub fn source_from_config(config: &ConsumerConfig) -> Box<dyn JobSource> {
-    match config.broker.backend {
-        Backend::Rabbitmq => Box::new(RabbitSource::new(rabbitmq::SourceOptions {
-            url: config.broker.amqp_url.clone(),
-            queues: config.queue.clone(),
-            connect_timeout: config.broker.connect_timeout(),
-            prefetch: config.concurrency,
-        })),
-        Backend::Kafka => Box::new(KafkaSource::new(kafka::SourceOptions {
-            topics: config.broker.kafka_topics(),
-            queues: config.queue.clone(),
-            group_template: config.kafka_group.clone(),
-            session_timeout: Duration::from_millis(config.kafka_session_timeout_ms),
-        })),
     }
 }
 
@@ -80,21 +71,27 @@ pub async fn run_boxed(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tracing::info!(queues = ?config.queue, concurrency = config.concurrency, backend = ?config.broker.backend, "consumer starting");
-    let source = source_from_config(&config);
+    let source = backend::source(&config);
+    let outcomes = backend::outcome_publisher(&config)?;
+    let options = WorkerOptions::from(&config);
     run_with_source(
         source,
+        Arc::clone(&outcomes),
         Arc::from(handler),
-        WorkerOptions::from(&config),
+        options,
         shutdown,
     )
     .await;
+    outcomes.close().await;
     tracing::info!("consumer stopped");
     Ok(())
 }
 
 /// The worker loop over any [`JobSource`] (unit tests use the in-memory one).
+/// `outcomes` publishes retries and dead letters.
 pub async fn run_with_source(
     mut source: Box<dyn JobSource>,
+    outcomes: SharedPublisher,
     handler: Arc<dyn Handler>,
     options: WorkerOptions,
     shutdown: impl Future<Output = ()>,
@@ -112,6 +109,7 @@ pub async fn run_with_source(
 
     let permits = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
+    let options = Arc::new(options);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -127,9 +125,13 @@ pub async fn run_with_source(
                 None => break,
             },
         };
-        let handler = Arc::clone(&handler);
+        let (handler, outcomes, options) = (
+            Arc::clone(&handler),
+            Arc::clone(&outcomes),
+            Arc::clone(&options),
+        );
         tracker.spawn(async move {
-            process(handler, delivery).await;
+            process(handler, &outcomes, &options, delivery).await;
             drop(permit);
         });
     }
@@ -171,7 +173,12 @@ pub async fn run_with_source(
 }
 
 /// Runs one job and settles it by its outcome.
-async fn process(handler: Arc<dyn Handler>, delivery: Delivery) {
+async fn process(
+    handler: Arc<dyn Handler>,
+    outcomes: &SharedPublisher,
+    options: &WorkerOptions,
+    delivery: Delivery,
+) {
     let Delivery { job, settle } = delivery;
     let (job_id, queue, attempt) = (
         job.meta.id.clone(),
@@ -179,31 +186,46 @@ async fn process(handler: Arc<dyn Handler>, delivery: Delivery) {
         job.meta.attempt,
     );
     tracing::debug!(%job_id, %queue, attempt, "job started");
-    // Own task: a panic in the handler is caught here as a failed attempt.
-    let outcome = match tokio::spawn(async move { handler.handle(&job).await }).await {
+    let outcome = run_handler(handler, job.clone(), options.job_timeout).await;
+    settle::settle(outcomes.as_ref(), &options.retry, &job, settle, outcome).await;
+}
+
+/// Runs the handler in its own task: a panic becomes a failed attempt, and a job past
+/// `timeout` is cancelled (its task aborted, dropping whatever it was doing).
+async fn run_handler(handler: Arc<dyn Handler>, job: Job, timeout: Option<Duration>) -> Outcome {
+    let mut task = tokio::spawn(async move { handler.handle(&job).await });
+    let joined = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                task.abort();
+                return Outcome::Retry {
+                    reason: format!("job timed out after {limit:?}"),
+                    delay: None,
+                };
+            }
+        },
+        None => task.await,
+    };
+    match joined {
         Ok(outcome) => outcome,
-        Err(error) => Outcome::Retry {
-            reason: format!("handler panicked: {error}"),
+        Err(error) if error.is_panic() => Outcome::Retry {
+            reason: format!("handler panicked: {}", panic_message(error.into_panic())),
             delay: None,
         },
-    };
-    let settled = match &outcome {
-        Outcome::Done => settle.ack().await,
-        Outcome::Retry { reason, .. } => {
-            tracing::warn!(%job_id, %queue, attempt, %reason, "job failed; it will be retried");
-            settle.requeue().await
-        }
-        Outcome::Dead { reason } => {
-            tracing::warn!(%job_id, %queue, attempt, %reason, "job failed for good; dead-lettered");
-            settle.reject().await
-        }
-    };
-    match settled {
-        Ok(()) => tracing::debug!(%job_id, %queue, attempt, ?outcome, "job settled"),
-        Err(error) => {
-            tracing::warn!(%job_id, %queue, %error, "could not settle; the broker will redeliver the job")
-        }
+        Err(error) => Outcome::Retry {
+            reason: format!("handler task failed: {error}"),
+            delay: None,
+        },
     }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 #[cfg(test)]
@@ -213,8 +235,8 @@ mod tests {
     use async_trait::async_trait;
     use bytes::Bytes;
     use jobgate_shared::broker::memory::{MemoryBroker, Settlement};
-    use jobgate_shared::job::{Job, JobMeta};
-    use tokio::sync::Notify;
+    use jobgate_shared::broker::PublishError;
+    use jobgate_shared::job::JobMeta;
 
     use super::*;
 
@@ -225,9 +247,23 @@ mod tests {
         }
     }
 
-    /// Done for "ok", Dead for "dead", a panic for "panic", Retry once for "flaky".
+    fn options(concurrency: usize) -> WorkerOptions {
+        WorkerOptions {
+            concurrency,
+            shutdown_grace: Duration::from_secs(5),
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(4),
+            },
+            job_timeout: Some(Duration::from_millis(300)),
+        }
+    }
+
+    /// Done for "ok", Dead for "dead", a panic for "panic", Retry for "retry",
+    /// a hang for "hang".
+    #[derive(Default)]
     struct ScriptedHandler {
-        flaky_seen: AtomicUsize,
         running: AtomicUsize,
         max_running: AtomicUsize,
     }
@@ -237,83 +273,166 @@ mod tests {
         async fn handle(&self, job: &Job) -> Outcome {
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_running.fetch_max(now, Ordering::SeqCst);
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             self.running.fetch_sub(1, Ordering::SeqCst);
             match &job.body[..] {
-                b"ok" => Outcome::Done,
                 b"dead" => Outcome::Dead {
                     reason: "bad input".into(),
                 },
                 b"panic" => panic!("handler bug"),
-                b"flaky" if self.flaky_seen.fetch_add(1, Ordering::SeqCst) == 0 => Outcome::Retry {
+                b"retry" => Outcome::Retry {
                     reason: "try again".into(),
                     delay: None,
                 },
+                b"hang" => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Outcome::Done
+                }
                 _ => Outcome::Done,
             }
         }
     }
 
+    /// Runs the worker over `jobs` until `settlements` deliveries were settled.
+    async fn run_jobs(
+        broker: &MemoryBroker,
+        handler: Arc<dyn Handler>,
+        options: WorkerOptions,
+        settlements: usize,
+    ) {
+        let until_settled = {
+            let broker = broker.clone();
+            async move {
+                while broker.settled().len() < settlements {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let outcomes: SharedPublisher = Arc::new(broker.clone());
+        run_with_source(
+            Box::new(broker.clone()),
+            outcomes,
+            handler,
+            options,
+            until_settled,
+        )
+        .await;
+    }
+
+    fn settled_of(broker: &MemoryBroker, j: &Job) -> Vec<Settlement> {
+        let all = broker.settled();
+        let mine = all.iter().filter(|(id, _)| *id == j.meta.id);
+        mine.map(|(_, s)| *s).collect()
+    }
+
+    fn copies_of(broker: &MemoryBroker, j: &Job) -> Vec<(String, JobMeta)> {
+        let all = broker.published_to();
+        let mine = all.into_iter().filter(|(_, c)| c.meta.id == j.meta.id);
+        mine.map(|(to, c)| (to, c.meta)).collect()
+    }
+
     #[tokio::test]
-    async fn outcomes_are_settled_and_a_panic_does_not_stop_the_worker() {
+    async fn each_outcome_is_settled_after_its_copy_is_published() {
         let broker = MemoryBroker::new();
         let jobs = [
             job("ok"),
             job("dead"),
             job("panic"),
-            job("flaky"),
-            job("ok"),
+            job("retry"),
+            job("hang"),
         ];
         for j in &jobs {
             broker.enqueue(j.clone());
         }
-        let handler = Arc::new(ScriptedHandler {
-            flaky_seen: AtomicUsize::new(0),
-            running: AtomicUsize::new(0),
-            max_running: AtomicUsize::new(0),
-        });
-        let done = Arc::new(Notify::new());
-        let watcher = {
-            let (broker, done) = (broker.clone(), Arc::clone(&done));
-            tokio::spawn(async move {
-                // ok, dead, ok, flaky twice (requeued then acked); the panicking job is
-                // requeued on every attempt, so wait for at least two of its attempts.
-                while broker.settled().len() < 8 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                done.notify_one();
-            })
-        };
-        let options = WorkerOptions {
-            concurrency: 2,
-            shutdown_grace: Duration::from_secs(5),
-        };
-        run_with_source(
-            Box::new(broker.clone()),
-            handler.clone(),
-            options,
-            done.notified(),
-        )
-        .await;
-        watcher.await.unwrap();
+        let handler = Arc::new(ScriptedHandler::default());
+        run_jobs(&broker, handler.clone(), options(2), jobs.len()).await;
 
-        let settled = broker.settled();
-        let of = |j: &Job| -> Vec<Settlement> {
-            settled
-                .iter()
-                .filter(|(id, _)| *id == j.meta.id)
-                .map(|(_, s)| *s)
-                .collect()
-        };
-        assert_eq!(of(&jobs[0]), vec![Settlement::Acked]);
-        assert_eq!(of(&jobs[1]), vec![Settlement::Rejected]);
-        assert!(of(&jobs[2]).len() >= 2 && of(&jobs[2]).iter().all(|s| *s == Settlement::Requeued));
-        assert_eq!(of(&jobs[3]), vec![Settlement::Requeued, Settlement::Acked]);
-        assert_eq!(of(&jobs[4]), vec![Settlement::Acked]);
+        // Every delivery was acked: its outcome is durable somewhere.
+        for j in &jobs {
+            assert_eq!(
+                settled_of(&broker, j),
+                vec![Settlement::Acked],
+                "{:?}",
+                j.body
+            );
+        }
+        assert!(copies_of(&broker, &jobs[0]).is_empty(), "done: no copy");
+
+        let dead = copies_of(&broker, &jobs[1]);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, "q.dlq");
+        let h = &dead[0].1.headers;
+        assert_eq!(h["x-error"], "bad input");
+        assert_eq!(h["x-attempts"], "1");
+        assert_eq!(h["x-original-queue"], "q");
+        assert!(
+            h["x-failed-at"].ends_with('Z'),
+            "RFC 3339 UTC: {}",
+            h["x-failed-at"]
+        );
+
+        for (j, why) in [
+            (&jobs[2], "handler panicked: handler bug"),
+            (&jobs[3], "try again"),
+            (&jobs[4], "job timed out"),
+        ] {
+            let retry = copies_of(&broker, j);
+            assert_eq!(retry.len(), 1, "{:?}", j.body);
+            assert_eq!(retry[0].0, "q.retry.1s");
+            assert_eq!(retry[0].1.attempt, 2);
+            assert!(
+                retry[0].1.headers["x-last-error"].starts_with(why),
+                "{:?}",
+                retry[0].1.headers
+            );
+            assert!(retry[0].1.headers.contains_key("x-due-at"));
+        }
         assert!(
             handler.max_running.load(Ordering::SeqCst) <= 2,
             "concurrency bound held"
         );
+    }
+
+    #[tokio::test]
+    async fn the_last_attempt_goes_to_the_dead_letter_queue() {
+        let broker = MemoryBroker::new();
+        let mut last = job("retry");
+        last.meta.attempt = 3;
+        broker.enqueue(last.clone());
+        run_jobs(&broker, Arc::new(ScriptedHandler::default()), options(1), 1).await;
+        let copies = copies_of(&broker, &last);
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].0, "q.dlq");
+        assert_eq!(copies[0].1.headers["x-attempts"], "3");
+        assert_eq!(copies[0].1.headers["x-error"], "try again");
+        assert!(!copies[0].1.headers.contains_key("x-due-at"));
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_cannot_be_published_gives_the_job_back_instead_of_acking() {
+        let broker = MemoryBroker::new();
+        let j = job("dead");
+        broker.enqueue(j.clone());
+        broker.fail_publishes(usize::MAX, PublishError::Unavailable);
+        let until_requeued = {
+            let broker = broker.clone();
+            async move {
+                while broker.settled().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let outcomes: SharedPublisher = Arc::new(broker.clone());
+        run_with_source(
+            Box::new(broker.clone()),
+            outcomes,
+            Arc::new(ScriptedHandler::default()),
+            options(1),
+            until_requeued,
+        )
+        .await;
+        assert_eq!(settled_of(&broker, &j)[0], Settlement::Requeued);
+        assert!(copies_of(&broker, &j).is_empty());
     }
 
     #[tokio::test]
@@ -331,11 +450,17 @@ mod tests {
         broker.enqueue(j.clone());
         // Shut down while the job is in flight (it takes 200 ms).
         let shutdown = tokio::time::sleep(Duration::from_millis(50));
-        let options = WorkerOptions {
-            concurrency: 1,
-            shutdown_grace: Duration::from_secs(5),
-        };
-        run_with_source(Box::new(broker.clone()), Arc::new(Slow), options, shutdown).await;
+        let outcomes: SharedPublisher = Arc::new(broker.clone());
+        let mut opts = options(1);
+        opts.job_timeout = None;
+        run_with_source(
+            Box::new(broker.clone()),
+            outcomes,
+            Arc::new(Slow),
+            opts,
+            shutdown,
+        )
+        .await;
         assert_eq!(
             broker.settled(),
             vec![(j.meta.id.clone(), Settlement::Acked)]
@@ -344,22 +469,21 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_still_running_after_the_grace_period_are_left_unsettled() {
-        struct Stuck;
-        #[async_trait]
-        impl Handler for Stuck {
-            async fn handle(&self, _: &Job) -> Outcome {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                Outcome::Done
-            }
-        }
         let broker = MemoryBroker::new();
-        broker.enqueue(job("x"));
-        let options = WorkerOptions {
-            concurrency: 1,
-            shutdown_grace: Duration::from_millis(50),
-        };
+        broker.enqueue(job("hang"));
+        let mut opts = options(1);
+        opts.job_timeout = None;
+        opts.shutdown_grace = Duration::from_millis(50);
         let shutdown = tokio::time::sleep(Duration::from_millis(50));
-        run_with_source(Box::new(broker.clone()), Arc::new(Stuck), options, shutdown).await;
+        let outcomes: SharedPublisher = Arc::new(broker.clone());
+        run_with_source(
+            Box::new(broker.clone()),
+            outcomes,
+            Arc::new(ScriptedHandler::default()),
+            opts,
+            shutdown,
+        )
+        .await;
         // Not acked: the real broker redelivers it when the connection closes.
         assert!(broker.settled().is_empty());
     }

@@ -41,10 +41,13 @@ pub fn start_publisher(config: &ProducerConfig) -> anyhow::Result<SharedPublishe
             connect_timeout: config.broker.connect_timeout(),
             publish_timeout: config.publish_timeout(),
             channels: usize::from(config.publish_channels),
+            // Retry tiers belong to the consumer's configuration; it declares them.
+            retry_tiers: Vec::new(),
         }),
         Backend::Kafka => KafkaPublisher::start(kafka::PublisherOptions {
             topics: config.broker.kafka_topics(),
             queues: config.queues.clone(),
+            retry_tiers: Vec::new(),
             publish_timeout: config.publish_timeout(),
         })
         .map_err(anyhow::Error::msg)?,

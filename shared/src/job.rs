@@ -25,6 +25,16 @@ use uuid::Uuid;
 
 /// Header that carries the 1-based attempt number.
 pub const HEADER_ATTEMPT: &str = "x-attempt";
+/// Header of a retry: when it is due again, in ms since the epoch (Kafka retry topics
+/// are forwarded by it; on RabbitMQ the tier's TTL decides and it is informational).
+pub const HEADER_DUE_AT: &str = "x-due-at";
+/// Dead-letter headers: why the job died, after how many attempts, when, from where.
+pub const HEADER_ERROR: &str = "x-error";
+pub const HEADER_ATTEMPTS: &str = "x-attempts";
+pub const HEADER_FAILED_AT: &str = "x-failed-at";
+pub const HEADER_ORIGINAL_QUEUE: &str = "x-original-queue";
+/// On a retry, the reason the previous attempt failed.
+pub const HEADER_LAST_ERROR: &str = "x-last-error";
 
 /// Everything about a job except its body.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,12 +6,13 @@
 //! - [`broker`]: the backends behind small traits: [`broker::Publisher`] for the ingress,
 //!   [`broker::JobSource`] for workers; RabbitMQ ([`broker::rabbitmq`]) and an in-memory
 //!   fake for unit tests ([`broker::memory`]).
-//! - [`backoff`]: the reconnect delay schedule.
+//! - [`backoff`]: the reconnect delay schedule; [`retry`]: attempts and retry tiers.
 //! - [`telemetry`]: logging set-up; [`shutdown`]: the SIGTERM/SIGINT future.
 
 pub mod backoff;
 pub mod broker;
 pub mod config;
 pub mod job;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

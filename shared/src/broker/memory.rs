@@ -23,9 +23,10 @@ pub enum Settlement {
 #[derive(Default)]
 struct State {
     queued: VecDeque<Job>,
-    published: Vec<Job>,
+    published: Vec<(String, Job)>,
     settled: Vec<(String, Settlement)>,
-    fail_next_publish: Option<PublishError>,
+    /// The next `n` publishes fail with this error.
+    failing_publishes: Option<(usize, PublishError)>,
     ready: bool,
 }
 
@@ -60,7 +61,12 @@ impl MemoryBroker {
 
     /// Makes the next publish fail with `error`.
     pub fn fail_next_publish(&self, error: PublishError) {
-        self.lock().fail_next_publish = Some(error);
+        self.fail_publishes(1, error);
+    }
+
+    /// Makes the next `n` publishes fail with `error`.
+    pub fn fail_publishes(&self, n: usize, error: PublishError) {
+        self.lock().failing_publishes = Some((n, error));
     }
 
     /// Sets what `is_ready` answers.
@@ -74,8 +80,18 @@ impl MemoryBroker {
         self.arrived.notify_one();
     }
 
-    /// Every job published so far.
+    /// Every job published to its own queue so far.
     pub fn published(&self) -> Vec<Job> {
+        let state = self.lock();
+        let own = state
+            .published
+            .iter()
+            .filter(|(to, job)| *to == job.meta.queue);
+        own.map(|(_, job)| job.clone()).collect()
+    }
+
+    /// Every job published so far, with its destination (retry tier, DLQ, queue).
+    pub fn published_to(&self) -> Vec<(String, Job)> {
         self.lock().published.clone()
     }
 
@@ -87,19 +103,31 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Publisher for MemoryBroker {
-    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError> {
+    /// Jobs published to their own queue are queued for the source; others (retry
+    /// tiers, DLQ) are only recorded.
+    async fn publish_to(
+        &self,
+        destination: &str,
+        meta: &JobMeta,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
         let job = Job {
             meta: meta.clone(),
             body: Bytes::copy_from_slice(body),
         };
         {
             let mut state = self.lock();
-            if let Some(error) = state.fail_next_publish.take() {
+            if let Some((n, error)) = state.failing_publishes.take() {
+                if n > 1 {
+                    state.failing_publishes = Some((n - 1, error.clone()));
+                }
                 return Err(error);
             }
-            state.published.push(job.clone());
+            state.published.push((destination.to_owned(), job.clone()));
         }
-        self.enqueue(job);
+        if destination == meta.queue {
+            self.enqueue(job);
+        }
         Ok(())
     }
 

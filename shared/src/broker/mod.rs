@@ -61,9 +61,20 @@ impl PublishError {
 /// The ingress side of a broker.
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
-    /// Publishes one job and waits for the broker's confirm, at most the configured
-    /// publish timeout. Many calls may be in flight at once.
-    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError>;
+    /// Publishes one job to its queue (`meta.queue`) and waits for the broker's
+    /// confirm, at most the configured publish timeout. Many calls may be in flight.
+    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError> {
+        self.publish_to(&meta.queue, meta, body).await
+    }
+
+    /// Publishes one job to `destination` (a retry tier or the dead-letter queue of
+    /// `meta.queue`), with the same confirm semantics as [`Publisher::publish`].
+    async fn publish_to(
+        &self,
+        destination: &str,
+        meta: &JobMeta,
+        body: &[u8],
+    ) -> Result<(), PublishError>;
 
     /// True while the connection is up, the topology is declared and the broker is not
     /// blocking publishers.

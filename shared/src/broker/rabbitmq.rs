@@ -33,6 +33,7 @@ use super::{dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, Sett
 use crate::backoff::Backoff;
 use crate::config::SecretUrl;
 use crate::job::{self, Job, JobMeta};
+use crate::retry::retry_queue_name;
 
 /// How long a settle (ack/nack) or a declare may take before we give up on it.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,44 +41,55 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Declares, idempotently, the queues of job queue `queue`:
-/// - `queue`: durable quorum queue whose dead letters go to `queue.dlq`;
-/// - `queue.dlq`: durable quorum queue that keeps dead jobs until an operator acts.
+/// - `queue`: durable quorum queue whose rejected messages go to `queue.dlq`;
+/// - `queue.dlq`: durable quorum queue that keeps dead jobs until an operator acts;
+/// - `queue.retry.<tier>` for each of `retry_tiers`: durable quorum queues whose
+///   messages expire after the tier's delay and are dead-lettered back to `queue`
+///   (at-least-once dead-lettering, so an expiring retry is never dropped).
 ///
-/// Both binaries call this at every (re)connect, so whichever starts first creates
-/// the topology. The arguments must never change for an existing queue (RabbitMQ
-/// refuses a redeclare with other arguments), so they live here and only here.
-pub async fn declare_topology(channel: &Channel, queue: &str) -> lapin::Result<()> {
+/// Both binaries call this at every (re)connect; the producer passes no tiers (the
+/// retry schedule is the consumer's). The arguments must never change for an existing
+/// queue (RabbitMQ refuses a redeclare with other arguments), so they live here only.
+pub async fn declare_topology(
+    channel: &Channel,
+    queue: &str,
+    retry_tiers: &[Duration],
+) -> lapin::Result<()> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    let text = |v: &str| AMQPValue::LongString(v.into());
+    let quorum = || {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("quorum"));
+        args
+    };
     let dlq = dlq_name(queue);
-
-    let mut dlq_args = FieldTable::default();
-    dlq_args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
     channel
-        .queue_declare(ShortString::from(dlq.as_str()), durable, dlq_args)
+        .queue_declare(ShortString::from(dlq.as_str()), durable, quorum())
         .await?;
 
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(dlq.as_str().into()),
-    );
+    let mut args = quorum();
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert("x-dead-letter-routing-key".into(), text(&dlq));
     channel
         .queue_declare(ShortString::from(queue), durable, args)
         .await?;
+
+    for tier in retry_tiers {
+        let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
+        let mut args = quorum();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        args.insert("x-dead-letter-exchange".into(), text(""));
+        args.insert("x-dead-letter-routing-key".into(), text(queue));
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        let name = retry_queue_name(queue, *tier);
+        channel
+            .queue_declare(ShortString::from(name.as_str()), durable, args)
+            .await?;
+    }
     Ok(())
 }
 
@@ -172,6 +184,8 @@ pub struct PublisherOptions {
     pub publish_timeout: Duration,
     /// Confirm channels; publishes are spread over them round-robin.
     pub channels: usize,
+    /// Retry tiers to declare (empty for the producer).
+    pub retry_tiers: Vec<Duration>,
 }
 
 /// One live connection with its confirm channels.
@@ -237,7 +251,11 @@ impl RabbitPublisher {
                 channels.push(channel);
             }
             for queue in &o.queues {
-                bounded("queue.declare", declare_topology(&channels[0], queue)).await?;
+                bounded(
+                    "queue.declare",
+                    declare_topology(&channels[0], queue, &o.retry_tiers),
+                )
+                .await?;
             }
             Ok::<_, String>(channels)
         };
@@ -290,6 +308,7 @@ impl RabbitPublisher {
 
     async fn publish_confirmed(
         session: &PublishSession,
+        destination: &str,
         meta: &JobMeta,
         body: &[u8],
     ) -> Result<(), PublishError> {
@@ -298,7 +317,7 @@ impl RabbitPublisher {
             .channel()
             .basic_publish(
                 ShortString::default(),
-                ShortString::from(meta.queue.as_str()),
+                ShortString::from(destination),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -323,15 +342,16 @@ impl RabbitPublisher {
 
 #[async_trait]
 impl Publisher for RabbitPublisher {
-    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError> {
+    async fn publish_to(
+        &self,
+        destination: &str,
+        meta: &JobMeta,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
         let session = self.current().ok_or(PublishError::Unavailable)?;
         let timeout = self.options.publish_timeout;
-        let result = match tokio::time::timeout(
-            timeout,
-            Self::publish_confirmed(&session, meta, body),
-        )
-        .await
-        {
+        let publish = Self::publish_confirmed(&session, destination, meta, body);
+        let result = match tokio::time::timeout(timeout, publish).await {
             Ok(result) => result,
             Err(_) => Err(PublishError::Timeout(timeout)),
         };
@@ -339,14 +359,11 @@ impl Publisher for RabbitPublisher {
             // The queue was deleted behind our back (by an operator, say). This request
             // gets its 503; declaring the topology again lets the next ones through.
             let queue = meta.queue.clone();
+            let tiers = self.options.retry_tiers.clone();
             tokio::spawn(async move {
                 tracing::warn!(%queue, "queue missing on the broker; declaring it again");
-                if let Err(error) = bounded(
-                    "queue.declare",
-                    declare_topology(&session.channels[0], &queue),
-                )
-                .await
-                {
+                let declare = declare_topology(&session.channels[0], &queue, &tiers);
+                if let Err(error) = bounded("queue.declare", declare).await {
                     tracing::warn!(%queue, %error, "could not declare the queue again");
                 }
             });
@@ -381,6 +398,8 @@ pub struct SourceOptions {
     pub connect_timeout: Duration,
     /// `basic.qos` prefetch per queue: the worker's concurrency.
     pub prefetch: u16,
+    /// Retry tiers to declare.
+    pub retry_tiers: Vec<Duration>,
 }
 
 /// Consumes jobs from RabbitMQ queues; reconnects by itself.
@@ -414,7 +433,11 @@ impl RabbitSource {
             .await?;
             let mut consumers = Vec::new();
             for queue in &o.queues {
-                bounded("queue.declare", declare_topology(&channel, queue)).await?;
+                bounded(
+                    "queue.declare",
+                    declare_topology(&channel, queue, &o.retry_tiers),
+                )
+                .await?;
                 let consumer = bounded(
                     "basic.consume",
                     channel.basic_consume(

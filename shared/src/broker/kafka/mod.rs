@@ -14,8 +14,11 @@
 //!   partition still running finish, but their offsets are not stored (the new owner
 //!   processes them again from the committed offset). Duplicates, never loss.
 //!
-//! Topics (`Q` and `Q.dlq`) are created through the admin API, never by broker
-//! auto-creation; existing topics are left alone.
+//! Topics (`Q`, `Q.dlq`, `Q.retry.<tier>`) are created through the admin API, never by
+//! broker auto-creation; existing topics are left alone. Retries wait in the tier
+//! topics until due and are forwarded back to `Q` by [`retry`].
+
+mod retry;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use super::{dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
 use crate::backoff::Backoff;
 use crate::job::{self, Job, JobMeta};
+use crate::retry::retry_queue_name;
 
 /// How often the publisher checks that the cluster answers (readiness).
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -73,16 +77,24 @@ impl TopicSpec {
     }
 }
 
-/// Creates, idempotently, topics `Q` and `Q.dlq` for each job queue. Both binaries call
-/// it at start. A topic that already exists is left as it is (its partition count too).
-pub async fn ensure_topics(spec: &TopicSpec, queues: &[String]) -> Result<(), String> {
+/// Creates, idempotently, topics `Q`, `Q.dlq` and `Q.retry.<tier>` (one per retry tier)
+/// for each job queue. Both binaries call it at start; the producer passes no tiers (the
+/// retry schedule is the consumer's). A topic that already exists is left as it is.
+pub async fn ensure_topics(
+    spec: &TopicSpec,
+    queues: &[String],
+    retry_tiers: &[Duration],
+) -> Result<(), String> {
     let admin: AdminClient<DefaultClientContext> = spec
         .client_config("admin")
         .create()
         .map_err(|e| format!("admin client: {e}"))?;
     let names: Vec<String> = queues
         .iter()
-        .flat_map(|q| [q.clone(), dlq_name(q)])
+        .flat_map(|q| {
+            let retries = retry_tiers.iter().map(|t| retry_queue_name(q, *t));
+            [q.clone(), dlq_name(q)].into_iter().chain(retries)
+        })
         .collect();
     let topics: Vec<NewTopic<'_>> = names
         .iter()
@@ -117,11 +129,30 @@ pub async fn ensure_topics(spec: &TopicSpec, queues: &[String]) -> Result<(), St
 // Publisher
 // ---------------------------------------------------------------------------------
 
+/// A producer with `acks=all` and idempotence; a record's delivery is reported within
+/// `publish_timeout` (`message.timeout.ms`), so none is delivered after we gave up.
+fn idempotent_producer(
+    spec: &TopicSpec,
+    publish_timeout: Duration,
+) -> Result<FutureProducer, String> {
+    let timeout_ms = publish_timeout.as_millis().max(1).to_string();
+    spec.client_config("producer")
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", &timeout_ms)
+        .set("linger.ms", "2")
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|e| format!("Kafka producer: {e}"))
+}
+
 /// Options of the Kafka publisher.
 #[derive(Debug, Clone)]
 pub struct PublisherOptions {
     pub topics: TopicSpec,
     pub queues: Vec<String>,
+    /// Retry tiers whose topics are ensured (empty for the producer).
+    pub retry_tiers: Vec<Duration>,
     /// How long `publish` waits for the delivery report (also librdkafka's
     /// `message.timeout.ms`, so a record is never delivered after we answered 503).
     pub publish_timeout: Duration,
@@ -140,17 +171,7 @@ pub struct KafkaPublisher {
 impl KafkaPublisher {
     /// Starts the publisher; topics are created and readiness checked in the background.
     pub fn start(options: PublisherOptions) -> Result<Arc<Self>, String> {
-        let timeout_ms = options.publish_timeout.as_millis().max(1).to_string();
-        let producer: FutureProducer = options
-            .topics
-            .client_config("producer")
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", &timeout_ms)
-            .set("linger.ms", "2")
-            .set("allow.auto.create.topics", "false")
-            .create()
-            .map_err(|e| format!("Kafka producer: {e}"))?;
+        let producer = idempotent_producer(&options.topics, options.publish_timeout)?;
         let publisher = Arc::new(Self {
             options,
             producer,
@@ -177,7 +198,8 @@ impl KafkaPublisher {
                 // After an outage the cluster may be a new one: check the topics again.
                 self.topics_missing.store(true, Ordering::SeqCst);
             } else if self.topics_missing.load(Ordering::SeqCst) {
-                match ensure_topics(&self.options.topics, &self.options.queues).await {
+                let o = &self.options;
+                match ensure_topics(&o.topics, &o.queues, &o.retry_tiers).await {
                     Ok(()) => self.topics_missing.store(false, Ordering::SeqCst),
                     Err(error) => tracing::warn!(%error, "cannot create Kafka topics"),
                 }
@@ -215,11 +237,16 @@ impl KafkaPublisher {
 
 #[async_trait]
 impl Publisher for KafkaPublisher {
-    async fn publish(&self, meta: &JobMeta, body: &[u8]) -> Result<(), PublishError> {
+    async fn publish_to(
+        &self,
+        destination: &str,
+        meta: &JobMeta,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
         if !self.ready.load(Ordering::SeqCst) {
             return Err(PublishError::Unavailable);
         }
-        let mut record = FutureRecord::to(&meta.queue)
+        let mut record = FutureRecord::to(destination)
             .key(meta.id.as_bytes())
             .payload(body)
             .headers(job::kafka::headers(meta));
@@ -269,6 +296,10 @@ pub struct SourceOptions {
     pub group_template: String,
     /// `session.timeout.ms`: how soon a dead replica's partitions move on.
     pub session_timeout: Duration,
+    /// Retry tiers: their topics are ensured and forwarded back to the queue when due.
+    pub retry_tiers: Vec<Duration>,
+    /// Bound of one forward of a due retry to its queue.
+    pub publish_timeout: Duration,
 }
 
 impl SourceOptions {
@@ -404,6 +435,8 @@ pub struct KafkaSource {
     options: SourceOptions,
     ledger: Arc<Ledger>,
     consumers: Vec<Arc<JobConsumer>>,
+    /// One retry forwarder per queue.
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
     ready: Arc<AtomicBool>,
 }
 
@@ -413,6 +446,7 @@ impl KafkaSource {
             options,
             ledger: Arc::new(Ledger::default()),
             consumers: Vec::new(),
+            forwarders: Vec::new(),
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -482,13 +516,28 @@ impl JobSource for KafkaSource {
     async fn run(&mut self, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
         let mut backoff = Backoff::for_reconnect();
         loop {
-            match ensure_topics(&self.options.topics, &self.options.queues).await {
+            let o = &self.options;
+            match ensure_topics(&o.topics, &o.queues, &o.retry_tiers).await {
                 Ok(()) => break,
                 Err(error) => tracing::warn!(%error, "cannot create Kafka topics; retrying"),
             }
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+        if !self.options.retry_tiers.is_empty() {
+            for queue in &self.options.queues {
+                let forwarder = retry::Forwarder {
+                    spec: self.options.topics.clone(),
+                    queue: queue.clone(),
+                    group: format!("{}.retry", self.options.group_for(queue)),
+                    tiers: self.options.retry_tiers.clone(),
+                    session_timeout: self.options.session_timeout,
+                    publish_timeout: self.options.publish_timeout,
+                };
+                self.forwarders
+                    .push(tokio::spawn(forwarder.run(stop.clone())));
             }
         }
         for queue in &self.options.queues {
@@ -536,6 +585,14 @@ impl JobSource for KafkaSource {
 
     /// Commits what is finished, then leaves the groups.
     async fn close(&mut self) {
+        for forwarder in std::mem::take(&mut self.forwarders) {
+            if tokio::time::timeout(Duration::from_secs(15), forwarder)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the retry forwarder did not stop in time");
+            }
+        }
         let consumers = std::mem::take(&mut self.consumers);
         let ledger = Arc::clone(&self.ledger);
         let done = tokio::task::spawn_blocking(move || {

@@ -1,0 +1,655 @@
+//! `consumer dlq list|replay|purge`: operator tools for the dead-letter queue `Q.dlq`
+//! of a job queue `Q`, on either backend.
+//!
+//! - `list` shows dead jobs without removing them: RabbitMQ hands them out unacked
+//!   (`basic.get`) and gets them back when the channel closes; Kafka reads them from
+//!   the positions of the replay group without committing anything.
+//! - `replay` publishes each dead job back to `Q` (same id, body, content type and
+//!   user headers; attempt 1; dead-letter headers removed), waits for the broker's
+//!   confirm, and only then removes it from the dead-letter queue (RabbitMQ: ack;
+//!   Kafka: commit of the replay group). An interrupted replay loses nothing; at worst
+//!   a job is replayed twice (handlers are idempotent on the job id).
+//! - `purge` removes the dead jobs (RabbitMQ: `queue.purge`; Kafka: the replay group
+//!   skips to the end of each partition; the records stay until the topic's retention).
+//!
+//! Exit codes: 0 done, 1 broker or operational error (message on stderr), 2 usage.
+//! Results go to stdout, logs to stderr.
+
+mod kafka;
+mod rabbitmq;
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use consumer::config::{ConsumerConfig, DlqCommand};
+use jobgate_shared::broker::{dlq_name, Publisher};
+use jobgate_shared::config::{validate_queue_name, Backend};
+use jobgate_shared::job::{
+    JobMeta, HEADER_ATTEMPTS, HEADER_DUE_AT, HEADER_ERROR, HEADER_FAILED_AT, HEADER_LAST_ERROR,
+    HEADER_ORIGINAL_QUEUE,
+};
+
+/// Longest body preview, in characters (escapes included).
+pub const PREVIEW_CHARS: usize = 80;
+/// Longest reason shown in the table (JSON has it whole).
+const TABLE_REASON_CHARS: usize = 40;
+/// How long a replay waits for its publisher to connect and declare the topology.
+const PUBLISHER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound of one broker operation (declare, get, ack, purge, metadata, commit).
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Headers that only make sense on a dead (or retried) job; a replayed job loses them.
+const DEAD_LETTER_HEADERS: [&str; 6] = [
+    HEADER_ERROR,
+    HEADER_ATTEMPTS,
+    HEADER_FAILED_AT,
+    HEADER_ORIGINAL_QUEUE,
+    HEADER_DUE_AT,
+    HEADER_LAST_ERROR,
+];
+/// Prefixes of the headers RabbitMQ adds when it dead-letters a message itself
+/// (`x-first-death-reason`, ...): also removed on replay.
+const BROKER_DEATH_PREFIXES: [&str; 2] = ["x-first-death-", "x-last-death-"];
+
+/// Why a dlq command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// The command line asks for something we refuse (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The broker failed or refused, or something else went wrong (exit code 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl DlqError {
+    fn failed(message: impl Into<String>) -> Self {
+        Self::Failed(message.into())
+    }
+
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::Usage(_) => ExitCode::from(2),
+            Self::Failed(_) => ExitCode::from(1),
+        }
+    }
+}
+
+type Result<T, E = DlqError> = std::result::Result<T, E>;
+
+/// One dead job as read from the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct DeadJob {
+    /// Metadata as the wire mapping reads it (queue: the dead-letter queue's name).
+    pub meta: JobMeta,
+    pub body: Bytes,
+    /// Kafka only: partition and offset of the record in `Q.dlq`.
+    pub position: Option<(i32, i64)>,
+}
+
+impl DeadJob {
+    /// Attempts the job had: `x-attempts`, or its last `x-attempt`.
+    pub fn attempts(&self) -> u32 {
+        self.meta
+            .headers
+            .get(HEADER_ATTEMPTS)
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or(self.meta.attempt)
+    }
+
+    /// Why it died: `x-error`, or the reason RabbitMQ gave when it dead-lettered the
+    /// message itself (`x-first-death-reason`, e.g. `rejected`).
+    pub fn reason(&self) -> Option<&str> {
+        let headers = &self.meta.headers;
+        headers
+            .get(HEADER_ERROR)
+            .or_else(|| headers.get("x-first-death-reason"))
+            .map(String::as_str)
+    }
+
+    pub fn failed_at(&self) -> Option<&str> {
+        self.meta.headers.get(HEADER_FAILED_AT).map(String::as_str)
+    }
+}
+
+/// What `list` found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub jobs: Vec<DeadJob>,
+    /// How many dead jobs the dead-letter queue held in all, when the broker says.
+    pub total: Option<u64>,
+}
+
+/// Runs one dlq command and prints its result; returns the process exit code.
+pub async fn run(config: &ConsumerConfig, command: &DlqCommand) -> ExitCode {
+    match execute(config, command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            error.exit_code()
+        }
+    }
+}
+
+async fn execute(config: &ConsumerConfig, command: &DlqCommand) -> Result<()> {
+    match command {
+        DlqCommand::List(args) => {
+            validate(&args.queue)?;
+            let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
+            let listing = match config.broker.backend {
+                Backend::Rabbitmq => rabbitmq::list(config, &args.queue, limit).await?,
+                Backend::Kafka => kafka::list(config, &args.queue, limit).await?,
+            };
+            let dlq = dlq_name(&args.queue);
+            if listing.jobs.is_empty() {
+                if args.json {
+                    eprintln!("no dead jobs in {dlq}");
+                } else {
+                    println!("no dead jobs in {dlq}");
+                }
+            } else if args.json {
+                for job in &listing.jobs {
+                    println!("{}", json_line(job));
+                }
+            } else {
+                print!("{}", table(&listing.jobs));
+                println!("{}", summary(&dlq, listing.jobs.len(), listing.total));
+            }
+            Ok(())
+        }
+        DlqCommand::Replay(args) => {
+            validate(&args.queue)?;
+            if let Some(id) = &args.job_id {
+                if id.trim().is_empty() {
+                    return Err(DlqError::Usage("--job-id must not be empty".into()));
+                }
+            }
+            let limit = args
+                .limit
+                .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+            let job_id = args.job_id.as_deref();
+            let replayed = match config.broker.backend {
+                Backend::Rabbitmq => rabbitmq::replay(config, &args.queue, limit, job_id).await?,
+                Backend::Kafka => kafka::replay(config, &args.queue, limit, job_id).await?,
+            };
+            let dlq = dlq_name(&args.queue);
+            if let (Some(id), 0) = (job_id, replayed) {
+                return Err(DlqError::failed(format!(
+                    "no dead job with id {id:?} in {dlq}; nothing was replayed"
+                )));
+            }
+            println!(
+                "replayed {replayed} dead {} from {dlq} to {}",
+                jobs_word(replayed),
+                args.queue
+            );
+            Ok(())
+        }
+        DlqCommand::Purge(args) => {
+            validate(&args.queue)?;
+            let dlq = dlq_name(&args.queue);
+            if !args.yes {
+                return Err(DlqError::Usage(format!(
+                    "purge removes every dead job in {dlq} for good; run it again with --yes to confirm"
+                )));
+            }
+            let purged = match config.broker.backend {
+                Backend::Rabbitmq => rabbitmq::purge(config, &args.queue).await?,
+                Backend::Kafka => kafka::purge(config, &args.queue).await?,
+            };
+            println!("purged {purged} dead {} from {dlq}", jobs_word(purged));
+            Ok(())
+        }
+    }
+}
+
+/// The queue name is checked by clap already; this keeps the tools safe if they are
+/// driven some other way.
+fn validate(queue: &str) -> Result<()> {
+    validate_queue_name(queue).map_err(DlqError::Usage)
+}
+
+fn jobs_word(n: u64) -> &'static str {
+    if n == 1 {
+        "job"
+    } else {
+        "jobs"
+    }
+}
+
+/// Waits until `publisher` is connected and has declared its topology.
+async fn wait_ready(publisher: &dyn Publisher, what: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + PUBLISHER_READY_TIMEOUT;
+    while !publisher.is_ready() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DlqError::failed(format!(
+                "{what} was not ready within {PUBLISHER_READY_TIMEOUT:?}; is the broker reachable?"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The job as it goes back to `queue`: same id, body, content type, enqueue time and
+/// user headers; attempt 1; every dead-letter and retry header removed.
+pub fn replay_meta(dead: &JobMeta, queue: &str) -> JobMeta {
+    let mut meta = dead.clone();
+    meta.queue = queue.to_owned();
+    meta.attempt = 1;
+    meta.headers.retain(|name, _| {
+        !DEAD_LETTER_HEADERS.contains(&name.as_str())
+            && !BROKER_DEATH_PREFIXES.iter().any(|p| name.starts_with(p))
+    });
+    meta
+}
+
+/// `text` with everything that is not printable escaped: `\n`, `\r`, `\t`, `\\`,
+/// `\xNN` for other control bytes and for bytes that are not UTF-8, `\u{NN}` for other
+/// control characters. Cut to at most `max` characters (ending in `…` when cut),
+/// never in the middle of an escape.
+pub fn escape_preview(bytes: &[u8], max: usize) -> String {
+    let mut pieces: Vec<String> = Vec::new();
+    let mut chars = 0;
+    // Escape a little more than fits, to know whether something was cut.
+    'outer: for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            let piece = match c {
+                '\n' => "\\n".to_owned(),
+                '\r' => "\\r".to_owned(),
+                '\t' => "\\t".to_owned(),
+                '\\' => "\\\\".to_owned(),
+                c if c.is_ascii_control() => format!("\\x{:02x}", c as u32),
+                c if c.is_control() => format!("\\u{{{:x}}}", c as u32),
+                c => c.to_string(),
+            };
+            chars += piece.chars().count();
+            pieces.push(piece);
+            if chars > max {
+                break 'outer;
+            }
+        }
+        for b in chunk.invalid() {
+            let piece = format!("\\x{b:02x}");
+            chars += piece.len();
+            pieces.push(piece);
+            if chars > max {
+                break 'outer;
+            }
+        }
+    }
+    if chars <= max {
+        return pieces.concat();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for piece in pieces {
+        let n = piece.chars().count();
+        if used + n + 1 > max {
+            break;
+        }
+        out.push_str(&piece);
+        used += n;
+    }
+    if max > 0 {
+        out.push('…');
+    }
+    out
+}
+
+fn or_dash(value: Option<&str>) -> String {
+    value
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| "-".to_owned(), str::to_owned)
+}
+
+/// The human table of `list`: one row per dead job, columns aligned.
+pub fn table(jobs: &[DeadJob]) -> String {
+    let header = [
+        "JOB ID",
+        "ATTEMPTS",
+        "FAILED AT",
+        "CONTENT TYPE",
+        "SIZE",
+        "REASON",
+        "BODY",
+    ];
+    let rows: Vec<[String; 7]> = jobs
+        .iter()
+        .map(|job| {
+            [
+                escape_preview(job.meta.id.as_bytes(), PREVIEW_CHARS),
+                job.attempts().to_string(),
+                or_dash(job.failed_at()),
+                or_dash(job.meta.content_type.as_deref()),
+                job.body.len().to_string(),
+                or_dash(
+                    job.reason()
+                        .map(|r| escape_preview(r.as_bytes(), TABLE_REASON_CHARS))
+                        .as_deref(),
+                ),
+                escape_preview(&job.body, PREVIEW_CHARS),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let pad = widths[i] - cell.chars().count();
+                let _ = write!(text, "{cell}{}  ", " ".repeat(pad));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&cells);
+    }
+    out
+}
+
+/// The line under the table: how many were shown, and of how many.
+fn summary(dlq: &str, shown: usize, total: Option<u64>) -> String {
+    match total {
+        Some(total) if total > shown as u64 => {
+            format!("{shown} of {total} dead jobs in {dlq} shown (--limit to see more)")
+        }
+        _ => format!("{shown} dead {} in {dlq}", jobs_word(shown as u64)),
+    }
+}
+
+fn rfc3339(at: SystemTime) -> Option<String> {
+    at.duration_since(UNIX_EPOCH).ok()?;
+    Some(humantime::format_rfc3339_millis(at).to_string())
+}
+
+/// One dead job as a JSON object (`list --json`).
+pub fn json_line(job: &DeadJob) -> serde_json::Value {
+    let mut value = serde_json::json!({
+        "job_id": job.meta.id,
+        "attempts": job.attempts(),
+        "reason": job.reason(),
+        "failed_at": job.failed_at(),
+        "original_queue": job.meta.headers.get(HEADER_ORIGINAL_QUEUE),
+        "content_type": job.meta.content_type,
+        "enqueued_at": job.meta.enqueued_at.and_then(rfc3339),
+        "body_size": job.body.len(),
+        "body_preview": escape_preview(&job.body, PREVIEW_CHARS),
+    });
+    if let Some((partition, offset)) = job.position {
+        value["partition"] = partition.into();
+        value["offset"] = offset.into();
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use clap::Parser;
+    use consumer::config::Command;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ConsumerConfig, clap::Error> {
+        ConsumerConfig::try_parse_from(args)
+    }
+
+    fn dlq(args: &[&str]) -> DlqCommand {
+        match parse(args).unwrap().command {
+            Some(Command::Dlq(command)) => command,
+            None => panic!("no subcommand in {args:?}"),
+        }
+    }
+
+    #[test]
+    fn no_subcommand_runs_the_worker() {
+        assert!(parse(&["consumer"]).unwrap().command.is_none());
+        assert!(parse(&["consumer", "--queue", "a,b"])
+            .unwrap()
+            .command
+            .is_none());
+    }
+
+    #[test]
+    fn list_takes_its_own_queue_limit_and_json() {
+        let DlqCommand::List(args) = dlq(&["consumer", "dlq", "list", "--queue", "mail"]) else {
+            panic!("not list")
+        };
+        assert_eq!(args.queue, "mail");
+        assert_eq!(args.limit, 20);
+        assert!(!args.json);
+        let DlqCommand::List(args) = dlq(&[
+            "consumer", "dlq", "list", "--queue", "mail", "--limit", "3", "--json",
+        ]) else {
+            panic!("not list")
+        };
+        assert_eq!((args.limit, args.json), (3, true));
+    }
+
+    #[test]
+    fn top_level_options_and_the_subcommand_queue_do_not_mix() {
+        let config = parse(&[
+            "consumer",
+            "--queue",
+            "other",
+            "--backend",
+            "kafka",
+            "dlq",
+            "list",
+            "--queue",
+            "mail",
+        ])
+        .unwrap();
+        assert_eq!(config.queue, vec!["other"]);
+        assert_eq!(config.broker.backend, Backend::Kafka);
+        let Some(Command::Dlq(DlqCommand::List(args))) = config.command else {
+            panic!("not list")
+        };
+        assert_eq!(args.queue, "mail");
+    }
+
+    #[test]
+    fn replay_defaults_to_all_and_takes_a_job_id() {
+        let DlqCommand::Replay(args) = dlq(&["consumer", "dlq", "replay", "--queue", "q"]) else {
+            panic!("not replay")
+        };
+        assert_eq!((args.limit, args.job_id), (None, None));
+        let DlqCommand::Replay(args) = dlq(&[
+            "consumer", "dlq", "replay", "--queue", "q", "--limit", "5", "--job-id", "abc",
+        ]) else {
+            panic!("not replay")
+        };
+        assert_eq!(args.limit, Some(5));
+        assert_eq!(args.job_id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn purge_without_yes_parses_and_is_then_refused() {
+        let DlqCommand::Purge(args) = dlq(&["consumer", "dlq", "purge", "--queue", "q"]) else {
+            panic!("not purge")
+        };
+        assert!(!args.yes);
+        let config = parse(&["consumer", "dlq", "purge", "--queue", "q"]).unwrap();
+        let command = config.command.clone().map(|Command::Dlq(c)| c).unwrap();
+        // Refused before any broker is contacted: no runtime I/O happens here.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let error = rt.block_on(execute(&config, &command)).unwrap_err();
+        assert!(matches!(error, DlqError::Usage(_)), "{error:?}");
+        assert!(error.to_string().contains("--yes"));
+        assert_eq!(error.exit_code(), ExitCode::from(2));
+        let DlqCommand::Purge(args) = dlq(&["consumer", "dlq", "purge", "--queue", "q", "--yes"])
+        else {
+            panic!("not purge")
+        };
+        assert!(args.yes);
+    }
+
+    #[test]
+    fn bad_usage_is_a_clap_error() {
+        for args in [
+            &["consumer", "dlq", "list"][..], // --queue is required
+            &["consumer", "dlq", "list", "--queue", "not ok"], // invalid name
+            &["consumer", "dlq", "list", "--queue", "amq.x"], // reserved name
+            &["consumer", "dlq", "list", "--queue", "q", "--limit", "0"],
+            &["consumer", "dlq", "replay", "--queue", "q", "--limit", "x"],
+            &["consumer", "dlq", "purge", "--queue", "q", "--force"],
+            &["consumer", "dlq", "peek", "--queue", "q"],
+            &["consumer", "dlq"],
+        ] {
+            let error = parse(args).expect_err(&format!("{args:?} should not parse"));
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn the_subcommand_queue_has_no_environment_variable() {
+        use clap::CommandFactory;
+        let command = ConsumerConfig::command();
+        let dlq = command.find_subcommand("dlq").unwrap();
+        for name in ["list", "replay", "purge"] {
+            let sub = dlq.find_subcommand(name).unwrap();
+            let queue = sub.get_arguments().find(|a| a.get_id() == "queue").unwrap();
+            assert!(
+                queue.get_env().is_none(),
+                "{name} --queue must not read JOBGATE_QUEUE"
+            );
+            assert!(queue.is_required_set(), "{name} --queue is required");
+        }
+    }
+
+    #[test]
+    fn previews_escape_what_is_not_printable() {
+        assert_eq!(escape_preview(br#"{"to":"ada"}"#, 80), r#"{"to":"ada"}"#);
+        assert_eq!(escape_preview(b"a\nb\tc\r\\", 80), r"a\nb\tc\r\\");
+        assert_eq!(escape_preview(b"\x00\x1b[1m\x7f", 80), r"\x00\x1b[1m\x7f");
+        assert_eq!(escape_preview(b"\xff\xfeok", 80), r"\xff\xfeok");
+        assert_eq!(escape_preview("héllo ✓".as_bytes(), 80), "héllo ✓");
+        assert_eq!(escape_preview("a\u{85}b".as_bytes(), 80), r"a\u{85}b");
+        assert_eq!(escape_preview(b"", 80), "");
+    }
+
+    #[test]
+    fn previews_are_cut_at_80_characters_never_inside_an_escape() {
+        let long = "x".repeat(200);
+        let preview = escape_preview(long.as_bytes(), PREVIEW_CHARS);
+        assert_eq!(preview.chars().count(), PREVIEW_CHARS);
+        assert!(preview.ends_with('…'));
+        let exact = "y".repeat(80);
+        assert_eq!(escape_preview(exact.as_bytes(), 80), exact);
+        // 78 plain characters, then escapes: `\x00` (4 characters) does not fit.
+        let mut bytes = vec![b'z'; 78];
+        bytes.extend_from_slice(&[0, 0, 0]);
+        let preview = escape_preview(&bytes, 80);
+        assert_eq!(preview, format!("{}…", "z".repeat(78)));
+        let binary = vec![0xffu8; 100];
+        let preview = escape_preview(&binary, 80);
+        assert!(preview.chars().count() <= 80);
+        assert!(preview.ends_with("\\xff…"));
+    }
+
+    fn dead_meta() -> JobMeta {
+        let mut headers = BTreeMap::new();
+        for (name, value) in [
+            (HEADER_ERROR, "exit status 1"),
+            (HEADER_ATTEMPTS, "5"),
+            (HEADER_FAILED_AT, "2025-01-02T03:04:05.678Z"),
+            (HEADER_ORIGINAL_QUEUE, "mail"),
+            (HEADER_DUE_AT, "1700000000000"),
+            (HEADER_LAST_ERROR, "timeout"),
+            ("x-first-death-reason", "rejected"),
+            ("x-last-death-queue", "mail"),
+            ("x-job-tenant", "acme"),
+            ("traceparent", "00-abc-def-01"),
+        ] {
+            headers.insert(name.to_owned(), value.to_owned());
+        }
+        JobMeta {
+            id: "0190-job".into(),
+            queue: "mail.dlq".into(),
+            content_type: Some("application/json".into()),
+            enqueued_at: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            attempt: 5,
+            headers,
+        }
+    }
+
+    #[test]
+    fn replay_resets_the_attempt_and_strips_dead_letter_headers() {
+        let dead = dead_meta();
+        let back = replay_meta(&dead, "mail");
+        assert_eq!(back.queue, "mail");
+        assert_eq!(back.attempt, 1);
+        assert_eq!(back.id, dead.id);
+        assert_eq!(back.content_type, dead.content_type);
+        assert_eq!(back.enqueued_at, dead.enqueued_at);
+        let names: Vec<&str> = back.headers.keys().map(String::as_str).collect();
+        assert_eq!(names, vec!["traceparent", "x-job-tenant"]);
+    }
+
+    #[test]
+    fn a_dead_job_shows_its_reason_attempts_and_time() {
+        let job = DeadJob {
+            meta: dead_meta(),
+            body: Bytes::from_static(b"{\"to\":\"ada\"}\n"),
+            position: Some((2, 41)),
+        };
+        assert_eq!(job.attempts(), 5);
+        assert_eq!(job.reason(), Some("exit status 1"));
+        let json = json_line(&job);
+        assert_eq!(json["job_id"], "0190-job");
+        assert_eq!(json["attempts"], 5);
+        assert_eq!(json["body_size"], 13);
+        assert_eq!(json["body_preview"], r#"{"to":"ada"}\n"#);
+        assert_eq!(json["failed_at"], "2025-01-02T03:04:05.678Z");
+        assert_eq!(json["partition"], 2);
+        assert_eq!(json["offset"], 41);
+        let table = table(std::slice::from_ref(&job));
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("JOB ID"));
+        assert!(lines[1].contains("exit status 1"));
+        assert!(lines[1].ends_with(r#"{"to":"ada"}\n"#));
+
+        // A message dead-lettered by RabbitMQ itself, without our headers.
+        let mut bare = dead_meta();
+        bare.headers.retain(|k, _| k == "x-first-death-reason");
+        bare.attempt = 3;
+        let job = DeadJob {
+            meta: bare,
+            body: Bytes::new(),
+            position: None,
+        };
+        assert_eq!(job.attempts(), 3);
+        assert_eq!(job.reason(), Some("rejected"));
+        assert!(json_line(&job).get("partition").is_none());
+    }
+
+    #[test]
+    fn the_summary_says_when_more_are_waiting() {
+        assert_eq!(summary("q.dlq", 1, Some(1)), "1 dead job in q.dlq");
+        assert_eq!(
+            summary("q.dlq", 20, Some(35)),
+            "20 of 35 dead jobs in q.dlq shown (--limit to see more)"
+        );
+        assert_eq!(summary("q.dlq", 2, None), "2 dead jobs in q.dlq");
+    }
+}

@@ -1,0 +1,146 @@
+//! The retry schedule: how many attempts a job gets, and how long it waits between
+//! them. Delays are served by the broker from fixed *tiers* (a RabbitMQ queue or a
+//! Kafka topic per tier, `Q.retry.<tier>`), so the schedule decides both the topology
+//! and each retry's tier. This is the one place that knows it.
+
+use std::time::Duration;
+
+/// Attempts and backoff: attempt `n` (1-based) that fails waits `base * 2^(n-1)`,
+/// capped at `max`, before attempt `n + 1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. After the last, the job is dead-lettered.
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay tiers, shortest first: `base`, `2*base`, `4*base`, ... and `max`.
+    pub fn tiers(&self) -> Vec<Duration> {
+        let base = self.base.max(Duration::from_millis(1));
+        let max = self.max.max(base);
+        let mut tiers = Vec::new();
+        let mut tier = base;
+        while tier < max {
+            tiers.push(tier);
+            tier = tier.saturating_mul(2);
+        }
+        tiers.push(max);
+        tiers
+    }
+
+    /// True when a failed attempt `attempt` may be retried.
+    pub fn may_retry(&self, attempt: u32) -> bool {
+        attempt < self.max_attempts
+    }
+
+    /// The tier a retry after failed attempt `attempt` waits in. A delay the handler
+    /// asked for (`Retry-After`, say) wins: the shortest tier at least that long, or the
+    /// longest tier.
+    pub fn tier_for(&self, attempt: u32, requested: Option<Duration>) -> Duration {
+        let tiers = self.tiers();
+        let wanted = requested.unwrap_or_else(|| {
+            let doublings = attempt.saturating_sub(1).min(31);
+            self.base.saturating_mul(1u32 << doublings)
+        });
+        tiers
+            .iter()
+            .copied()
+            .find(|t| *t >= wanted)
+            .unwrap_or_else(|| *tiers.last().expect("at least one tier"))
+    }
+}
+
+/// A short, stable name for a tier: `500ms`, `2s`, `1m`, `90s`.
+pub fn tier_label(tier: Duration) -> String {
+    let ms = tier.as_millis();
+    if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// The queue (RabbitMQ) or topic (Kafka) where retries of `queue` wait `tier`.
+pub fn retry_queue_name(queue: &str, tier: Duration) -> String {
+    format!("{queue}.retry.{}", tier_label(tier))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(base_ms: u64, max_ms: u64) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_millis(base_ms),
+            max: Duration::from_millis(max_ms),
+        }
+    }
+
+    #[test]
+    fn tiers_double_up_to_the_cap() {
+        let secs = |v: &[u64]| {
+            v.iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            policy(1000, 60_000).tiers(),
+            secs(&[1, 2, 4, 8, 16, 32, 60])
+        );
+        assert_eq!(policy(1000, 4000).tiers(), secs(&[1, 2, 4]));
+        assert_eq!(policy(5000, 1000).tiers(), secs(&[5]), "max below base");
+    }
+
+    #[test]
+    fn each_failed_attempt_waits_in_the_next_tier() {
+        let p = policy(1000, 10_000);
+        let waits: Vec<u64> = (1..=6).map(|a| p.tier_for(a, None).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 10, 10]);
+    }
+
+    #[test]
+    fn a_requested_delay_picks_the_shortest_tier_that_covers_it() {
+        let p = policy(1000, 10_000);
+        assert_eq!(
+            p.tier_for(1, Some(Duration::from_millis(2500))),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            p.tier_for(1, Some(Duration::from_secs(3600))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(p.tier_for(4, Some(Duration::ZERO)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn attempts_run_out() {
+        let p = policy(1000, 10_000);
+        assert!(p.may_retry(4));
+        assert!(!p.may_retry(5));
+    }
+
+    #[test]
+    fn names_are_short_and_stable() {
+        assert_eq!(
+            retry_queue_name("mail", Duration::from_millis(500)),
+            "mail.retry.500ms"
+        );
+        assert_eq!(
+            retry_queue_name("mail", Duration::from_secs(2)),
+            "mail.retry.2s"
+        );
+        assert_eq!(
+            retry_queue_name("mail", Duration::from_secs(120)),
+            "mail.retry.2m"
+        );
+        assert_eq!(
+            retry_queue_name("mail", Duration::from_secs(90)),
+            "mail.retry.90s"
+        );
+    }
+}
