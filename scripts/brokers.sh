@@ -26,6 +26,7 @@ RABBITMQ_HOST=127.0.0.1
 RABBITMQ_PORT=5672
 RABBITMQ_MGMT_PORT=15672
 RABBITMQ_TIMEOUT="${RABBITMQ_TIMEOUT:-90}"
+RABBITMQ_NOFILE="${RABBITMQ_NOFILE:-65536}"
 KAFKA_TIMEOUT="${KAFKA_TIMEOUT:-120}"
 KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 
@@ -201,6 +202,24 @@ rabbit_enable_feature_flags() {
   fi
 }
 
+# Each quorum queue holds file handles; RabbitMQ sizes its handle budget from the
+# descriptor limit it starts with, and Debian's default (1024) is used up by about 300
+# quorum queues: after that new connections hang. The Debian wrapper starts the server
+# through `su rabbitmq`, whose PAM session sets the limits: raise them there.
+rabbit_raise_nofile() {
+  local conf=/etc/security/limits.d/jobgate-rabbitmq.conf want hard
+  # pam_limits cannot go above the hard limit we have (no CAP_SYS_RESOURCE in a
+  # container): ask for at most that, or it applies nothing.
+  want="$RABBITMQ_NOFILE"
+  hard="$(ulimit -Hn)"
+  if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then want="$hard"; fi
+  local line="rabbitmq - nofile $want"
+  if [ "$(cat "$conf" 2>/dev/null)" != "$line" ]; then
+    printf '%s\n' "$line" | as_root tee "$conf" >/dev/null ||
+      warn "rabbitmq: cannot write $conf; the descriptor limit stays low"
+  fi
+}
+
 rabbit_wait_ready() {
   local deadline=$((SECONDS + RABBITMQ_TIMEOUT))
   while ((SECONDS < deadline)); do
@@ -223,11 +242,18 @@ up_rabbitmq() {
   mkdir -p "$RABBITMQ_STATE"
   rabbit_installed || rabbit_install
   if rabbit_ping; then
+    if ! port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; then
+      # The Erlang node runs but the RabbitMQ application is stopped (an interrupted
+      # `rabbitmqctl stop_app`, as the outage tests do): start the application.
+      log "rabbitmq: node is running with the application stopped; rabbitmqctl start_app"
+      rabbitmqctl_ -q start_app >/dev/null 2>&1 || warn "rabbitmq: 'rabbitmqctl start_app' failed"
+    fi
     log "rabbitmq: node is running but the management API does not answer yet"
     rabbit_enable_plugins online
   else
     rabbit_enable_plugins offline
     log "rabbitmq: starting rabbitmq-server -detached"
+    rabbit_raise_nofile
     if ! as_root "$(rabbit_bin rabbitmq-server)" -detached >"$RABBITMQ_STATE/start.out" 2>&1 </dev/null 9>&-; then
       err "rabbitmq: 'rabbitmq-server -detached' failed"
       rabbit_log_tail

@@ -2,6 +2,8 @@
 //!
 //! Every test gets its own queue names (unique per test), so tests run in parallel.
 //! Tests that stop a broker take the broker lock exclusively; all others share it.
+//! [`Backend`] points the binaries at RabbitMQ or Kafka and inspects either broker the
+//! same way, so each scenario is written once and runs against both.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -16,6 +18,9 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const MANAGEMENT_URL: &str = "http://127.0.0.1:15672";
+pub const KAFKA_BROKERS: &str = "127.0.0.1:9092";
+/// Partitions of each topic jobgate creates (its default).
+pub const KAFKA_PARTITIONS: u64 = 6;
 
 /// The root of the workspace.
 pub fn workspace_root() -> PathBuf {
@@ -33,10 +38,10 @@ fn prepare() {
         let root = workspace_root();
         let status = std::process::Command::new("bash")
             .arg(root.join("scripts/brokers.sh"))
-            .args(["up", "rabbitmq"])
+            .args(["up", "all"])
             .status()
             .expect("run scripts/brokers.sh");
-        assert!(status.success(), "scripts/brokers.sh up rabbitmq failed");
+        assert!(status.success(), "scripts/brokers.sh up all failed");
         let status = std::process::Command::new(env!("CARGO"))
             .current_dir(&root)
             .args([
@@ -150,14 +155,34 @@ impl Process {
             .collect()
     }
 
-    /// Sends SIGTERM.
-    pub fn terminate(&self) {
+    /// The last log line for which `matches` is true.
+    pub fn last_where(&self, matches: impl Fn(&Value) -> bool) -> Option<Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|l| matches(l))
+            .cloned()
+    }
+
+    fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("process still running");
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .expect("run kill");
         assert!(status.success());
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends SIGKILL: the process gets no chance to settle anything.
+    pub fn kill(&self) {
+        self.signal("-KILL");
     }
 
     /// Waits for the process to exit (at most `limit`) and returns its exit code.
@@ -184,13 +209,14 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// Starts a producer for `queues` on a free port, with extra `JOBGATE_*` settings.
-    pub async fn start(queues: &[&str], env: &[(&str, String)]) -> Self {
+    /// Starts a producer on `backend` for `queues` on a free port, with extra
+    /// `JOBGATE_*` settings; returns once it is ready.
+    pub async fn start(backend: Backend, queues: &[&str], env: &[(&str, String)]) -> Self {
         let mut all = vec![
             ("JOBGATE_LISTEN", "127.0.0.1:0".to_owned()),
             ("JOBGATE_QUEUES", queues.join(",")),
-            ("JOBGATE_AMQP_URL", AMQP_URL.to_owned()),
         ];
+        all.extend(backend.env());
         all.extend(env.iter().cloned());
         let process = Process::spawn("producer", "producer", &all).await;
         let mut addr = None;
@@ -205,7 +231,12 @@ impl Producer {
         let producer = Self {
             process,
             base_url: format!("http://{}", addr.unwrap()),
-            http: reqwest::Client::new(),
+            // Never hang a test on one request: the producer answers within its publish
+            // timeout, so this only turns a hang into a failure.
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("HTTP client"),
         };
         producer.wait_ready(Duration::from_secs(30)).await;
         producer
@@ -259,19 +290,22 @@ impl Producer {
 /// A running `consumer`.
 pub struct Consumer {
     pub process: Process,
+    /// The queue it drains.
+    pub queue: String,
 }
 
 impl Consumer {
-    /// Starts a consumer draining `queue`, with extra `JOBGATE_*` settings; returns once
-    /// it is subscribed.
-    pub async fn start(queue: &str, env: &[(&str, String)]) -> Self {
-        let mut all = vec![
-            ("JOBGATE_QUEUE", queue.to_owned()),
-            ("JOBGATE_AMQP_URL", AMQP_URL.to_owned()),
-        ];
+    /// Starts a consumer on `backend` draining `queue`, with extra `JOBGATE_*` settings;
+    /// returns once it is subscribed (on Kafka: possibly before it owns partitions).
+    pub async fn start(backend: Backend, queue: &str, env: &[(&str, String)]) -> Self {
+        let mut all = vec![("JOBGATE_QUEUE", queue.to_owned())];
+        all.extend(backend.env());
         all.extend(env.iter().cloned());
         let process = Process::spawn("consumer", "consumer", &all).await;
-        let consumer = Self { process };
+        let consumer = Self {
+            process,
+            queue: queue.to_owned(),
+        };
         wait_until(Duration::from_secs(30), "the consumer to subscribe", || {
             std::future::ready(!consumer.process.lines("consumer subscribed").is_empty())
         })
@@ -343,6 +377,327 @@ pub async fn assert_processed_exactly_once(
     }
 }
 
+/// `JOBGATE_*` settings from string pairs.
+pub fn vars(pairs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+/// Asserts an RFC 9457 problem answer with `status` and type slug `slug`.
+pub async fn assert_problem(response: reqwest::Response, status: u16, slug: &str) {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["status"], status);
+    assert_eq!(problem["type"], format!("urn:jobgate:problem:{slug}"));
+    assert!(problem["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(problem["detail"].as_str().is_some_and(|t| !t.is_empty()));
+}
+
+/// The message broker a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Rabbitmq,
+    Kafka,
+}
+
+impl Backend {
+    /// The `JOBGATE_*` settings that point the binaries at this broker.
+    pub fn env(self) -> Vec<(&'static str, String)> {
+        match self {
+            Backend::Rabbitmq => vec![
+                ("JOBGATE_BACKEND", "rabbitmq".to_owned()),
+                ("JOBGATE_AMQP_URL", AMQP_URL.to_owned()),
+            ],
+            Backend::Kafka => vec![
+                ("JOBGATE_BACKEND", "kafka".to_owned()),
+                ("JOBGATE_KAFKA_BROKERS", KAFKA_BROKERS.to_owned()),
+                // A killed consumer's partitions move on after this long.
+                ("JOBGATE_KAFKA_SESSION_TIMEOUT_MS", "6000".to_owned()),
+            ],
+        }
+    }
+
+    /// Jobs of `queue` not yet acknowledged.
+    ///
+    /// RabbitMQ: the ready count (call it only while no consumer holds unacked
+    /// messages). Kafka: over the partitions of topic `queue`, the high watermark minus
+    /// the offset committed by group `jobgate.<queue>` (the low watermark when the group
+    /// committed nothing there).
+    pub async fn pending(self, queue: &str) -> u64 {
+        match self {
+            Backend::Rabbitmq => u64::from(rabbit::ready_count(queue).await),
+            Backend::Kafka => kafka::pending(queue).await,
+        }
+    }
+
+    /// Stops the broker (the outage test; hold [`brokers_exclusive`]).
+    pub async fn stop(self) {
+        match self {
+            Backend::Rabbitmq => rabbit::stop_app().await,
+            Backend::Kafka => brokers_sh(&["down", "kafka"]).await,
+        }
+    }
+
+    /// Starts the broker again and waits until it accepts clients.
+    pub async fn start(self) {
+        match self {
+            Backend::Rabbitmq => rabbit::start_app().await,
+            Backend::Kafka => brokers_sh(&["up", "kafka"]).await,
+        }
+    }
+
+    /// Waits until the consumers' group owns all `partitions` and no rebalance is under
+    /// way (Kafka: each consumer's latest "partitions assigned"/"partitions revoked" line
+    /// of group `jobgate.<queue>` is an assignment of at least one partition, and they
+    /// add up to `partitions`).
+    /// Jobs posted before that could be redelivered by a rebalance. RabbitMQ: no-op.
+    pub async fn wait_group_stable(self, consumers: &[&Consumer], partitions: u64) {
+        if self == Backend::Rabbitmq {
+            return;
+        }
+        let limit = Duration::from_secs(60);
+        let start = Instant::now();
+        loop {
+            let latest: Vec<Option<Value>> = consumers
+                .iter()
+                .map(|c| {
+                    let group = kafka::group(&c.queue);
+                    c.process.last_where(|l| {
+                        (l["message"] == "partitions assigned"
+                            || l["message"] == "partitions revoked")
+                            // Only the job queue's group (not, say, a retry consumer's).
+                            && (l["group"].is_null() || l["group"] == group.as_str())
+                    })
+                })
+                .collect();
+            let owned: Option<Vec<u64>> = latest
+                .iter()
+                .map(|line| {
+                    let line = line.as_ref()?;
+                    if line["message"] != "partitions assigned" {
+                        return None;
+                    }
+                    line["assigned"].as_u64().filter(|n| *n > 0)
+                })
+                .collect();
+            if owned.is_some_and(|o| o.iter().sum::<u64>() == partitions) {
+                return;
+            }
+            if start.elapsed() > limit {
+                let logs: String = consumers.iter().map(|c| c.process.dump()).collect();
+                panic!(
+                    "the consumer group did not settle on {partitions} partitions within \
+                     {limit:?}; latest lines: {latest:?}\n{logs}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Deletes a test's queues (RabbitMQ: `Q` and every `Q.*` queue; Kafka: topics `Q` and
+/// `Q.*` and group `jobgate.Q`) when dropped, whether the test passed or failed.
+///
+/// Declare it right after naming the queues, before starting any binary, so it drops
+/// after them. Without it every run would leave its quorum queues and topics behind:
+/// RabbitMQ reserves file handles for each quorum queue and, once its budget (about 300
+/// queues with the default 1024 descriptors) is used up, accepts no new connections.
+#[must_use = "the queues are deleted when this is dropped"]
+pub struct Cleanup {
+    backend: Backend,
+    queues: Vec<String>,
+}
+
+impl Backend {
+    /// See [`Cleanup`].
+    pub fn cleanup(self, queues: &[&str]) -> Cleanup {
+        Cleanup {
+            backend: self,
+            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (backend, queues) = (self.backend, std::mem::take(&mut self.queues));
+        // Drop cannot await, and the test's runtime may be unwinding: a thread of its own.
+        let outcome = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let delete = async {
+                    match backend {
+                        Backend::Rabbitmq => rabbit::delete_all(&queues).await,
+                        Backend::Kafka => kafka::delete_all(&queues).await,
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(60), delete)
+                    .await
+                    .map_err(|_| "timed out".to_owned())?
+            })
+        })
+        .join();
+        // Best effort: never panic in drop (that would abort an unwinding test).
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cleanup of {backend:?} queues failed: {e}"),
+            Err(_) => eprintln!("cleanup of {backend:?} queues panicked"),
+        }
+    }
+}
+
+/// Whether `name` is queue `queue` or one of its companions (`queue.dlq`, ...).
+fn belongs_to(name: &str, queue: &str) -> bool {
+    name == queue
+        || name
+            .strip_prefix(queue)
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// Runs `scripts/brokers.sh` with `args`; panics with its output unless it succeeds.
+async fn brokers_sh(args: &[&str]) {
+    let output = Command::new("bash")
+        .arg(workspace_root().join("scripts/brokers.sh"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run scripts/brokers.sh");
+    assert!(
+        output.status.success(),
+        "scripts/brokers.sh {args:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Kafka, seen from outside jobgate: an `rdkafka` client of its own. rdkafka calls
+/// block, so each runs on tokio's blocking pool.
+pub mod kafka {
+    use super::*;
+
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The consumer group jobgate uses for `queue`.
+    pub fn group(queue: &str) -> String {
+        format!("jobgate.{queue}")
+    }
+
+    /// A client in group `group` that never joins it (no subscribe, no auto commit): it
+    /// only reads metadata, watermarks and committed offsets, or records it assigns.
+    pub fn client(group: &str) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", KAFKA_BROKERS)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .expect("create a Kafka client")
+    }
+
+    /// Partition count of `topic`, or `None` when the broker does not know it.
+    pub fn partitions_of(client: &BaseConsumer, topic: &str) -> Option<i32> {
+        let metadata = client
+            .fetch_metadata(Some(topic), TIMEOUT)
+            .expect("Kafka metadata");
+        let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+        if t.error().is_some() {
+            return None;
+        }
+        Some(i32::try_from(t.partitions().len()).unwrap())
+    }
+
+    /// Partition count of `topic` (`None`: it does not exist).
+    pub async fn topic_partitions(topic: &str) -> Option<i32> {
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            partitions_of(&client(&format!("it-meta-{}", unique("x"))), &topic)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Deletes topics `Q` and `Q.*` and group `jobgate.Q` of each queue `Q`.
+    pub async fn delete_all(queues: &[String]) -> Result<(), String> {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", KAFKA_BROKERS)
+            .create()
+            .map_err(|e| e.to_string())?;
+        let metadata = admin
+            .inner()
+            .fetch_metadata(None, TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let topics: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|t| queues.iter().any(|q| belongs_to(t, q)))
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+        if !topics.is_empty() {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            for result in admin
+                .delete_topics(&names, &options)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                result.map_err(|(topic, e)| format!("delete topic {topic}: {e}"))?;
+            }
+        }
+        // A group whose members' sessions have not expired yet cannot be deleted; its
+        // committed offsets are dropped with the topics anyway, so this is a courtesy.
+        let groups: Vec<String> = queues.iter().map(|q| group(q)).collect();
+        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+        let _ = admin.delete_groups(&groups, &options).await;
+        Ok(())
+    }
+
+    /// See [`Backend::pending`].
+    pub async fn pending(queue: &str) -> u64 {
+        let queue = queue.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let client = client(&group(&queue));
+            let partitions =
+                partitions_of(&client, &queue).unwrap_or_else(|| panic!("topic {queue} exists"));
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition(&queue, p);
+            }
+            let committed = client
+                .committed_offsets(tpl, TIMEOUT)
+                .expect("committed offsets of the group");
+            let mut pending = 0;
+            for p in 0..partitions {
+                let (low, high) = client
+                    .fetch_watermarks(&queue, p, TIMEOUT)
+                    .expect("watermarks");
+                let from = match committed.find_partition(&queue, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => low,
+                };
+                pending += u64::try_from(high - from).expect("committed <= high watermark");
+            }
+            pending
+        })
+        .await
+        .unwrap()
+    }
+}
+
 /// RabbitMQ, seen from outside jobgate: the management HTTP API and `rabbitmqctl`.
 pub mod rabbit {
     use super::*;
@@ -368,23 +723,60 @@ pub mod rabbit {
     /// Messages ready in `queue`, exact (a passive declare, not the sampled stats).
     pub async fn ready_count(queue: &str) -> u32 {
         use lapin::options::QueueDeclareOptions;
-        let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        let count = async {
+            let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+                .await
+                .expect("connect to RabbitMQ");
+            let channel = conn.create_channel().await.unwrap();
+            let q = channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .expect("queue exists");
+            let _ = conn.close(200, "bye".into()).await;
+            q.message_count()
+        };
+        // lapin waits for the AMQP handshake without a limit of its own.
+        tokio::time::timeout(Duration::from_secs(30), count)
             .await
-            .expect("connect to RabbitMQ");
-        let channel = conn.create_channel().await.unwrap();
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
+            .expect("RabbitMQ answered the AMQP handshake and passive declare within 30 s")
+    }
+
+    /// Deletes every queue `Q` and `Q.*` of each queue `Q` through the management API.
+    pub async fn delete_all(queues: &[String]) -> Result<(), String> {
+        let listed: Vec<Value> = http()
+            .get(format!("{MANAGEMENT_URL}/api/queues/%2f?columns=name"))
+            .basic_auth("guest", Some("guest"))
+            .send()
             .await
-            .expect("queue exists");
-        let _ = conn.close(200, "bye".into()).await;
-        q.message_count()
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let names = listed
+            .iter()
+            .filter_map(|q| q["name"].as_str())
+            .filter(|name| queues.iter().any(|q| belongs_to(name, q)));
+        for name in names {
+            let response = http()
+                .delete(format!("{MANAGEMENT_URL}/api/queues/%2f/{name}"))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            // 404: gone already.
+            if !response.status().is_success() && response.status() != 404 {
+                return Err(format!("delete queue {name}: {}", response.status()));
+            }
+        }
+        Ok(())
     }
 
     /// Peeks at up to `count` messages through the management API (requeued afterwards).
@@ -415,23 +807,25 @@ pub mod rabbit {
             .unwrap();
     }
 
-    fn rabbitmqctl(args: &[&str]) {
-        let status = std::process::Command::new("rabbitmqctl")
+    async fn rabbitmqctl(args: &[&str]) {
+        let status = Command::new("rabbitmqctl")
             .args(args)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .status()
+            .await
             .expect("run rabbitmqctl");
         assert!(status.success(), "rabbitmqctl {args:?} failed");
     }
 
     /// Stops the RabbitMQ application (the node stays, AMQP is closed).
-    pub fn stop_app() {
-        rabbitmqctl(&["stop_app"]);
+    pub async fn stop_app() {
+        rabbitmqctl(&["stop_app"]).await;
     }
 
     /// Starts it again and waits until it accepts AMQP connections.
     pub async fn start_app() {
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup"]);
+        rabbitmqctl(&["start_app"]).await;
+        rabbitmqctl(&["await_startup"]).await;
     }
 }

@@ -1,0 +1,84 @@
+//! Scenarios that only make sense on RabbitMQ: the management API's view of a job, and
+//! a queue deleted by hand.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{
+    assert_problem, brokers_shared, rabbit, unique, wait_until, Backend, Producer,
+};
+
+const BACKEND: Backend = Backend::Rabbitmq;
+
+#[tokio::test]
+async fn management_api_shows_the_job_with_its_real_body_and_properties() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("props");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let producer = Producer::start(BACKEND, &[&queue], &[]).await;
+    let body = r#"{"to":"ada@example.com","subject":"hi"}"#;
+    let response = producer
+        .http
+        .post(producer.url(&format!("/jobs/{queue}")))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let job_id = response.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let info = rabbit::queue_info(&queue).await.expect("queue exists");
+    assert_eq!(info["durable"], true);
+    assert_eq!(info["type"], "quorum");
+    assert_eq!(
+        info["arguments"]["x-dead-letter-routing-key"],
+        format!("{queue}.dlq")
+    );
+    assert!(
+        rabbit::queue_info(&format!("{queue}.dlq")).await.is_some(),
+        "DLQ declared"
+    );
+
+    let messages = rabbit::peek(&queue, 1).await;
+    assert_eq!(messages.len(), 1);
+    let m = &messages[0];
+    assert_eq!(m["payload"], body);
+    assert_eq!(m["routing_key"], queue.as_str());
+    let p = &m["properties"];
+    assert_eq!(p["message_id"], job_id.as_str());
+    assert_eq!(p["content_type"], "application/json");
+    assert_eq!(p["delivery_mode"], 2);
+    assert_eq!(p["headers"]["x-attempt"], 1);
+    assert!(p["timestamp"].as_u64().is_some(), "timestamp set: {p}");
+}
+
+#[tokio::test]
+async fn a_queue_deleted_behind_the_producers_back_gets_503_then_is_declared_again() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("deleted");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let producer = Producer::start(BACKEND, &[&queue], &[]).await;
+    producer.post_ok(&queue, "before").await;
+    rabbit::delete_queue(&queue).await;
+
+    // `mandatory` makes RabbitMQ return the unroutable message: never a false 202.
+    let response = producer.post(&queue, "unroutable").await;
+    assert_problem(response, 503, "broker-unavailable").await;
+    wait_until(
+        Duration::from_secs(10),
+        "the queue to be declared again",
+        || async { rabbit::queue_info(&queue).await.is_some() },
+    )
+    .await;
+    producer.post_ok(&queue, "after").await;
+    assert_eq!(
+        BACKEND.pending(&queue).await,
+        1,
+        "only the job after redeclare is queued"
+    );
+}
