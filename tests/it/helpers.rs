@@ -298,7 +298,12 @@ impl Consumer {
     /// Starts a consumer on `backend` draining `queue`, with extra `JOBGATE_*` settings;
     /// returns once it is subscribed (on Kafka: possibly before it owns partitions).
     pub async fn start(backend: Backend, queue: &str, env: &[(&str, String)]) -> Self {
-        let mut all = vec![("JOBGATE_QUEUE", queue.to_owned())];
+        let mut all = vec![
+            ("JOBGATE_QUEUE", queue.to_owned()),
+            // Two retry tiers (1 s, 2 s) unless a test asks for others: fewer queues
+            // and topics per test.
+            ("JOBGATE_RETRY_MAX_MS", "2000".to_owned()),
+        ];
         all.extend(backend.env());
         all.extend(env.iter().cloned());
         let process = Process::spawn("consumer", "consumer", &all).await;
@@ -827,5 +832,129 @@ pub mod rabbit {
     pub async fn start_app() {
         rabbitmqctl(&["start_app"]).await;
         rabbitmqctl(&["await_startup"]).await;
+    }
+}
+
+/// `consumer dlq ...`, run as an operator runs it.
+pub mod dlq {
+    use super::*;
+
+    /// Runs `consumer dlq <args>` against `backend`; returns stdout, panics unless it
+    /// exits 0.
+    pub async fn run(backend: Backend, args: &[&str]) -> String {
+        let mut cmd = Command::new(binary("consumer"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("JOBGATE_RETRY_MAX_MS", "2000")
+            .arg("dlq")
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (k, v) in backend.env() {
+            cmd.env(k, v);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .expect("consumer dlq finishes")
+            .expect("run consumer dlq");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "consumer dlq {args:?} failed: {:?}\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// The dead jobs of `queue` (`consumer dlq list --json`).
+    pub async fn list(backend: Backend, queue: &str) -> Vec<Value> {
+        let out = run(
+            backend,
+            &["list", "--queue", queue, "--limit", "1000", "--json"],
+        )
+        .await;
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect()
+    }
+}
+
+/// Puts two messages on `queue` the way another tool (or a person in a management UI)
+/// would: one with no metadata and an empty body; one with a junk attempt header, a
+/// header that is not UTF-8, and no job id.
+pub async fn publish_junk(backend: Backend, queue: &str) {
+    match backend {
+        Backend::Rabbitmq => {
+            use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+            use lapin::types::{AMQPValue, FieldTable, LongString};
+            let conn = tokio::time::timeout(
+                Duration::from_secs(30),
+                lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()),
+            )
+            .await
+            .expect("connect in time")
+            .expect("connect to RabbitMQ");
+            let channel = conn.create_channel().await.unwrap();
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            let mut headers = FieldTable::default();
+            headers.insert("x-attempt".into(), AMQPValue::LongString("many".into()));
+            headers.insert(
+                "x-binary".into(),
+                AMQPValue::LongString(LongString::from(vec![0xff, 0xfe, 0x00])),
+            );
+            let bare = lapin::BasicProperties::default();
+            let odd = lapin::BasicProperties::default().with_headers(headers);
+            for (body, props) in [(&b""[..], bare), (&b"\xff\x00 not utf-8"[..], odd)] {
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        props,
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                assert!(confirm.is_ack());
+            }
+            let _ = conn.close(200, "bye".into()).await;
+        }
+        Backend::Kafka => {
+            use rdkafka::message::{Header, OwnedHeaders};
+            use rdkafka::producer::{FutureProducer, FutureRecord};
+            let producer: FutureProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", KAFKA_BROKERS)
+                .create()
+                .unwrap();
+            let bare: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(queue).payload(&b""[..]);
+            producer
+                .send(bare, Duration::from_secs(10))
+                .await
+                .expect("produce a bare record");
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "x-attempt",
+                    value: Some(&b"many"[..]),
+                })
+                .insert(Header {
+                    key: "x-binary",
+                    value: Some(&[0xff_u8, 0xfe, 0x00][..]),
+                });
+            let odd: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(queue)
+                .key(&[0xff_u8, 0x00][..])
+                .payload(&b"\xff\x00 not utf-8"[..])
+                .headers(headers);
+            producer
+                .send(odd, Duration::from_secs(10))
+                .await
+                .expect("produce an odd record");
+        }
     }
 }

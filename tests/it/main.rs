@@ -10,8 +10,10 @@
 mod helpers;
 #[macro_use]
 mod scenarios;
+mod in_process;
 mod kafka_only;
 mod rabbitmq_only;
+mod retries;
 
 both_backends!(
     every_posted_job_is_processed_exactly_once_and_the_queue_ends_empty,
