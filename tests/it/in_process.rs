@@ -17,28 +17,11 @@ use jobgate_shared::broker::Publisher;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::helpers::{brokers_shared, unique, wait_until, Backend, Producer, AMQP_URL};
+use crate::helpers::{
+    brokers_shared, unique, wait_until, Backend, Producer, AMQP_URL, KAFKA_BROKERS as BROKERS,
+};
 
 const JOBS: i64 = 64;
-
-/// `rabbitmq::name` and `kafka::name` for a scenario of this module.
-macro_rules! both_in_process {
-    ($scenario:ident) => {
-        mod rabbitmq {
-            #[tokio::test]
-            async fn $scenario() {
-                super::$scenario($crate::helpers::Backend::Rabbitmq).await
-            }
-        }
-        mod kafka {
-            #[tokio::test]
-            async fn $scenario() {
-                super::$scenario($crate::helpers::Backend::Kafka).await
-            }
-        }
-    };
-}
-const BROKERS: &str = "127.0.0.1:9092";
 
 /// Job n sleeps longer the earlier it is within each window of 8, so in every window
 /// the last job finishes first.
@@ -219,7 +202,7 @@ impl Handler for PanicsOnce {
     }
 }
 
-both_in_process!(a_panicking_handler_is_a_failed_attempt_and_the_worker_keeps_going);
+on_both_backends!(a_panicking_handler_is_a_failed_attempt_and_the_worker_keeps_going);
 
 pub async fn a_panicking_handler_is_a_failed_attempt_and_the_worker_keeps_going(backend: Backend) {
     let _brokers = brokers_shared().await;

@@ -12,28 +12,6 @@ use crate::helpers::{brokers_shared, dlq, unique, vars, wait_until, Backend, Con
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-/// Generates `rabbitmq::name` and `kafka::name` for each scenario of this module.
-macro_rules! on_both_backends {
-    ($($scenario:ident),+ $(,)?) => {
-        mod rabbitmq {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    super::$scenario($crate::helpers::Backend::Rabbitmq).await
-                }
-            )+
-        }
-        mod kafka {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    super::$scenario($crate::helpers::Backend::Kafka).await
-                }
-            )+
-        }
-    };
-}
-
 on_both_backends!(
     a_job_failing_twice_succeeds_on_attempt_three_after_broker_served_delays,
     an_always_failing_job_is_dead_lettered_and_replay_brings_it_back,

@@ -1,5 +1,5 @@
-//! End-to-end scenarios written once, run against every backend by [`both_backends!`]
-//! (see `main.rs`): each is an `async fn(Backend)`.
+//! End-to-end scenarios written once, run against both backends by
+//! `on_both_backends!`: each is an `async fn(Backend)`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -14,43 +14,16 @@ use crate::helpers::{
 
 pub const PROCESS_LIMIT: Duration = Duration::from_secs(60);
 
-/// A backstop far above any scenario's own limits, so a hang fails instead of blocking
-/// the run.
-pub const SCENARIO_LIMIT: Duration = Duration::from_secs(600);
-
-/// Generates, for each scenario `name` of [`crate::scenarios`], the tests
-/// `rabbitmq::name` and `kafka::name` that run it against that backend.
-macro_rules! both_backends {
-    ($($scenario:ident),+ $(,)?) => {
-        /// The shared scenarios against RabbitMQ.
-        mod rabbitmq {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let scenario =
-                        $crate::scenarios::$scenario($crate::helpers::Backend::Rabbitmq);
-                    tokio::time::timeout($crate::scenarios::SCENARIO_LIMIT, scenario)
-                        .await
-                        .expect("the scenario finished within SCENARIO_LIMIT")
-                }
-            )+
-        }
-
-        /// The shared scenarios against Kafka.
-        mod kafka {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let scenario =
-                        $crate::scenarios::$scenario($crate::helpers::Backend::Kafka);
-                    tokio::time::timeout($crate::scenarios::SCENARIO_LIMIT, scenario)
-                        .await
-                        .expect("the scenario finished within SCENARIO_LIMIT")
-                }
-            )+
-        }
-    };
-}
+on_both_backends!(
+    every_posted_job_is_processed_exactly_once_and_the_queue_ends_empty,
+    three_consumer_processes_share_one_queue,
+    oversized_body_gets_413_problem_and_nothing_is_published,
+    unknown_queue_gets_404_problem_and_post_jobs_uses_the_first_queue,
+    sigterm_lets_in_flight_jobs_finish_and_ack_within_the_grace_period,
+    sigterm_with_jobs_in_flight_past_the_grace_period_loses_none,
+    producer_sigterm_exits_zero_after_answering_in_flight_requests,
+    broker_down_gives_503_within_the_timeout_and_both_binaries_recover,
+);
 
 pub async fn every_posted_job_is_processed_exactly_once_and_the_queue_ends_empty(backend: Backend) {
     let _brokers = brokers_shared().await;

@@ -23,7 +23,7 @@ use jobgate_shared::broker::{dlq_name, Publisher};
 use jobgate_shared::job;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 
 use super::{replay_meta, wait_ready, DeadJob, DlqError, Listing, Result, OPERATION_TIMEOUT};
 
@@ -58,23 +58,9 @@ impl Session {
     async fn open(config: &ConsumerConfig, queue: &str) -> Result<(Self, u64)> {
         let url = &config.broker.amqp_url;
         let timeout = config.broker.connect_timeout();
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-        let name = format!("jobgate-dlq@{host}:{}", std::process::id());
-        let props = ConnectionProperties::default().with_connection_name(name.into());
-        let conn =
-            match tokio::time::timeout(timeout, Connection::connect(url.expose(), props)).await {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(error)) => {
-                    return Err(DlqError::failed(format!(
-                        "cannot connect to RabbitMQ at {url}: {error}"
-                    )))
-                }
-                Err(_) => {
-                    return Err(DlqError::failed(format!(
-                        "cannot connect to RabbitMQ at {url}: no connection within {timeout:?}"
-                    )))
-                }
-            };
+        let conn = rabbitmq::connect(url, &rabbitmq::connection_name("dlq"), timeout)
+            .await
+            .map_err(|e| DlqError::failed(format!("cannot connect to RabbitMQ at {url}: {e}")))?;
         let dlq = dlq_name(queue);
         let setup = async {
             let channel = bounded("channel.open", conn.create_channel()).await?;

@@ -93,8 +93,9 @@ pub async fn declare_topology(
     Ok(())
 }
 
-/// Connects with a client-visible connection name (shown in the management UI).
-async fn connect(url: &SecretUrl, name: &str, timeout: Duration) -> Result<Connection, String> {
+/// Connects with a client-visible connection name (shown in the management UI), at
+/// most `timeout`.
+pub async fn connect(url: &SecretUrl, name: &str, timeout: Duration) -> Result<Connection, String> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(timeout, Connection::connect(url.expose(), props)).await {
         Ok(Ok(conn)) => Ok(conn),
@@ -104,7 +105,7 @@ async fn connect(url: &SecretUrl, name: &str, timeout: Duration) -> Result<Conne
 }
 
 /// A name for connections that tells operators which process holds them.
-fn connection_name(role: &str) -> String {
+pub fn connection_name(role: &str) -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
     format!("jobgate-{role}@{host}:{}", std::process::id())
 }
