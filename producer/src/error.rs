@@ -99,31 +99,45 @@ impl ApiError {
     }
 }
 
+/// A problem+json response: the one way every error of the HTTP API is written.
+/// `slug` becomes the `type` `urn:jobgate:problem:<slug>`.
+pub fn problem_response(
+    status: StatusCode,
+    slug: &str,
+    title: &'static str,
+    detail: String,
+    retry_after: Option<Duration>,
+) -> Response {
+    let problem = Problem {
+        kind: format!("urn:jobgate:problem:{slug}"),
+        title,
+        status: status.as_u16(),
+        detail,
+    };
+    let body = serde_json::to_vec(&problem).unwrap_or_default();
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(after) = retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+    }
+    response
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status();
         if let Self::Publish(error) = &self {
             tracing::warn!(%error, "publish failed; answering 503");
         }
-        let problem = Problem {
-            kind: format!("urn:jobgate:problem:{}", self.slug()),
-            title: self.title(),
-            status: status.as_u16(),
-            detail: self.detail(),
-        };
-        let body = serde_json::to_vec(&problem).unwrap_or_default();
-        let mut response = (status, body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(after) = self.retry_after() {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(after.as_secs().max(1)),
-            );
-        }
-        response
+        problem_response(
+            self.status(),
+            self.slug(),
+            self.title(),
+            self.detail(),
+            self.retry_after(),
+        )
     }
 }
