@@ -27,6 +27,7 @@ pub fn source(config: &ConsumerConfig) -> Box<dyn JobSource> {
             session_timeout: Duration::from_millis(config.kafka_session_timeout_ms),
             retry_tiers: tiers,
             publish_timeout: config.publish_timeout(),
+            job_timeout: config.job_timeout(),
         })),
     }
 }

@@ -109,6 +109,7 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
         session_timeout: Duration::from_secs(6),
         retry_tiers: Vec::new(),
         publish_timeout: Duration::from_secs(10),
+        job_timeout: None,
     });
     let all_done = {
         let finished = Arc::clone(&finished);

@@ -300,6 +300,9 @@ pub struct SourceOptions {
     pub retry_tiers: Vec<Duration>,
     /// Bound of one forward of a due retry to its queue.
     pub publish_timeout: Duration,
+    /// Longest a job may run. While every worker slot is busy the consumer is not
+    /// polled; `max.poll.interval.ms` is set above this so the group keeps it.
+    pub job_timeout: Option<Duration>,
 }
 
 impl SourceOptions {
@@ -451,6 +454,17 @@ impl KafkaSource {
         }
     }
 
+    /// librdkafka's default (5 min), or the job timeout plus a minute when longer; with
+    /// no job timeout, an hour.
+    fn max_poll_interval_ms(&self) -> u128 {
+        const DEFAULT_MS: u128 = 300_000;
+        match self.options.job_timeout {
+            Some(limit) => DEFAULT_MS.max(limit.as_millis() + 60_000),
+            None => 3_600_000,
+        }
+        .min(i32::MAX as u128)
+    }
+
     fn subscribe(&self, queue: &str) -> Result<JobConsumer, String> {
         let session_ms = self.options.session_timeout.as_millis().max(1000);
         let heartbeat_ms = (session_ms / 3).max(100);
@@ -470,6 +484,10 @@ impl KafkaSource {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", session_ms.to_string())
             .set("heartbeat.interval.ms", heartbeat_ms.to_string())
+            .set(
+                "max.poll.interval.ms",
+                self.max_poll_interval_ms().max(session_ms).to_string(),
+            )
             .set("allow.auto.create.topics", "false")
             .create_with_context(context)
             .map_err(|e| format!("Kafka consumer: {e}"))?;
