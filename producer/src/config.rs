@@ -2,8 +2,12 @@
 
 use std::time::Duration;
 
-use clap::Parser;
+use std::path::PathBuf;
+
+use clap::{Args, Parser};
 use jobgate_shared::config::{parse_queue_list, BrokerArgs};
+
+use crate::auth::{parse_key_list, ApiKeyList};
 
 /// jobgate producer: accepts jobs over HTTP and publishes them to the broker.
 #[derive(Debug, Clone, Parser)]
@@ -22,6 +26,16 @@ pub struct ProducerConfig {
     #[arg(long, env = "JOBGATE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Most jobs in one `POST /jobs/{queue}/batch`; more get 413.
+    #[arg(long, env = "JOBGATE_MAX_BATCH_ITEMS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_items: u32,
+
+    /// Largest accepted batch request body, in bytes; larger batches get 413. Each job
+    /// of a batch is also bounded by `JOBGATE_MAX_BODY_BYTES`.
+    #[arg(long, env = "JOBGATE_MAX_BATCH_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_batch_bytes: usize,
+
     /// How long to wait for the broker's confirm before answering 503, in milliseconds.
     #[arg(long, env = "JOBGATE_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
@@ -36,7 +50,35 @@ pub struct ProducerConfig {
     pub shutdown_grace_ms: u64,
 
     #[command(flatten)]
+    pub security: SecurityArgs,
+
+    #[command(flatten)]
     pub broker: BrokerArgs,
+}
+
+/// API keys and the per-client rate limit. `Debug` never shows the keys.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// API keys (comma list): when set, job requests need `Authorization: Bearer <key>`.
+    #[arg(long, env = "JOBGATE_API_KEYS", hide_env_values = true,
+          value_parser = parse_key_list, conflicts_with = "api_keys_file")]
+    pub api_keys: Option<ApiKeyList>,
+
+    /// File of API keys, one a line (blank lines and `#` comments ignored), read at
+    /// start; an unreadable file or one without keys stops the producer.
+    #[arg(long, env = "JOBGATE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Requests a second per API key (per client IP address when auth is off);
+    /// 0 turns the rate limit off.
+    #[arg(long, env = "JOBGATE_RATE_LIMIT_PER_SEC", default_value_t = 0)]
+    pub rate_limit_per_sec: u32,
+
+    /// Requests a client may send at once before the rate applies (default: the
+    /// per-second rate).
+    #[arg(long, env = "JOBGATE_RATE_LIMIT_BURST",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: Option<u32>,
 }
 
 impl ProducerConfig {
@@ -60,6 +102,8 @@ mod tests {
         assert_eq!(c.queues, vec!["default"]);
         assert_eq!(c.max_body_bytes, 1_048_576);
         assert_eq!(c.publish_timeout(), Duration::from_secs(5));
+        assert_eq!(c.max_batch_items, 1000);
+        assert_eq!(c.max_batch_bytes, 10_485_760);
         assert_eq!(
             c.broker.amqp_url.expose(),
             "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -70,6 +114,38 @@ mod tests {
     fn bad_queue_names_are_refused_at_start() {
         assert!(ProducerConfig::try_parse_from(["producer", "--queues", "a b"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--publish-channels", "0"]).is_err());
+        assert!(ProducerConfig::try_parse_from(["producer", "--max-batch-items", "0"]).is_err());
+    }
+
+    #[test]
+    fn security_is_off_by_default_and_keys_stay_out_of_debug() {
+        let c = ProducerConfig::try_parse_from(["producer"]).unwrap();
+        assert!(c.security.api_keys.is_none() && c.security.api_keys_file.is_none());
+        assert_eq!(c.security.rate_limit_per_sec, 0);
+        assert_eq!(c.security.rate_limit_burst, None);
+        let c = ProducerConfig::try_parse_from([
+            "producer",
+            "--api-keys",
+            "alpha-secret,beta-secret",
+            "--rate-limit-per-sec",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.security.api_keys.as_ref().unwrap().keys(),
+            ["alpha-secret", "beta-secret"]
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("alpha-secret") && !shown.contains("beta-secret"));
+        assert!(ProducerConfig::try_parse_from(["producer", "--rate-limit-burst", "0"]).is_err());
+        assert!(ProducerConfig::try_parse_from([
+            "producer",
+            "--api-keys",
+            "k",
+            "--api-keys-file",
+            "/dev/null"
+        ])
+        .is_err());
     }
 
     #[test]

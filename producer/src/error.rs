@@ -122,7 +122,10 @@ pub fn problem_response(
         HeaderValue::from_static("application/problem+json"),
     );
     if let Some(after) = retry_after {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(after.as_secs().max(1)),
+        );
     }
     response
 }

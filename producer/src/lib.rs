@@ -9,10 +9,14 @@
 //! - [`startup`]: [`run`] (serve a listener until a shutdown future completes) and
 //!   [`app`] (the router, testable without a socket).
 //! - [`state`]: what handlers share. [`error`]: problem+json responses.
+//! - [`auth`] and [`rate_limit`]: API keys (401) and per-client rate limits (429)
+//!   in front of every route but the probes.
 //! - `routes`: `jobs` (POST /jobs, /jobs/{queue}) and `health` (/healthz, /readyz).
 
+pub mod auth;
 pub mod config;
 pub mod error;
+pub mod rate_limit;
 mod routes;
 pub mod startup;
 pub mod state;

@@ -1,7 +1,9 @@
 //! Building and running the HTTP server.
 
 use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -13,9 +15,10 @@ use jobgate_shared::config::Backend;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{self, Security};
 use crate::config::ProducerConfig;
 use crate::error::ApiError;
-use crate::routes::{health, jobs};
+use crate::routes::{batch, health, jobs};
 use crate::state::AppState;
 
 /// The router, without a socket: tests drive it with `oneshot`.
@@ -24,9 +27,15 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/jobs", post(jobs::post_to_default_queue))
         .route("/jobs/{queue}", post(jobs::post_to_queue))
+        .route("/jobs/{queue}/batch", batch::route(state.max_batch_bytes))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::NotFound })
+        // Auth (401), then rate limit (429), then the handler; the probes stay open.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.security),
+            auth::guard,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -61,23 +70,35 @@ pub async fn run(
     config: ProducerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Read the keys (file) first: a bad keys file stops the producer before it connects.
+    let security = Arc::new(Security::from_args(&config.security)?);
     let publisher = start_publisher(&config)?;
     let state = AppState::new(
         Arc::clone(&publisher),
         config.queues.clone(),
         config.max_body_bytes,
+    )
+    .with_batch_limits(
+        usize::try_from(config.max_batch_items).unwrap_or(usize::MAX),
+        config.max_batch_bytes,
     );
+    let state = state.with_security(Arc::clone(&security));
     let draining = state.draining.clone();
+    security.spawn_housekeeping(Duration::from_secs(60), draining.clone());
+    tracing::info!(security = ?security, "auth and rate limit");
     let addr = listener.local_addr()?;
     tracing::info!(%addr, queues = ?config.queues, backend = ?config.broker.backend, "producer listening");
 
     let stop = draining.clone();
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stop.cancel();
-        })
-        .into_future();
+    let server = axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        stop.cancel();
+    })
+    .into_future();
     let grace = config.shutdown_grace();
     let gave_up = async {
         draining.cancelled().await;

@@ -12,6 +12,8 @@
 #[macro_use]
 mod macros;
 
+mod auth;
+mod batch;
 mod helpers;
 mod in_process;
 mod kafka_only;

@@ -1,0 +1,505 @@
+//! API keys (`Authorization: Bearer <key>`) and the guard in front of the job routes.
+//!
+//! Auth is on when keys are configured (`JOBGATE_API_KEYS` or `JOBGATE_API_KEYS_FILE`).
+//! Keys are kept only as SHA-256 digests and compared in constant time (`subtle`), so
+//! neither a key's content nor its length leaks through timing. Keys never appear in
+//! logs or `Debug` output. The probes (and `/metrics`, `/openapi.json`) stay open;
+//! every other path needs a key. Order: auth (401), then the rate limit (429), then the
+//! handler.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SecurityArgs;
+use crate::error::problem_response;
+use crate::rate_limit::{too_many_requests, Bucket, RateLimit};
+
+/// Paths that never need a key: probes and descriptions of the service.
+pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json"];
+
+/// A list of API keys as given on the command line; `Debug` shows only how many.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ApiKeyList(Vec<String>);
+
+impl ApiKeyList {
+    pub fn keys(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKeyList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKeyList(<{} redacted>)", self.0.len())
+    }
+}
+
+/// Parses `k1,k2,...`: items are trimmed, empty ones dropped. A list without any key
+/// (`,`) is an error rather than auth silently off; an empty variable counts as unset.
+pub fn parse_key_list(s: &str) -> Result<ApiKeyList, String> {
+    let keys: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if keys.is_empty() {
+        return Err("the list holds no API keys".to_owned());
+    }
+    check_keys(&keys)?;
+    Ok(ApiKeyList(keys))
+}
+
+/// The keys of a keys file: one a line, trimmed; blank lines and `#` comments ignored.
+pub fn parse_keys_file(text: &str) -> Result<Vec<String>, String> {
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    check_keys(&keys)?;
+    Ok(keys)
+}
+
+/// Reads a keys file; an unreadable file or one without keys is an error.
+pub fn load_keys_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the API keys file {}: {e}", path.display()))?;
+    let keys = parse_keys_file(&text)
+        .map_err(|e| anyhow::anyhow!("API keys file {}: {e}", path.display()))?;
+    anyhow::ensure!(
+        !keys.is_empty(),
+        "the API keys file {} holds no keys",
+        path.display()
+    );
+    Ok(keys)
+}
+
+/// A key must fit in a header after `Bearer `: visible ASCII without spaces. The error
+/// never quotes the key.
+fn check_keys(keys: &[String]) -> Result<(), String> {
+    for (i, key) in keys.iter().enumerate() {
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "API key #{} has characters other than visible ASCII",
+                i + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// The accepted keys, as SHA-256 digests.
+#[derive(Clone)]
+pub struct ApiKeys {
+    digests: Vec<[u8; 32]>,
+}
+
+impl fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKeys(<{} redacted>)", self.digests.len())
+    }
+}
+
+impl ApiKeys {
+    pub fn new<I, S>(keys: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self {
+            digests: keys
+                .into_iter()
+                .map(|k| digest(k.as_ref().as_bytes()))
+                .collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// The digest of `presented` when it is one of the keys. Every key is compared, in
+    /// constant time, whatever matches.
+    pub fn verify(&self, presented: &str) -> Option<[u8; 32]> {
+        let candidate = digest(presented.as_bytes());
+        let found = self
+            .digests
+            .iter()
+            .fold(Choice::from(0), |found, d| found | d.ct_eq(&candidate));
+        bool::from(found).then_some(candidate)
+    }
+}
+
+/// Auth and rate limit of the HTTP API; both may be off.
+#[derive(Debug, Default)]
+pub struct Security {
+    pub keys: Option<ApiKeys>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Security {
+    /// Neither auth nor rate limit.
+    pub fn off() -> Self {
+        Self::default()
+    }
+
+    pub fn new(keys: Option<ApiKeys>, rate_limit: Option<RateLimit>) -> Self {
+        Self {
+            keys: keys.filter(|k| !k.is_empty()),
+            rate_limit,
+        }
+    }
+
+    /// From the configuration; reads the keys file (an error when it cannot be read or
+    /// holds no keys).
+    pub fn from_args(args: &SecurityArgs) -> anyhow::Result<Self> {
+        let keys = match (&args.api_keys, &args.api_keys_file) {
+            (_, Some(path)) => Some(ApiKeys::new(load_keys_file(path)?)),
+            (Some(list), None) => Some(ApiKeys::new(list.keys())),
+            (None, None) => None,
+        };
+        let rate_limit = RateLimit::from_settings(args.rate_limit_per_sec, args.rate_limit_burst);
+        Ok(Self::new(keys, rate_limit))
+    }
+
+    /// Drops idle rate-limit buckets every `every` until `stop` is cancelled.
+    pub fn spawn_housekeeping(self: &Arc<Self>, every: Duration, stop: CancellationToken) {
+        if self.rate_limit.is_none() {
+            return;
+        }
+        let security = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Some(limit) = &security.rate_limit {
+                            limit.retain_recent();
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The 401 answer, with `WWW-Authenticate`.
+pub fn unauthorized(detail: &str) -> Response {
+    let mut response = problem_response(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        detail.to_owned(),
+        None,
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"jobgate\""),
+    );
+    response
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer_token(request: &Request) -> Option<&str> {
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Middleware: open paths pass; others need a valid key (when auth is on), then a
+/// token from the caller's bucket (when the rate limit is on).
+pub async fn guard(
+    State(security): State<Arc<Security>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if OPEN_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let bucket = match &security.keys {
+        Some(keys) => match bearer_token(&request) {
+            None => {
+                return unauthorized(
+                    "This endpoint needs an API key: send `Authorization: Bearer <key>`.",
+                )
+            }
+            Some(token) => match keys.verify(token) {
+                Some(digest) => Bucket::Key(digest),
+                None => {
+                    tracing::info!(
+                        path = request.uri().path(),
+                        "request with an unknown API key refused"
+                    );
+                    return unauthorized("The API key is not valid.");
+                }
+            },
+        },
+        None => request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(Bucket::Unknown, |ConnectInfo(addr)| Bucket::Addr(addr.ip())),
+    };
+    if let Some(limit) = &security.rate_limit {
+        if let Err(wait) = limit.check(&bucket) {
+            tracing::debug!(?bucket, ?wait, "request over the rate limit refused");
+            return too_many_requests(wait);
+        }
+    }
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_lists_are_trimmed_and_debug_hides_them() {
+        let list = parse_key_list(" k1, k2 ,,").unwrap();
+        assert_eq!(list.keys(), ["k1", "k2"]);
+        let shown = format!("{list:?}");
+        assert!(!shown.contains("k1") && !shown.contains("k2"), "{shown}");
+        assert!(parse_key_list(" , ").is_err());
+        let err = parse_key_list("good,bad key").unwrap_err();
+        assert!(!err.contains("bad key"), "{err}");
+    }
+
+    #[test]
+    fn keys_file_skips_blanks_and_comments() {
+        let keys = parse_keys_file("# ops team\n\n  alpha  \n#beta\nbeta\n   \n").unwrap();
+        assert_eq!(keys, ["alpha", "beta"]);
+    }
+
+    #[test]
+    fn empty_or_missing_keys_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "# nothing here\n\n").unwrap();
+        let err = load_keys_file(&path).unwrap_err().to_string();
+        assert!(err.contains("no keys"), "{err}");
+        let err = load_keys_file(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read"), "{err}");
+        std::fs::write(&path, "secret-1\n").unwrap();
+        assert_eq!(load_keys_file(&path).unwrap(), ["secret-1"]);
+    }
+
+    #[test]
+    fn verify_accepts_only_configured_keys() {
+        let keys = ApiKeys::new(["k1", "k2"]);
+        assert!(keys.verify("k1").is_some());
+        assert!(keys.verify("k2").is_some());
+        assert_ne!(keys.verify("k1"), keys.verify("k2"));
+        assert!(keys.verify("k3").is_none());
+        assert!(keys.verify("k").is_none());
+        assert!(keys.verify("k1k1").is_none());
+        assert!(keys.verify("").is_none());
+    }
+
+    mod routes {
+        use std::num::NonZeroU32;
+
+        use axum::body::Body;
+        use axum::http::{HeaderMap, Request, StatusCode};
+        use axum::Router;
+        use http_body_util::BodyExt;
+        use jobgate_shared::broker::memory::MemoryBroker;
+        use serde_json::Value;
+        use tower::ServiceExt;
+
+        use super::*;
+        use crate::startup::app;
+        use crate::state::AppState;
+
+        fn secured(broker: &MemoryBroker, security: Security) -> Router {
+            let state = AppState::new(Arc::new(broker.clone()), vec!["q".into()], 1024)
+                .with_security(Arc::new(security));
+            app(state)
+        }
+
+        fn keys_only() -> Security {
+            Security::new(Some(ApiKeys::new(["k1", "k2"])), None)
+        }
+
+        fn limited(keys: Option<ApiKeys>, per_sec: u32, burst: u32) -> Security {
+            let rate = RateLimit::new(
+                NonZeroU32::new(per_sec).unwrap(),
+                NonZeroU32::new(burst).unwrap(),
+            );
+            Security::new(keys, Some(rate))
+        }
+
+        fn job(key: Option<&str>) -> Request<Body> {
+            let mut request = Request::post("/jobs/q").header("content-type", "text/plain");
+            if let Some(key) = key {
+                request = request.header("authorization", format!("Bearer {key}"));
+            }
+            request.body(Body::from("x")).unwrap()
+        }
+
+        async fn send(app: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+            let response = app.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                headers,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            )
+        }
+
+        #[tokio::test]
+        async fn no_key_is_401_problem_with_www_authenticate() {
+            let broker = MemoryBroker::new();
+            let app = secured(&broker, keys_only());
+            let (status, headers, json) = send(&app, job(None)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert_eq!(headers["www-authenticate"], "Bearer realm=\"jobgate\"");
+            assert_eq!(headers["content-type"], "application/problem+json");
+            assert_eq!(json["type"], "urn:jobgate:problem:unauthorized");
+            assert_eq!(json["status"], 401);
+            assert!(json["detail"].as_str().is_some_and(|d| !d.is_empty()));
+            // Another scheme is no key either.
+            let request = Request::post("/jobs/q")
+                .header("authorization", "Basic azE6")
+                .body(Body::from("x"))
+                .unwrap();
+            assert_eq!(send(&app, request).await.0, StatusCode::UNAUTHORIZED);
+            assert!(broker.published().is_empty());
+        }
+
+        #[tokio::test]
+        async fn wrong_key_is_401_and_nothing_is_published() {
+            let broker = MemoryBroker::new();
+            let app = secured(&broker, keys_only());
+            for wrong in ["k3", "k", "k1k1", "K1"] {
+                let (status, headers, json) = send(&app, job(Some(wrong))).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{wrong}");
+                assert!(headers.contains_key("www-authenticate"));
+                assert_eq!(json["type"], "urn:jobgate:problem:unauthorized");
+            }
+            assert!(broker.published().is_empty());
+        }
+
+        #[tokio::test]
+        async fn right_key_is_202() {
+            let broker = MemoryBroker::new();
+            let app = secured(&broker, keys_only());
+            assert_eq!(send(&app, job(Some("k1"))).await.0, StatusCode::ACCEPTED);
+            let request = Request::post("/jobs")
+                .header("authorization", "bearer k2")
+                .body(Body::from("y"))
+                .unwrap();
+            assert_eq!(send(&app, request).await.0, StatusCode::ACCEPTED);
+            assert_eq!(broker.published().len(), 2);
+        }
+
+        #[tokio::test]
+        async fn probes_stay_open_and_other_paths_are_guarded() {
+            let broker = MemoryBroker::new();
+            let app = secured(&broker, limited(Some(ApiKeys::new(["k1"])), 1, 1));
+            for _ in 0..3 {
+                for path in ["/healthz", "/readyz"] {
+                    let request = Request::get(path).body(Body::empty()).unwrap();
+                    assert_eq!(send(&app, request).await.0, StatusCode::OK, "{path}");
+                }
+            }
+            let request = Request::get("/elsewhere").body(Body::empty()).unwrap();
+            assert_eq!(send(&app, request).await.0, StatusCode::UNAUTHORIZED);
+        }
+
+        #[tokio::test]
+        async fn auth_off_lets_everything_through() {
+            let broker = MemoryBroker::new();
+            let app = secured(&broker, Security::off());
+            assert_eq!(send(&app, job(None)).await.0, StatusCode::ACCEPTED);
+            assert_eq!(
+                send(&app, job(Some("anything"))).await.0,
+                StatusCode::ACCEPTED
+            );
+        }
+
+        #[tokio::test]
+        async fn burst_then_429_with_retry_after_and_keys_have_their_own_buckets() {
+            let broker = MemoryBroker::new();
+            let app = secured(&broker, limited(Some(ApiKeys::new(["k1", "k2"])), 1, 3));
+            for _ in 0..3 {
+                assert_eq!(send(&app, job(Some("k1"))).await.0, StatusCode::ACCEPTED);
+            }
+            let (status, headers, json) = send(&app, job(Some("k1"))).await;
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(json["type"], "urn:jobgate:problem:rate-limited");
+            assert_eq!(headers["content-type"], "application/problem+json");
+            let after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!(after >= 1, "{after}");
+            // k2 has a bucket of its own.
+            assert_eq!(send(&app, job(Some("k2"))).await.0, StatusCode::ACCEPTED);
+            // A wrong key is 401, not 429: auth comes first and takes no token.
+            assert_eq!(
+                send(&app, job(Some("bad"))).await.0,
+                StatusCode::UNAUTHORIZED
+            );
+            assert_eq!(send(&app, job(None)).await.0, StatusCode::UNAUTHORIZED);
+            assert_eq!(broker.published().len(), 4);
+        }
+
+        #[tokio::test]
+        async fn without_auth_the_limit_is_per_client_address() {
+            let broker = MemoryBroker::new();
+            let app = secured(&broker, limited(None, 1, 2));
+            let from = |ip: &str| {
+                let mut request = job(None);
+                let addr: SocketAddr = format!("{ip}:4000").parse().unwrap();
+                request.extensions_mut().insert(ConnectInfo(addr));
+                request
+            };
+            assert_eq!(send(&app, from("10.0.0.1")).await.0, StatusCode::ACCEPTED);
+            assert_eq!(send(&app, from("10.0.0.1")).await.0, StatusCode::ACCEPTED);
+            assert_eq!(
+                send(&app, from("10.0.0.1")).await.0,
+                StatusCode::TOO_MANY_REQUESTS
+            );
+            assert_eq!(send(&app, from("10.0.0.2")).await.0, StatusCode::ACCEPTED);
+            // No address known (in-process): one shared bucket, not a failure.
+            assert_eq!(send(&app, job(None)).await.0, StatusCode::ACCEPTED);
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_keys() {
+        let security = Security::new(Some(ApiKeys::new(["topsecret"])), None);
+        let shown = format!("{security:?}");
+        assert!(!shown.contains("topsecret"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+}

@@ -1,0 +1,637 @@
+//! `POST /jobs/{queue}/batch`: many jobs in one request.
+//!
+//! The body is either NDJSON (`application/x-ndjson`: one JSON job body per line) or a
+//! JSON array (`application/json`: one job body per element). Every item becomes one
+//! job with content type `application/json`; its body is the item's text byte for byte
+//! (the line without its `\n` or `\r\n`; the element as written, without the
+//! whitespace around it). The whole batch is checked before anything is published:
+//! a malformed, empty or oversized batch publishes nothing. Then all items are
+//! published concurrently and the answer lists, in order, each item's job id or error.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, MethodRouter};
+use axum::Json;
+use jobgate_shared::broker::PublishError;
+use jobgate_shared::job::JobMeta;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::error::{problem_response, ApiError};
+use crate::state::AppState;
+
+/// Content type of NDJSON batches.
+pub const NDJSON: &str = "application/x-ndjson";
+/// Content type of JSON-array batches, and of every job a batch makes.
+pub const JSON: &str = "application/json";
+
+/// The route, with its own body limit (`JOBGATE_MAX_BATCH_BYTES`) in place of the
+/// app-wide one (`JOBGATE_MAX_BODY_BYTES`).
+pub fn route(max_batch_bytes: usize) -> MethodRouter<AppState> {
+    post(post_batch).layer(DefaultBodyLimit::max(max_batch_bytes))
+}
+
+/// The answer to a batch (202, 207 or 503).
+#[derive(Debug, Serialize)]
+pub struct BatchAnswer {
+    pub queue: String,
+    pub accepted: usize,
+    pub failed: usize,
+    pub items: Vec<ItemAnswer>,
+}
+
+/// One item of the answer: `job_id` when the broker took it, `error` when not.
+#[derive(Debug, Serialize)]
+pub struct ItemAnswer {
+    pub index: usize,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A batch refused before anything was published.
+#[derive(Debug)]
+enum BatchError {
+    TooManyItems { limit: usize },
+    TooLarge { limit: usize },
+    ItemTooLarge { item: String, limit: usize },
+    Malformed(String),
+    Empty,
+    UnsupportedMediaType,
+}
+
+impl IntoResponse for BatchError {
+    fn into_response(self) -> Response {
+        let (status, slug, title, detail) = match self {
+            Self::TooManyItems { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch-too-large",
+                "Batch too large",
+                format!("The batch has more than {limit} items; split it. Nothing was queued."),
+            ),
+            Self::TooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch-too-large",
+                "Batch too large",
+                format!("The batch is larger than {limit} bytes; split it. Nothing was queued."),
+            ),
+            Self::ItemTooLarge { item, limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Job body too large",
+                format!("{item} is larger than {limit} bytes. Nothing was queued."),
+            ),
+            Self::Malformed(why) => (
+                StatusCode::BAD_REQUEST,
+                "malformed-batch",
+                "Malformed batch",
+                format!("{why}. Nothing was queued."),
+            ),
+            Self::Empty => (
+                StatusCode::BAD_REQUEST,
+                "empty-batch",
+                "Empty batch",
+                "The batch has no items. Nothing was queued.".to_owned(),
+            ),
+            Self::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported batch format",
+                format!(
+                    "A batch is sent as {NDJSON} (one JSON job per line) or as {JSON} \
+                     (a JSON array of jobs)."
+                ),
+            ),
+        };
+        problem_response(status, slug, title, detail, None)
+    }
+}
+
+/// The two batch formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Ndjson,
+    JsonArray,
+}
+
+/// The format named by the `Content-Type` header (its parameters are ignored).
+fn format_of(headers: &HeaderMap) -> Option<Format> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    if essence.eq_ignore_ascii_case(NDJSON) {
+        Some(Format::Ndjson)
+    } else if essence.eq_ignore_ascii_case(JSON) {
+        Some(Format::JsonArray)
+    } else {
+        None
+    }
+}
+
+/// Splits an NDJSON body into its lines (job bodies), checking each.
+fn ndjson_items(
+    body: &[u8],
+    max_items: usize,
+    max_item_bytes: usize,
+) -> Result<Vec<&[u8]>, BatchError> {
+    // One newline at the end closes the last line; it does not start an empty one.
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    if body.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    let mut items = Vec::new();
+    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+        let number = i + 1;
+        if items.len() == max_items {
+            return Err(BatchError::TooManyItems { limit: max_items });
+        }
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Err(BatchError::Malformed(format!("Line {number} is empty")));
+        }
+        if line.len() > max_item_bytes {
+            return Err(BatchError::ItemTooLarge {
+                item: format!("Line {number}"),
+                limit: max_item_bytes,
+            });
+        }
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(line) {
+            return Err(BatchError::Malformed(format!(
+                "Line {number} is not valid JSON (column {}: {})",
+                e.column(),
+                category(&e)
+            )));
+        }
+        items.push(line);
+    }
+    Ok(items)
+}
+
+/// Splits a JSON-array body into its elements' text, checking each.
+fn array_items(
+    body: &[u8],
+    max_items: usize,
+    max_item_bytes: usize,
+) -> Result<Vec<&[u8]>, BatchError> {
+    let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
+        BatchError::Malformed(format!(
+            "The body is not a JSON array of jobs ({} at line {}, column {})",
+            category(&e),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if elements.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    if elements.len() > max_items {
+        return Err(BatchError::TooManyItems { limit: max_items });
+    }
+    if let Some(index) = elements.iter().position(|e| e.get().len() > max_item_bytes) {
+        return Err(BatchError::ItemTooLarge {
+            item: format!("Item {index} (0-based) of the array"),
+            limit: max_item_bytes,
+        });
+    }
+    Ok(elements.iter().map(|e| e.get().as_bytes()).collect())
+}
+
+/// serde_json's message without its position (we say where ourselves).
+fn category(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
+}
+
+/// What an item's failure is called in the answer; internals stay in the log.
+fn short_problem(error: &PublishError) -> &'static str {
+    match error {
+        PublishError::Unavailable => "the message broker is not reachable; retry later",
+        PublishError::Timeout(_) => "the message broker did not confirm in time; retry later",
+        PublishError::Nacked => "the message broker refused it; retry later",
+        PublishError::Unroutable => "the message broker has no queue for it; retry later",
+        PublishError::Broker(_) => "the message broker failed; retry later",
+        PublishError::Overloaded => "too many jobs are waiting for the message broker; retry later",
+    }
+}
+
+/// `POST /jobs/{queue}/batch`.
+pub async fn post_batch(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Response> {
+    if !state.accepts(&queue) {
+        return Err(ApiError::UnknownQueue(queue).into_response());
+    }
+    if state.draining.is_cancelled() {
+        return Err(ApiError::ShuttingDown.into_response());
+    }
+    let Some(format) = format_of(&headers) else {
+        return Err(BatchError::UnsupportedMediaType.into_response());
+    };
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            BatchError::TooLarge {
+                limit: state.max_batch_bytes,
+            }
+            .into_response()
+        } else {
+            ApiError::BadBody.into_response()
+        }
+    })?;
+    let items = match format {
+        Format::Ndjson => ndjson_items(&body, state.max_batch_items, state.max_body_bytes),
+        Format::JsonArray => array_items(&body, state.max_batch_items, state.max_body_bytes),
+    }
+    .map_err(IntoResponse::into_response)?;
+
+    let publishes = items.iter().map(|item| {
+        let meta = JobMeta::new(queue.clone(), Some(JSON.to_owned()));
+        let publisher = &state.publisher;
+        async move {
+            let result = publisher.publish(&meta, item).await;
+            (meta.id, result)
+        }
+    });
+    let outcomes = futures::future::join_all(publishes).await;
+
+    let mut retry_after: Option<Duration> = None;
+    let mut first_error: Option<PublishError> = None;
+    let answers: Vec<ItemAnswer> = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(index, (job_id, result))| match result {
+            Ok(()) => ItemAnswer {
+                index,
+                status: StatusCode::ACCEPTED.as_u16(),
+                job_id: Some(job_id),
+                error: None,
+            },
+            Err(error) => {
+                let after = error.retry_after();
+                retry_after = Some(retry_after.map_or(after, |a| a.max(after)));
+                let problem = short_problem(&error);
+                first_error.get_or_insert(error);
+                ItemAnswer {
+                    index,
+                    status: StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+                    job_id: None,
+                    error: Some(problem.to_owned()),
+                }
+            }
+        })
+        .collect();
+    let failed = answers.iter().filter(|a| a.job_id.is_none()).count();
+    let accepted = answers.len() - failed;
+    match &first_error {
+        None => tracing::info!(%queue, items = answers.len(), accepted, failed, "batch accepted"),
+        Some(error) => tracing::warn!(
+            %queue, items = answers.len(), accepted, failed, %error,
+            "batch partly or wholly refused by the broker"
+        ),
+    }
+    let status = if failed == 0 {
+        StatusCode::ACCEPTED
+    } else if accepted == 0 {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::MULTI_STATUS
+    };
+    let mut response = (
+        status,
+        Json(BatchAnswer {
+            queue,
+            accepted,
+            failed,
+            items: answers,
+        }),
+    )
+        .into_response();
+    if let Some(after) = retry_after {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(after.as_secs().max(1)),
+        );
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use axum::Router;
+    use http_body_util::BodyExt;
+    use jobgate_shared::broker::memory::MemoryBroker;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::startup::app;
+
+    /// Queues `emails`, `reports`; jobs up to 16 bytes, batches of 5 items, 200 bytes.
+    fn test_app(broker: &MemoryBroker) -> Router {
+        let state = AppState::new(
+            Arc::new(broker.clone()),
+            vec!["emails".into(), "reports".into()],
+            16,
+        )
+        .with_batch_limits(5, 200);
+        app(state)
+    }
+
+    async fn send(app: Router, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, json)
+    }
+
+    fn batch(queue: &str, content_type: &str, body: impl AsRef<[u8]>) -> Request<Body> {
+        Request::post(format!("/jobs/{queue}/batch"))
+            .header("content-type", content_type)
+            .body(Body::from(body.as_ref().to_vec()))
+            .unwrap()
+    }
+
+    fn assert_problem(
+        status: StatusCode,
+        headers: &HeaderMap,
+        json: &Value,
+        want: u16,
+        slug: &str,
+    ) {
+        assert_eq!(status.as_u16(), want, "{json}");
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert_eq!(json["status"], want);
+        assert_eq!(json["type"], format!("urn:jobgate:problem:{slug}"));
+    }
+
+    #[tokio::test]
+    async fn ndjson_all_taken_is_202_in_order_byte_for_byte() {
+        let broker = MemoryBroker::new();
+        let body = b"{\"n\":1}\n[ 2 ,3]\r\n\"three\"\n";
+        let (status, headers, json) = send(test_app(&broker), batch("reports", NDJSON, body)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert!(!headers.contains_key("retry-after"));
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(json["queue"], "reports");
+        assert_eq!(json["accepted"], 3);
+        assert_eq!(json["failed"], 0);
+        let items = json["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3);
+        let published = broker.published();
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, item) in items.iter().enumerate() {
+            assert_eq!(item["index"], i);
+            assert_eq!(item["status"], 202);
+            assert!(item.get("error").is_none());
+            let id = item["job_id"].as_str().unwrap();
+            ids.insert(id.to_owned());
+            let job = published.iter().find(|j| j.meta.id == id).unwrap();
+            assert_eq!(job.meta.queue, "reports");
+            assert_eq!(job.meta.content_type.as_deref(), Some("application/json"));
+        }
+        assert_eq!(ids.len(), 3, "distinct ids");
+        let body_of = |i: usize| {
+            let id = items[i]["job_id"].as_str().unwrap();
+            published
+                .iter()
+                .find(|j| j.meta.id == id)
+                .unwrap()
+                .body
+                .clone()
+        };
+        assert_eq!(&body_of(0)[..], b"{\"n\":1}");
+        assert_eq!(&body_of(1)[..], b"[ 2 ,3]");
+        assert_eq!(&body_of(2)[..], b"\"three\"");
+    }
+
+    #[tokio::test]
+    async fn json_array_elements_are_published_as_written() {
+        let broker = MemoryBroker::new();
+        let body = b" [ {\"a\": 1, \"b\":[]} ,\n 2.50, \"x\\u0041\" ] ";
+        let (status, _, json) = send(
+            test_app(&broker),
+            batch("emails", "application/json; charset=utf-8", body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert_eq!(json["accepted"], 3);
+        let published = broker.published();
+        let bodies: Vec<&[u8]> = json["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                let id = item["job_id"].as_str().unwrap();
+                &published.iter().find(|j| j.meta.id == id).unwrap().body[..]
+            })
+            .collect();
+        assert_eq!(
+            bodies,
+            vec![&b"{\"a\": 1, \"b\":[]}"[..], b"2.50", b"\"x\\u0041\""]
+        );
+    }
+
+    #[tokio::test]
+    async fn some_failing_is_207_with_per_item_statuses() {
+        let broker = MemoryBroker::new();
+        broker.fail_publishes(2, PublishError::Broker("10.1.2.3 said no".into()));
+        let (status, headers, json) =
+            send(test_app(&broker), batch("emails", NDJSON, b"1\n2\n3\n4")).await;
+        assert_eq!(status, StatusCode::MULTI_STATUS, "{json}");
+        assert!(headers.contains_key("retry-after"));
+        assert_eq!(json["accepted"], 2);
+        assert_eq!(json["failed"], 2);
+        let items = json["items"].as_array().unwrap();
+        let statuses: Vec<u64> = items
+            .iter()
+            .map(|i| i["status"].as_u64().unwrap())
+            .collect();
+        // The memory broker fails the first publishes it sees, and join_all starts them
+        // in order.
+        assert_eq!(statuses, vec![503, 503, 202, 202]);
+        for item in &items[..2] {
+            assert!(item.get("job_id").is_none());
+            let error = item["error"].as_str().unwrap();
+            assert!(!error.contains("10.1.2.3"), "{error}");
+        }
+        assert_eq!(broker.published().len(), 2);
+        let published: Vec<Vec<u8>> = broker.published().iter().map(|j| j.body.to_vec()).collect();
+        assert_eq!(published, vec![b"3".to_vec(), b"4".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn all_failing_is_503_with_retry_after() {
+        let broker = MemoryBroker::new();
+        broker.fail_publishes(2, PublishError::Unavailable);
+        let (status, headers, json) = send(
+            test_app(&broker),
+            batch("emails", "application/json", b"[1,2]"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers["retry-after"], "5");
+        assert_eq!(json["accepted"], 0);
+        assert_eq!(json["failed"], 2);
+        assert_eq!(json["items"][1]["index"], 1);
+        assert_eq!(json["items"][1]["status"], 503);
+        assert!(broker.published().is_empty());
+    }
+
+    #[tokio::test]
+    async fn other_content_types_are_415() {
+        let broker = MemoryBroker::new();
+        let (status, headers, json) =
+            send(test_app(&broker), batch("emails", "text/plain", b"1\n2")).await;
+        assert_problem(status, &headers, &json, 415, "unsupported-media-type");
+        let detail = json["detail"].as_str().unwrap();
+        assert!(detail.contains(NDJSON) && detail.contains(JSON), "{detail}");
+        let request = Request::post("/jobs/emails/batch")
+            .body(Body::from("1"))
+            .unwrap();
+        let (status, _, _) = send(test_app(&broker), request).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(broker.published().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_bad_ndjson_line_is_400_naming_it_and_nothing_is_published() {
+        for (body, line) in [
+            (&b"1\n{\"a\":\n3\n"[..], "Line 2 "),
+            (b"1\n2\n\n4", "Line 3 is empty"),
+            (b"\n1", "Line 1 is empty"),
+            (b"1\n2\nnope", "Line 3 "),
+        ] {
+            let broker = MemoryBroker::new();
+            let request = Request::post("/jobs/emails/batch")
+                .header("content-type", NDJSON)
+                .body(Body::from(body))
+                .unwrap();
+            let (status, headers, json) = send(test_app(&broker), request).await;
+            assert_problem(status, &headers, &json, 400, "malformed-batch");
+            let detail = json["detail"].as_str().unwrap();
+            assert!(detail.contains(line), "{detail}");
+            assert!(broker.published().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_array_is_400_with_its_position() {
+        for body in [&b"[1,\n 2,,3]"[..], b"{\"not\":\"an array\"}", b"[1] 2"] {
+            let broker = MemoryBroker::new();
+            let request = Request::post("/jobs/emails/batch")
+                .header("content-type", JSON)
+                .body(Body::from(body))
+                .unwrap();
+            let (status, headers, json) = send(test_app(&broker), request).await;
+            assert_problem(status, &headers, &json, 400, "malformed-batch");
+            let detail = json["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("line ") && detail.contains("column "),
+                "{detail}"
+            );
+            assert!(broker.published().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_batch_is_400() {
+        for (content_type, body) in [(NDJSON, &b""[..]), (NDJSON, b"\n"), (JSON, b"[]")] {
+            let broker = MemoryBroker::new();
+            let request = Request::post("/jobs/emails/batch")
+                .header("content-type", content_type)
+                .body(Body::from(body))
+                .unwrap();
+            let (status, headers, json) = send(test_app(&broker), request).await;
+            assert_problem(status, &headers, &json, 400, "empty-batch");
+        }
+    }
+
+    #[tokio::test]
+    async fn too_many_items_or_bytes_is_413_and_nothing_is_published() {
+        let broker = MemoryBroker::new();
+        let (status, headers, json) = send(
+            test_app(&broker),
+            batch("emails", NDJSON, b"1\n2\n3\n4\n5\n6\n"),
+        )
+        .await;
+        assert_problem(status, &headers, &json, 413, "batch-too-large");
+        let (status, headers, json) =
+            send(test_app(&broker), batch("emails", JSON, b"[1,2,3,4,5,6]")).await;
+        assert_problem(status, &headers, &json, 413, "batch-too-large");
+        // Five items are fine.
+        let (status, _, _) = send(
+            test_app(&broker),
+            batch("emails", NDJSON, b"1\n2\n3\n4\n5\n"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(broker.published().len(), 5);
+        // More than 200 bytes in all, each item within its limit.
+        let broker = MemoryBroker::new();
+        let big = format!("[{}]", vec!["\"0123456789\""; 17].join(","));
+        let (status, headers, json) = send(test_app(&broker), batch("emails", JSON, big)).await;
+        assert_problem(status, &headers, &json, 413, "batch-too-large");
+        assert!(broker.published().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_item_is_413_naming_it() {
+        let broker = MemoryBroker::new();
+        // 16 bytes is the job limit: line 2 has 17.
+        let (status, headers, json) = send(
+            test_app(&broker),
+            batch(
+                "emails",
+                NDJSON,
+                b"\"fourteen bytes\"\n\"fifteen bytes!!\"\n",
+            ),
+        )
+        .await;
+        assert_problem(status, &headers, &json, 413, "body-too-large");
+        assert!(
+            json["detail"].as_str().unwrap().contains("Line 2"),
+            "{json}"
+        );
+        let (status, headers, json) = send(
+            test_app(&broker),
+            batch("emails", JSON, b"[1, \"fifteen bytes!!\"]"),
+        )
+        .await;
+        assert_problem(status, &headers, &json, 413, "body-too-large");
+        assert!(
+            json["detail"].as_str().unwrap().contains("Item 1"),
+            "{json}"
+        );
+        assert!(broker.published().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_queue_is_404_and_shutting_down_is_503() {
+        let broker = MemoryBroker::new();
+        let (status, headers, json) = send(test_app(&broker), batch("other", NDJSON, b"1")).await;
+        assert_problem(status, &headers, &json, 404, "unknown-queue");
+        let state = AppState::new(Arc::new(broker.clone()), vec!["q".into()], 16);
+        state.draining.cancel();
+        let (status, headers, json) = send(app(state), batch("q", NDJSON, b"1")).await;
+        assert_problem(status, &headers, &json, 503, "shutting-down");
+        assert!(headers.contains_key("retry-after"));
+        assert!(broker.published().is_empty());
+    }
+}

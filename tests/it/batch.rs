@@ -1,0 +1,124 @@
+//! `POST /jobs/{queue}/batch` on both backends, with the real `producer` and
+//! `consumer` binaries: every item of a batch is one job, processed once; a malformed
+//! batch publishes nothing.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{
+    assert_problem, assert_processed_exactly_once, brokers_shared, unique, Backend, Consumer,
+    Producer,
+};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+on_both_backends!(
+    an_ndjson_batch_becomes_jobs_processed_exactly_once,
+    a_json_array_batch_is_accepted,
+    a_batch_with_a_bad_line_or_type_publishes_nothing,
+);
+
+async fn post_batch(
+    producer: &Producer,
+    queue: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    producer
+        .http
+        .post(producer.url(&format!("/jobs/{queue}/batch")))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("POST reaches the producer")
+}
+
+/// The job ids of a 202 batch answer of `n` items, in order.
+async fn accepted_ids(response: reqwest::Response, queue: &str, n: usize) -> Vec<String> {
+    assert_eq!(response.status(), 202, "expected 202");
+    let json: Value = response.json().await.unwrap();
+    assert_eq!(json["queue"], queue);
+    assert_eq!(json["accepted"], n);
+    assert_eq!(json["failed"], 0);
+    let items = json["items"].as_array().expect("items");
+    assert_eq!(items.len(), n);
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            assert_eq!(item["index"], i);
+            assert_eq!(item["status"], 202);
+            item["job_id"].as_str().expect("job_id").to_owned()
+        })
+        .collect()
+}
+
+pub async fn an_ndjson_batch_becomes_jobs_processed_exactly_once(backend: Backend) {
+    let _brokers = brokers_shared().await;
+    let queue = unique("batch");
+    let _cleanup = backend.cleanup(&[&queue]);
+    let producer = Producer::start(backend, &[&queue], &[]).await;
+    let body: String = (0..50).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    let response = post_batch(&producer, &queue, "application/x-ndjson", body).await;
+    let ids = accepted_ids(response, &queue, 50).await;
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 50, "distinct job ids");
+    let consumer = Consumer::start(backend, &queue, &[]).await;
+    assert_processed_exactly_once(&[&consumer], &ids, LIMIT).await;
+}
+
+pub async fn a_json_array_batch_is_accepted(backend: Backend) {
+    let _brokers = brokers_shared().await;
+    let queue = unique("batcharr");
+    let _cleanup = backend.cleanup(&[&queue]);
+    let producer = Producer::start(backend, &[&queue], &[]).await;
+    let response = post_batch(
+        &producer,
+        &queue,
+        "application/json",
+        r#"[{"to":"ada@example.com"}, "plain", 3, [1, 2]]"#,
+    )
+    .await;
+    let ids = accepted_ids(response, &queue, 4).await;
+    let consumer = Consumer::start(backend, &queue, &[]).await;
+    assert_processed_exactly_once(&[&consumer], &ids, LIMIT).await;
+}
+
+pub async fn a_batch_with_a_bad_line_or_type_publishes_nothing(backend: Backend) {
+    let _brokers = brokers_shared().await;
+    let queue = unique("batchbad");
+    let _cleanup = backend.cleanup(&[&queue]);
+    let producer = Producer::start(backend, &[&queue], &[]).await;
+    // One good job first, so the queue exists with something in it; no consumer runs.
+    producer.post_ok(&queue, "{}").await;
+    let before = backend.pending(&queue).await;
+    assert_eq!(before, 1);
+
+    let response = post_batch(
+        &producer,
+        &queue,
+        "application/x-ndjson",
+        "{\"n\":1}\n{\"n\":2}\nnot json\n{\"n\":4}\n",
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:jobgate:problem:malformed-batch");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("Line 3"),
+        "{problem}"
+    );
+
+    let response = post_batch(&producer, &queue, "text/plain", "{\"n\":1}\n").await;
+    assert_problem(response, 415, "unsupported-media-type").await;
+
+    // Give a stray publish time to show up before looking.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        backend.pending(&queue).await,
+        before,
+        "nothing was published"
+    );
+}
