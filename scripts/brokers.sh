@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Bring real RabbitMQ and Kafka brokers up on a Debian machine WITHOUT Docker.
 #
-#   scripts/brokers.sh up|down|status|restart|kill [rabbitmq|kafka|all]   (default: all)
+#   scripts/brokers.sh up|down|status|restart|kill [rabbitmq|kafka|redis|all]   (default: all)
 #
 # RabbitMQ: Debian's rabbitmq-server package (installed with apt-get on first use),
 #           AMQP on 127.0.0.1:5672, management API on :15672 (guest/guest), prometheus :15692.
 # Kafka:    Apache Kafka from Maven Central jars (single combined KRaft node),
 #           PLAINTEXT on 127.0.0.1:9092, controller on 127.0.0.1:9093.
+# Redis:    Debian's redis-server package (installed with apt-get on first use), on
+#           127.0.0.1:6379, no persistence (the idempotency store of several producers).
 #
 # Idempotent: a broker that already answers is reused and left alone.
 # See `scripts/brokers.sh help` for the environment variables.
@@ -43,6 +45,10 @@ KAFKA_CLUSTER_ID_FILE="$KAFKA_STATE/cluster.id"
 KAFKA_SERVER_LOG="$KAFKA_LOGS/server.log"
 KAFKA_STDOUT="$KAFKA_LOGS/kafka.out"
 RABBITMQ_STATE="$STATE_ROOT/rabbitmq"
+REDIS_HOST=127.0.0.1
+REDIS_PORT="${REDIS_PORT:-6379}"
+REDIS_TIMEOUT="${REDIS_TIMEOUT:-30}"
+REDIS_STATE="$STATE_ROOT/redis"
 
 # ---------------------------------------------------------------- helpers
 log()  { printf 'brokers: %s\n' "$*"; }
@@ -52,7 +58,7 @@ die()  { err "$@"; exit 1; }
 
 usage() {
   cat <<EOF
-usage: $PROG up|down|status|restart|kill [rabbitmq|kafka|all]   (default: all)
+usage: $PROG up|down|status|restart|kill [rabbitmq|kafka|redis|all]   (default: all)
 
   up       start the broker(s) (install/fetch on first use); reuse one already answering
   down     stop the broker(s) (SIGTERM for Kafka, 'rabbitmqctl stop' for RabbitMQ)
@@ -62,12 +68,14 @@ usage: $PROG up|down|status|restart|kill [rabbitmq|kafka|all]   (default: all)
 
 RabbitMQ: amqp://guest:guest@127.0.0.1:5672  management http://127.0.0.1:15672 (guest/guest)
 Kafka:    127.0.0.1:$KAFKA_PORT (PLAINTEXT), KRaft controller 127.0.0.1:$KAFKA_CONTROLLER_PORT
+Redis:    redis://127.0.0.1:$REDIS_PORT (no persistence)
 
 environment:
   KAFKA_VERSION           Kafka version from Maven Central (default 4.1.1)
   KAFKA_FALLBACK_VERSION  tried when KAFKA_VERSION does not resolve (default 4.1.0)
   KAFKA_HEAP_OPTS         JVM heap options (default "-Xms512m -Xmx512m")
-  RABBITMQ_TIMEOUT / KAFKA_TIMEOUT   readiness timeouts in seconds (90 / 120)
+  RABBITMQ_TIMEOUT / KAFKA_TIMEOUT / REDIS_TIMEOUT   readiness timeouts in seconds (90 / 120 / 30)
+  REDIS_PORT              Redis port (default 6379)
   JOBGATE_STATE_DIR       state root (default \${XDG_STATE_HOME:-~/.local/state}/jobgate)
   XDG_CACHE_HOME          jar cache root (jars in \${XDG_CACHE_HOME:-~/.cache}/jobgate/kafka-VERSION/libs)
 EOF
@@ -683,6 +691,131 @@ status_kafka() {
   return 1
 }
 
+# ---------------------------------------------------------------- Redis
+redis_bin() {
+  local name=$1
+  if command -v "$name" >/dev/null 2>&1; then
+    command -v "$name"
+  elif [[ -x /usr/bin/$name ]]; then
+    printf '/usr/bin/%s\n' "$name"
+  else
+    return 1
+  fi
+}
+
+redis_installed() { redis_bin redis-server >/dev/null 2>&1; }
+
+# redis_ping: true when a Redis answers PING on REDIS_HOST:REDIS_PORT (redis-cli when
+# installed, else a raw PING over /dev/tcp).
+redis_ping() {
+  local cli
+  if cli=$(redis_bin redis-cli 2>/dev/null); then
+    [[ $(timeout 3 "$cli" -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
+  else
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2" && printf "PING\r\n" >&3 && IFS= read -r line <&3 && [[ $line == "+PONG"* ]]' \
+      _ "$REDIS_HOST" "$REDIS_PORT" 2>/dev/null
+  fi
+}
+
+redis_install() {
+  local t0=$SECONDS apt_log="$REDIS_STATE/apt.log" created_policy=0 rc=0
+  log "redis: installing redis-server with apt-get (log: $apt_log)"
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
+    created_policy=1
+  fi
+  {
+    # `up all` may run RabbitMQ's install at the same time: wait for apt's locks.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q &&
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+        --no-install-recommends -o Dpkg::Options::=--force-confdef \
+        -o Dpkg::Options::=--force-confold redis-server
+  } >"$apt_log" 2>&1 || rc=$?
+  if [[ $rc -ne 0 ]]; then
+    warn "redis: apt-get exited $rc; trying 'dpkg --configure -a'"
+    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a >>"$apt_log" 2>&1 || true
+  fi
+  if [[ $created_policy -eq 1 ]]; then
+    as_root rm -f /usr/sbin/policy-rc.d
+  fi
+  if ! redis_installed; then
+    tail -n 30 "$apt_log" >&2 || true
+    die "redis: installing redis-server failed (see $apt_log)"
+  fi
+  log "redis: installed $(dpkg-query -W -f='redis-server ${Version}' redis-server 2>/dev/null) in $(fmt_secs $((SECONDS - t0)))"
+}
+
+up_redis() {
+  local t0=$SECONDS deadline
+  if redis_ping; then
+    log "redis: already up on $REDIS_HOST:$REDIS_PORT (answers PING); reusing it"
+    return 0
+  fi
+  mkdir -p "$REDIS_STATE"
+  redis_installed || redis_install
+  log "redis: starting redis-server (state $REDIS_STATE)"
+  if ! "$(redis_bin redis-server)" --port "$REDIS_PORT" --bind "$REDIS_HOST" --daemonize yes \
+    --save '' --appendonly no --dir "$REDIS_STATE" --logfile "$REDIS_STATE/redis.log" \
+    --pidfile "$REDIS_STATE/redis.pid" >"$REDIS_STATE/start.out" 2>&1 </dev/null 9>&-; then
+    err "redis: 'redis-server --daemonize yes' failed"
+    tail -n 20 "$REDIS_STATE/start.out" "$REDIS_STATE/redis.log" >&2 2>/dev/null || true
+    return 1
+  fi
+  deadline=$((SECONDS + REDIS_TIMEOUT))
+  until redis_ping; do
+    if ((SECONDS >= deadline)); then
+      err "redis: not answering PING after ${REDIS_TIMEOUT}s"
+      tail -n 20 "$REDIS_STATE/redis.log" >&2 2>/dev/null || true
+      return 1
+    fi
+    sleep 0.2
+  done
+  log "redis: up on $REDIS_HOST:$REDIS_PORT in $(fmt_secs $((SECONDS - t0)))"
+}
+
+down_redis() {
+  if ! redis_ping; then
+    log "redis: already stopped"
+    return 0
+  fi
+  log "redis: stopping (redis-cli shutdown nosave)"
+  local cli
+  if cli=$(redis_bin redis-cli 2>/dev/null); then
+    timeout 10 "$cli" -h "$REDIS_HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  else
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    timeout 5 bash -c 'exec 3<>"/dev/tcp/$1/$2" && printf "SHUTDOWN NOSAVE\r\n" >&3' \
+      _ "$REDIS_HOST" "$REDIS_PORT" 2>/dev/null || true
+  fi
+  local deadline=$((SECONDS + 10))
+  while port_open "$REDIS_HOST" "$REDIS_PORT"; do
+    ((SECONDS < deadline)) || { warn "redis: port $REDIS_PORT still open after 10s"; return 1; }
+    sleep 0.2
+  done
+  log "redis: stopped"
+}
+
+kill_redis() {
+  local pid
+  if [[ -r $REDIS_STATE/redis.pid ]] && pid=$(tr -dc '0-9' <"$REDIS_STATE/redis.pid") && [[ -n $pid ]] &&
+    [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q redis-server; then
+    log "redis: SIGKILL pid $pid"
+    kill -KILL "$pid" 2>/dev/null || true
+  else
+    log "redis: no running redis-server started by this script; nothing to kill"
+  fi
+}
+
+status_redis() {
+  if redis_ping; then
+    log "redis: up ($REDIS_HOST:$REDIS_PORT)"
+    return 0
+  fi
+  log "redis: down"
+  return 1
+}
+
 # ---------------------------------------------------------------- dispatch
 # act ACTION BROKER: run one action for one broker under that broker's lock.
 act() {
@@ -710,7 +843,8 @@ main() {
   [[ $# -le 2 ]] || { usage >&2; return 2; }
   local -a brokers
   case $target in
-    all) brokers=(rabbitmq kafka) ;;
+    all) brokers=(rabbitmq kafka redis) ;;
+    redis) brokers=(redis) ;;
     rabbitmq | rabbit) brokers=(rabbitmq) ;;
     kafka) brokers=(kafka) ;;
     *) err "unknown broker '$target'"; usage >&2; return 2 ;;

@@ -150,6 +150,11 @@ impl ApiKeys {
     }
 }
 
+/// Who sent the request, when auth is on: the SHA-256 digest of its API key (never
+/// the key). The guard puts it in the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiKeyId(pub [u8; 32]);
+
 /// Auth and rate limit of the HTTP API; both may be off.
 #[derive(Debug, Default)]
 pub struct Security {
@@ -239,7 +244,7 @@ fn bearer_token(request: &Request) -> Option<&str> {
 /// token from the caller's bucket (when the rate limit is on).
 pub async fn guard(
     State(security): State<Arc<Security>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     if OPEN_PATHS.contains(&request.uri().path()) {
@@ -273,6 +278,9 @@ pub async fn guard(
             tracing::debug!(?bucket, ?wait, "request over the rate limit refused");
             return too_many_requests(wait);
         }
+    }
+    if let Bucket::Key(digest) = &bucket {
+        request.extensions_mut().insert(ApiKeyId(*digest));
     }
     next.run(request).await
 }

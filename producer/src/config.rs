@@ -5,7 +5,7 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::{Args, Parser};
-use jobgate_shared::config::{parse_queue_list, BrokerArgs};
+use jobgate_shared::config::{parse_queue_list, BrokerArgs, SecretUrl};
 
 use crate::auth::{parse_key_list, ApiKeyList};
 
@@ -40,6 +40,12 @@ pub struct ProducerConfig {
     #[arg(long, env = "JOBGATE_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
 
+    /// Most publishes waiting for the broker's confirm at once, across all requests
+    /// (single jobs and batch items); past it a job gets 503 `overloaded` at once.
+    #[arg(long, env = "JOBGATE_MAX_IN_FLIGHT", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
     /// Confirm channels to RabbitMQ; publishes are spread over them.
     #[arg(long, env = "JOBGATE_PUBLISH_CHANNELS", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -48,6 +54,17 @@ pub struct ProducerConfig {
     /// After SIGTERM, how long in-flight requests may take to finish, in milliseconds.
     #[arg(long, env = "JOBGATE_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
+
+    /// How long an `Idempotency-Key` and its answer are kept, in seconds.
+    #[arg(long, env = "JOBGATE_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idempotency_ttl_secs: u64,
+
+    /// Redis URL (`redis://[:pass@]host:port[/db]`) of the idempotency store shared by
+    /// several producer replicas; unset: keys are kept in this process. The password
+    /// is never logged.
+    #[arg(long, env = "JOBGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<SecretUrl>,
 
     #[command(flatten)]
     pub security: SecurityArgs,
@@ -86,6 +103,10 @@ impl ProducerConfig {
         Duration::from_millis(self.publish_timeout_ms)
     }
 
+    pub fn idempotency_ttl(&self) -> Duration {
+        Duration::from_secs(self.idempotency_ttl_secs)
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
@@ -104,6 +125,9 @@ mod tests {
         assert_eq!(c.publish_timeout(), Duration::from_secs(5));
         assert_eq!(c.max_batch_items, 1000);
         assert_eq!(c.max_batch_bytes, 10_485_760);
+        assert_eq!(c.idempotency_ttl(), Duration::from_secs(86_400));
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.max_in_flight, 1024);
         assert_eq!(
             c.broker.amqp_url.expose(),
             "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -115,6 +139,7 @@ mod tests {
         assert!(ProducerConfig::try_parse_from(["producer", "--queues", "a b"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--publish-channels", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--max-batch-items", "0"]).is_err());
+        assert!(ProducerConfig::try_parse_from(["producer", "--max-in-flight", "0"]).is_err());
     }
 
     #[test]

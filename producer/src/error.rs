@@ -23,6 +23,12 @@ pub enum ApiError {
     NotFound,
     #[error("the producer is shutting down")]
     ShuttingDown,
+    /// A bad, reused or busy `Idempotency-Key`, or its store down: answered by
+    /// [`crate::idempotency::IdempotencyError`]'s own problem.
+    #[error(transparent)]
+    Idempotency(#[from] crate::idempotency::IdempotencyError),
+    #[error(transparent)]
+    BadMetadata(#[from] crate::metadata::BadMetadata),
 }
 
 /// The problem document.
@@ -40,7 +46,7 @@ impl ApiError {
         match self {
             Self::UnknownQueue(_) | Self::NotFound => StatusCode::NOT_FOUND,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::BadBody | Self::BadMetadata(_) | Self::Idempotency(_) => StatusCode::BAD_REQUEST,
             Self::Publish(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -52,6 +58,9 @@ impl ApiError {
             Self::NotFound => "not-found",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "bad-body",
+            Self::BadMetadata(_) => "bad-metadata",
+            Self::Idempotency(_) => "idempotency",
+            Self::Publish(PublishError::Overloaded) => "overloaded",
             Self::Publish(_) => "broker-unavailable",
             Self::ShuttingDown => "shutting-down",
         }
@@ -63,6 +72,9 @@ impl ApiError {
             Self::NotFound => "Not found",
             Self::BodyTooLarge { .. } => "Job body too large",
             Self::BadBody => "Unreadable request body",
+            Self::BadMetadata(_) => "Bad job metadata",
+            Self::Idempotency(_) => "Idempotency",
+            Self::Publish(PublishError::Overloaded) => "Too many jobs in flight",
             Self::Publish(_) => "Broker unavailable",
             Self::ShuttingDown => "Shutting down",
         }
@@ -82,6 +94,7 @@ impl ApiError {
                     PublishError::Overloaded => "too many jobs are waiting for the message broker",
                 }
             ),
+            Self::BadMetadata(e) => format!("{e} Nothing was queued."),
             Self::ShuttingDown => {
                 "This producer is shutting down; retry, another replica will take the job."
                     .to_owned()
@@ -132,15 +145,19 @@ pub fn problem_response(
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Self::Publish(error) = &self {
+        let this = match self {
+            Self::Idempotency(e) => return e.into_response(),
+            other => other,
+        };
+        if let Self::Publish(error) = &this {
             tracing::warn!(%error, "publish failed; answering 503");
         }
         problem_response(
-            self.status(),
-            self.slug(),
-            self.title(),
-            self.detail(),
-            self.retry_after(),
+            this.status(),
+            this.slug(),
+            this.title(),
+            this.detail(),
+            this.retry_after(),
         )
     }
 }

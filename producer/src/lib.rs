@@ -11,11 +11,17 @@
 //! - [`state`]: what handlers share. [`error`]: problem+json responses.
 //! - [`auth`] and [`rate_limit`]: API keys (401) and per-client rate limits (429)
 //!   in front of every route but the probes.
+//! - [`in_flight`]: the in-flight limit (503 `overloaded`). [`metadata`]: `X-Job-*`
+//!   and trace-context headers that travel with a job.
+//! - [`idempotency`]: `Idempotency-Key` (memory or Redis store).
 //! - `routes`: `jobs` (POST /jobs, /jobs/{queue}) and `health` (/healthz, /readyz).
 
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod idempotency;
+pub mod in_flight;
+pub mod metadata;
 pub mod rate_limit;
 mod routes;
 pub mod startup;

@@ -18,6 +18,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{self, Security};
 use crate::config::ProducerConfig;
 use crate::error::ApiError;
+use crate::idempotency::{MemoryStore, RedisStore, SharedStore, DEFAULT_MAX_ENTRIES};
 use crate::routes::{batch, health, jobs};
 use crate::state::AppState;
 
@@ -63,6 +64,24 @@ pub fn start_publisher(config: &ProducerConfig) -> anyhow::Result<SharedPublishe
     })
 }
 
+/// The idempotency store: Redis when `JOBGATE_REDIS_URL` is set, else memory.
+pub fn idempotency_store(config: &ProducerConfig) -> anyhow::Result<SharedStore> {
+    let store: SharedStore = match &config.redis_url {
+        Some(url) => Arc::new(RedisStore::new(
+            url,
+            config.idempotency_ttl(),
+            config.publish_timeout(),
+            Duration::from_secs(1),
+        )?),
+        None => Arc::new(MemoryStore::new(
+            config.idempotency_ttl(),
+            DEFAULT_MAX_ENTRIES,
+        )),
+    };
+    tracing::info!(store = %store.describe(), "idempotency keys");
+    Ok(store)
+}
+
 /// Serves `listener` until `shutdown` completes, then stops taking requests, lets the
 /// ones in flight finish (at most the shutdown grace), closes the broker connection.
 pub async fn run(
@@ -81,8 +100,11 @@ pub async fn run(
     .with_batch_limits(
         usize::try_from(config.max_batch_items).unwrap_or(usize::MAX),
         config.max_batch_bytes,
-    );
-    let state = state.with_security(Arc::clone(&security));
+    )
+    .with_max_in_flight(usize::try_from(config.max_in_flight).unwrap_or(usize::MAX));
+    let state = state
+        .with_security(Arc::clone(&security))
+        .with_idempotency(idempotency_store(&config)?, config.publish_timeout());
     let draining = state.draining.clone();
     security.spawn_housekeeping(Duration::from_secs(60), draining.clone());
     tracing::info!(security = ?security, "auth and rate limit");

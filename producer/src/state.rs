@@ -6,6 +6,8 @@ use jobgate_shared::broker::SharedPublisher;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Security;
+use crate::idempotency::{MemoryStore, SharedStore};
+use crate::in_flight::{InFlightLimit, DEFAULT_MAX_IN_FLIGHT};
 
 /// Default of `JOBGATE_MAX_BATCH_ITEMS`.
 pub const DEFAULT_MAX_BATCH_ITEMS: usize = 1000;
@@ -15,7 +17,10 @@ pub const DEFAULT_MAX_BATCH_BYTES: usize = 10 * 1024 * 1024;
 /// Shared by every request; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
+    /// The broker publisher behind the in-flight limit (`JOBGATE_MAX_IN_FLIGHT`).
     pub publisher: SharedPublisher,
+    /// The same publisher, typed: its permits.
+    in_flight: Arc<InFlightLimit>,
     /// The allow-list; the first queue is the default target.
     pub queues: Arc<[String]>,
     pub max_body_bytes: usize,
@@ -27,18 +32,29 @@ pub struct AppState {
     pub draining: CancellationToken,
     /// API keys and rate limit in front of the routes (off unless configured).
     pub security: Arc<Security>,
+    /// Where `Idempotency-Key`s live (memory unless `JOBGATE_REDIS_URL` is set).
+    pub idempotency: SharedStore,
+    /// How long a request waits for another one holding its idempotency key.
+    pub idempotency_wait: std::time::Duration,
 }
 
 impl AppState {
     pub fn new(publisher: SharedPublisher, queues: Vec<String>, max_body_bytes: usize) -> Self {
+        let in_flight = Arc::new(InFlightLimit::new(publisher, DEFAULT_MAX_IN_FLIGHT));
         Self {
-            publisher,
+            publisher: Arc::clone(&in_flight) as SharedPublisher,
+            in_flight,
             queues: queues.into(),
             max_body_bytes,
             max_batch_items: DEFAULT_MAX_BATCH_ITEMS,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             draining: CancellationToken::new(),
             security: Arc::new(Security::off()),
+            idempotency: Arc::new(MemoryStore::new(
+                crate::idempotency::DEFAULT_TTL,
+                crate::idempotency::DEFAULT_MAX_ENTRIES,
+            )),
+            idempotency_wait: std::time::Duration::from_secs(6),
         }
     }
 
@@ -49,12 +65,39 @@ impl AppState {
         self
     }
 
+    /// Sets the idempotency store; a request finding its key held waits at most
+    /// `publish_timeout` and a second for the holder's outcome.
+    #[must_use]
+    pub fn with_idempotency(
+        mut self,
+        store: SharedStore,
+        publish_timeout: std::time::Duration,
+    ) -> Self {
+        self.idempotency = store;
+        self.idempotency_wait = publish_timeout + std::time::Duration::from_secs(1);
+        self
+    }
+
     /// Sets the batch limits (the defaults are those of the configuration).
     #[must_use]
     pub fn with_batch_limits(mut self, max_items: usize, max_bytes: usize) -> Self {
         self.max_batch_items = max_items;
         self.max_batch_bytes = max_bytes;
         self
+    }
+
+    /// Sets the in-flight limit (default [`DEFAULT_MAX_IN_FLIGHT`]).
+    #[must_use]
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        let inner = Arc::clone(self.in_flight.inner());
+        self.in_flight = Arc::new(InFlightLimit::new(inner, max));
+        self.publisher = Arc::clone(&self.in_flight) as SharedPublisher;
+        self
+    }
+
+    /// Publishes that could start now without hitting the in-flight limit.
+    pub fn in_flight_available(&self) -> usize {
+        self.in_flight.available()
     }
 
     pub fn accepts(&self, queue: &str) -> bool {

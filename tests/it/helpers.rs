@@ -828,6 +828,12 @@ pub mod rabbit {
         rabbitmqctl(&["stop_app"]).await;
     }
 
+    /// Sets the memory high watermark (a fraction of the RAM); a tiny one raises a
+    /// memory alarm and RabbitMQ blocks publishers (hold [`brokers_exclusive`]).
+    pub async fn set_memory_watermark(fraction: &str) {
+        rabbitmqctl(&["set_vm_memory_high_watermark", fraction]).await;
+    }
+
     /// Starts it again and waits until it accepts AMQP connections.
     pub async fn start_app() {
         rabbitmqctl(&["start_app"]).await;

@@ -18,7 +18,7 @@ const BACKEND: Backend = Backend::Kafka;
 
 /// One record as read from a topic, owned.
 #[derive(Debug)]
-struct Record {
+pub(crate) struct Record {
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     headers: Vec<(String, Option<Vec<u8>>)>,
@@ -26,7 +26,7 @@ struct Record {
 }
 
 impl Record {
-    fn header(&self, name: &str) -> Option<String> {
+    pub(crate) fn header(&self, name: &str) -> Option<String> {
         let (_, value) = self.headers.iter().find(|(k, _)| k == name)?;
         let value = value.as_ref()?;
         Some(String::from_utf8(value.clone()).expect("header values are UTF-8"))
@@ -35,7 +35,7 @@ impl Record {
 
 /// Reads the first record of `topic` (any partition) from the beginning, with a
 /// throwaway group that commits nothing.
-async fn first_record(topic: &str) -> Record {
+pub(crate) async fn first_record(topic: &str) -> Record {
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let client = kafka::client(&unique("reader"));

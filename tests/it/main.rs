@@ -4,7 +4,8 @@
 //!
 //! Scenarios run against both backends through `on_both_backends!`, as
 //! `<module>::rabbitmq::<name>` and `<module>::kafka::<name>`: `scenarios` (ingress and
-//! delivery), `retries` (job processing), `in_process` (the library with test handlers).
+//! delivery), `retries` (job processing), `in_process` (the library with test handlers), `idempotency` (`Idempotency-Key`,
+//! memory and Redis stores).
 //! `rabbitmq_only` and `kafka_only` hold what only one broker has.
 //!
 //! Set `TEST_LOG=1` to see the binaries' logs.
@@ -12,11 +13,14 @@
 #[macro_use]
 mod macros;
 
+mod alarm;
 mod auth;
 mod batch;
 mod helpers;
+mod idempotency;
 mod in_process;
 mod kafka_only;
+mod metadata;
 mod rabbitmq_only;
 mod retries;
 mod scenarios;

@@ -27,7 +27,8 @@ const SUCCESS_BODY_DRAIN: usize = 64 * 1024;
 /// turns the answer into the job's outcome.
 ///
 /// The request carries `Content-Type` (the job's content type, or
-/// `application/octet-stream`), `Job-Id`, `Job-Attempt` (1-based), `Job-Queue` and a
+/// `application/octet-stream`), `Job-Id`, `Job-Attempt` (1-based), `Job-Queue`, the
+/// job's `X-Job-*`, `traceparent` and `tracestate` headers, and a
 /// `User-Agent` of `jobgate-consumer/<version>`. A user and password in the URL are sent
 /// as HTTP basic authentication. One client is shared by all jobs, so connections are
 /// pooled and kept alive. `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` are honoured.
@@ -117,6 +118,7 @@ impl Handler for HttpHandler {
             .header("Job-Id", header_value(&job.meta.id))
             .header("Job-Attempt", HeaderValue::from(job.meta.attempt))
             .header("Job-Queue", header_value(&job.meta.queue))
+            .headers(forwarded_headers(job))
             .body(job.body.clone());
         let response = match request.send().await {
             Ok(response) => response,
@@ -189,6 +191,23 @@ fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         at.duration_since(now).unwrap_or(Duration::ZERO)
     };
     Some(delay.min(MAX_RETRY_AFTER))
+}
+
+/// The job's metadata headers the request carries: `x-job-*`, `traceparent` and
+/// `tracestate` (as the producer took them from the client). Names that are not valid
+/// HTTP header names (a message published by hand, say) are skipped.
+fn forwarded_headers(job: &Job) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &job.meta.headers {
+        let lower = name.to_ascii_lowercase();
+        if !(lower.starts_with("x-job-") || lower == "traceparent" || lower == "tracestate") {
+            continue;
+        }
+        if let Ok(name) = reqwest::header::HeaderName::from_bytes(lower.as_bytes()) {
+            headers.insert(name, header_value(value));
+        }
+    }
+    headers
 }
 
 /// `text` as a header value; control characters (not allowed in one) are
@@ -373,6 +392,35 @@ mod tests {
             .to_str()
             .unwrap()
             .starts_with("jobgate-consumer/"));
+    }
+
+    #[tokio::test]
+    async fn job_metadata_and_trace_context_are_forwarded() {
+        let (addr, log) = server().await;
+        let handler = HttpHandler::new(
+            &format!("http://{addr}/status/200"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut job = job(b"{}", Some("application/json"));
+        for (name, value) in [
+            ("x-job-tenant", "acme"),
+            ("traceparent", tp),
+            ("tracestate", "congo=t61rcWkgMzE"),
+            ("x-last-error", "not forwarded"),
+            ("x-job-bad name", "skipped"),
+        ] {
+            job.meta.headers.insert(name.into(), value.into());
+        }
+        assert_eq!(handler.handle(&job).await, Outcome::Done);
+        let seen = log.lock().unwrap().clone();
+        let h = &seen[0].headers;
+        assert_eq!(h["x-job-tenant"], "acme");
+        assert_eq!(h["traceparent"], tp);
+        assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
+        assert!(!h.contains_key("x-last-error"));
+        assert!(!h.keys().any(|k| k.as_str().starts_with("x-job-bad")));
     }
 
     #[tokio::test]

@@ -254,9 +254,12 @@ pub async fn post_batch(
         Format::JsonArray => array_items(&body, state.max_batch_items, state.max_body_bytes),
     }
     .map_err(IntoResponse::into_response)?;
+    // The request's metadata headers travel with every job of the batch.
+    let job_headers = crate::metadata::extract(&headers).map_err(IntoResponse::into_response)?;
 
     let publishes = items.iter().map(|item| {
-        let meta = JobMeta::new(queue.clone(), Some(JSON.to_owned()));
+        let mut meta = JobMeta::new(queue.clone(), Some(JSON.to_owned()));
+        meta.headers.clone_from(&job_headers);
         let publisher = &state.publisher;
         async move {
             let result = publisher.publish(&meta, item).await;

@@ -39,6 +39,11 @@ use crate::retry::retry_queue_name;
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the supervisor checks the health of a session besides listening to events.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a publisher connection sends its alarm probe (see [`probe_for_alarm`]).
+const ALARM_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Routing key of the alarm probe: `amq.` queue names are reserved, so no queue can
+/// have it and the broker drops the message (it is not `mandatory`).
+const ALARM_PROBE_KEY: &str = "amq.jobgate.alarm-probe";
 
 /// Declares, idempotently, the queues of job queue `queue`:
 /// - `queue`: durable quorum queue whose rejected messages go to `queue.dlq`;
@@ -122,16 +127,39 @@ async fn bounded<T>(
     }
 }
 
+/// RabbitMQ blocks a connection under a resource alarm (and sends `connection.blocked`)
+/// only when the connection next publishes. So that readiness turns false before a job
+/// runs into the alarm, a publisher connection publishes an empty, unroutable message
+/// every [`ALARM_PROBE_INTERVAL`] while it is not blocked. It runs on its own task: a
+/// blocked connection may hold the frame back, and the watcher must not wait on it.
+fn probe_for_alarm(channel: &Channel) {
+    let channel = channel.clone();
+    tokio::spawn(async move {
+        let publish = channel.basic_publish(
+            ShortString::default(),
+            ShortString::from(ALARM_PROBE_KEY),
+            BasicPublishOptions::default(),
+            &[],
+            lapin::BasicProperties::default(),
+        );
+        // The confirm (the probe goes out on a confirm channel) is not awaited.
+        let _ = tokio::time::timeout(ALARM_PROBE_INTERVAL, publish).await;
+    });
+}
+
 /// Watches a connection until it fails (or `cancel` fires) and keeps `blocked` up to
 /// date with RabbitMQ's `connection.blocked` / `connection.unblocked` notifications.
+/// With `probe`, sends the alarm probe on that channel (publishers only).
 async fn watch_connection(
     conn: &Connection,
     channels: &[Channel],
+    probe: Option<&Channel>,
     blocked: &AtomicBool,
     cancel: &CancellationToken,
 ) {
     let mut events = conn.events_listener();
     let mut tick = tokio::time::interval(HEALTH_CHECK_INTERVAL);
+    let mut probe_tick = tokio::time::interval(ALARM_PROBE_INTERVAL);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -155,6 +183,13 @@ async fn watch_connection(
                 if !conn.status().connected() || channels.iter().any(|c| !c.status().connected()) {
                     tracing::warn!("RabbitMQ connection or channel closed");
                     return;
+                }
+            }
+            _ = probe_tick.tick(), if probe.is_some() => {
+                if let Some(channel) = probe {
+                    if !blocked.load(Ordering::SeqCst) {
+                        probe_for_alarm(channel);
+                    }
                 }
             }
         }
@@ -286,6 +321,7 @@ impl RabbitPublisher {
                     watch_connection(
                         &session.conn,
                         &session.channels,
+                        session.channels.first(),
                         &session.blocked,
                         &self.cancel,
                     )
@@ -350,6 +386,12 @@ impl Publisher for RabbitPublisher {
         body: &[u8],
     ) -> Result<(), PublishError> {
         let session = self.current().ok_or(PublishError::Unavailable)?;
+        // Under a resource alarm the broker stops reading from the connection: a publish
+        // would wait out the timeout, and the broker could still take the message after
+        // the client was told 503. Refuse it at once instead.
+        if session.blocked.load(Ordering::SeqCst) {
+            return Err(PublishError::Unavailable);
+        }
         let timeout = self.options.publish_timeout;
         let publish = Self::publish_confirmed(&session, destination, meta, body);
         let result = match tokio::time::timeout(timeout, publish).await {
@@ -476,7 +518,7 @@ impl RabbitSource {
         let mut deliveries = futures::stream::select_all(consumers);
         let lost = CancellationToken::new();
         let blocked = AtomicBool::new(false);
-        let watch = watch_connection(conn, std::slice::from_ref(channel), &blocked, &lost);
+        let watch = watch_connection(conn, std::slice::from_ref(channel), None, &blocked, &lost);
         tokio::pin!(watch);
         loop {
             tokio::select! {
