@@ -29,14 +29,26 @@ pub enum ApiError {
     Idempotency(#[from] crate::idempotency::IdempotencyError),
     #[error(transparent)]
     BadMetadata(#[from] crate::metadata::BadMetadata),
+    #[error("this path does not answer this method")]
+    MethodNotAllowed,
 }
 
-/// The problem document.
-#[derive(Debug, Serialize)]
+/// The problem document (RFC 9457), sent as `application/problem+json`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "type": "urn:jobgate:problem:unknown-queue",
+    "title": "Unknown queue",
+    "status": 404,
+    "detail": "queue \"other\" is not configured."
+}))]
 pub struct Problem {
+    /// `urn:jobgate:problem:<slug>`: a stable identifier to switch on.
     #[serde(rename = "type")]
+    #[schema(rename = "type")]
     pub kind: String,
+    #[schema(value_type = String)]
     pub title: &'static str,
+    /// The HTTP status, repeated.
     pub status: u16,
     pub detail: String,
 }
@@ -45,6 +57,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             Self::UnknownQueue(_) | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody | Self::BadMetadata(_) | Self::Idempotency(_) => StatusCode::BAD_REQUEST,
             Self::Publish(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -56,6 +69,7 @@ impl ApiError {
         match self {
             Self::UnknownQueue(_) => "unknown-queue",
             Self::NotFound => "not-found",
+            Self::MethodNotAllowed => "method-not-allowed",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "bad-body",
             Self::BadMetadata(_) => "bad-metadata",
@@ -70,6 +84,7 @@ impl ApiError {
         match self {
             Self::UnknownQueue(_) => "Unknown queue",
             Self::NotFound => "Not found",
+            Self::MethodNotAllowed => "Method not allowed",
             Self::BodyTooLarge { .. } => "Job body too large",
             Self::BadBody => "Unreadable request body",
             Self::BadMetadata(_) => "Bad job metadata",

@@ -14,7 +14,8 @@
 //! - [`in_flight`]: the in-flight limit (503 `overloaded`). [`metadata`]: `X-Job-*`
 //!   and trace-context headers that travel with a job.
 //! - [`idempotency`]: `Idempotency-Key` (memory or Redis store).
-//! - `routes`: `jobs` (POST /jobs, /jobs/{queue}) and `health` (/healthz, /readyz).
+//! - `routes`: `jobs` (POST /jobs, /jobs/{queue}), `batch` (POST /jobs/{queue}/batch)
+//!   and `health` (/healthz, /readyz). [`openapi`]: GET /openapi.json.
 
 pub mod auth;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod idempotency;
 pub mod in_flight;
 pub mod metadata;
+pub mod openapi;
 pub mod rate_limit;
 mod routes;
 pub mod startup;

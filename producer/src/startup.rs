@@ -31,6 +31,9 @@ pub fn app(state: AppState) -> Router {
         .route("/jobs/{queue}/batch", batch::route(state.max_batch_bytes))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(crate::openapi::openapi_json))
+        // After the routes: a known path with another method is a 405 problem too.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound })
         // Auth (401), then rate limit (429), then the handler; the probes stay open.
         .layer(axum::middleware::from_fn_with_state(

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use jobgate_shared::job::JobMeta;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::error::{problem_response, ApiError};
+use crate::error::{problem_response, ApiError, Problem};
 use crate::state::AppState;
 
 /// Content type of NDJSON batches.
@@ -37,7 +37,7 @@ pub fn route(max_batch_bytes: usize) -> MethodRouter<AppState> {
 }
 
 /// The answer to a batch (202, 207 or 503).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BatchAnswer {
     pub queue: String,
     pub accepted: usize,
@@ -46,13 +46,15 @@ pub struct BatchAnswer {
 }
 
 /// One item of the answer: `job_id` when the broker took it, `error` when not.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ItemAnswer {
     pub index: usize,
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub job_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error: Option<String>,
 }
 
@@ -224,12 +226,53 @@ fn short_problem(error: &PublishError) -> &'static str {
 }
 
 /// `POST /jobs/{queue}/batch`.
+#[utoipa::path(
+    post,
+    path = "/jobs/{queue}/batch",
+    tag = "jobs",
+    summary = "Accept many jobs for a queue",
+    description = "NDJSON (one JSON job body per line) or a JSON array (one job body per element). The whole batch is checked before anything is published; then every item is published and the answer lists each item's job id or error. `Idempotency-Key` is not used for batches.",
+    request_body(
+        description = "The jobs. Each item becomes one job with content type `application/json`, its text byte for byte.",
+        content(
+            (String = "application/x-ndjson"),
+            (Vec<serde_json::Value> = "application/json"),
+        ),
+    ),
+    params(
+        ("queue" = String, Path, description = "A queue of `JOBGATE_QUEUES`."),
+        ("X-Job-*" = Option<String>, Header, description = "Any number (at most 16) of `X-Job-<name>` headers travel with every job of the batch as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces."),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context; travels with every job when valid."),
+        ("tracestate" = Option<String>, Header, description = "W3C trace context; travels with a valid `traceparent`."),
+    ),
+    responses(
+        (status = 202, description = "The broker took every item.", body = BatchAnswer),
+        (status = 207, description = "The broker took some items; the others have `error` (retry those).", body = BatchAnswer,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying the failed items."))),
+        (status = 400, description = "`malformed-batch`, `empty-batch`, `bad-body` or `bad-metadata` (nothing is published).", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`"))),
+        (status = 404, description = "`unknown-queue` (nothing is published) or `not-found`.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`batch-too-large` (too many items or bytes) or `body-too-large` (one item too large); nothing is published.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported-media-type`: neither `application/x-ndjson` nor `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`: over the per-client rate limit.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = 503, description = "Either the broker took no item (a `BatchAnswer`, `application/json`), or `shutting-down` (a `Problem`, `application/problem+json`).",
+            content(
+                (BatchAnswer = "application/json"),
+                (Problem = "application/problem+json"),
+            ),
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn post_batch(
     State(state): State<AppState>,
-    Path(queue): Path<String>,
+    queue: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Response> {
+    let queue = super::jobs::queue_name(queue).map_err(IntoResponse::into_response)?;
     if !state.accepts(&queue) {
         return Err(ApiError::UnknownQueue(queue).into_response());
     }

@@ -1,7 +1,7 @@
 //! `POST /jobs` and `POST /jobs/{queue}`: accept one job.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,19 +11,58 @@ use jobgate_shared::job::JobMeta;
 use serde::Serialize;
 
 use crate::auth::ApiKeyId;
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::idempotency::{self, Begin};
 use crate::state::AppState;
 
 /// The 202 body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "message": "Request received",
+    "job_id": "0192f0c1-5a3e-7b2c-9d4e-1f2a3b4c5d6e",
+    "queue": "emails"
+}))]
 pub struct Accepted {
+    /// Always `Request received`.
+    #[schema(value_type = String)]
     pub message: &'static str,
+    /// The job's id (UUID v7).
     pub job_id: String,
     pub queue: String,
 }
 
 /// `POST /jobs`: to the first configured queue.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "jobs",
+    summary = "Accept one job for the default queue",
+    description = "Publishes the body to the first queue of `JOBGATE_QUEUES` and answers 202 once the broker confirmed it.",
+    request_body(description = "The job body: any bytes with any content type (no schema: it is not parsed), published byte for byte; the content type travels with the job.", content(("*/*"))),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters. A repeat with the same key, queue and body within the TTL gets the original 202 (with `Idempotent-Replayed: true`) and publishes nothing."),
+        ("X-Job-*" = Option<String>, Header, description = "Any number (at most 16) of `X-Job-<name>` headers travel with the job as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces."),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context; travels with the job when valid (`00-<32 hex>-<16 hex>-<2 hex>`), ignored otherwise."),
+        ("tracestate" = Option<String>, Header, description = "W3C trace context; travels with a valid `traceparent`."),
+    ),
+    responses(
+        (status = 202, description = "The broker confirmed the job.", body = Accepted,
+            headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
+        (status = 400, description = "`bad-body`, `bad-metadata` or `bad-idempotency-key`.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`"))),
+        (status = 404, description = "`unknown-queue` (nothing is published) or `not-found`.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency-key-in-progress`: the first request with this key is still publishing.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = 413, description = "`body-too-large`: the body is larger than `JOBGATE_MAX_BODY_BYTES`.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency-key-reused`: the key was used for another queue or body.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`: over the per-client rate limit.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = 503, description = "`broker-unavailable`, `overloaded`, `shutting-down` or `idempotency-store-unavailable`: the job was not taken; retry.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn post_to_default_queue(
     State(state): State<AppState>,
     scope: Option<Extension<ApiKeyId>>,
@@ -35,17 +74,57 @@ pub async fn post_to_default_queue(
 }
 
 /// `POST /jobs/{queue}`: to a queue of the allow-list; 404 for any other.
+#[utoipa::path(
+    post,
+    path = "/jobs/{queue}",
+    tag = "jobs",
+    summary = "Accept one job for a queue",
+    description = "Publishes the body to `queue` (one of `JOBGATE_QUEUES`) and answers 202 once the broker confirmed it.",
+    request_body(description = "The job body: any bytes with any content type (no schema: it is not parsed), published byte for byte; the content type travels with the job.", content(("*/*"))),
+    params(
+        ("queue" = String, Path, description = "A queue of `JOBGATE_QUEUES`."),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters. A repeat with the same key, queue and body within the TTL gets the original 202 (with `Idempotent-Replayed: true`) and publishes nothing."),
+        ("X-Job-*" = Option<String>, Header, description = "Any number (at most 16) of `X-Job-<name>` headers travel with the job as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces."),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context; travels with the job when valid (`00-<32 hex>-<16 hex>-<2 hex>`), ignored otherwise."),
+        ("tracestate" = Option<String>, Header, description = "W3C trace context; travels with a valid `traceparent`."),
+    ),
+    responses(
+        (status = 202, description = "The broker confirmed the job.", body = Accepted,
+            headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
+        (status = 400, description = "`bad-body`, `bad-metadata` or `bad-idempotency-key`.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`"))),
+        (status = 404, description = "`unknown-queue` (nothing is published) or `not-found`.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency-key-in-progress`: the first request with this key is still publishing.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = 413, description = "`body-too-large`: the body is larger than `JOBGATE_MAX_BODY_BYTES`.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency-key-reused`: the key was used for another queue or body.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`: over the per-client rate limit.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = 503, description = "`broker-unavailable`, `overloaded`, `shutting-down` or `idempotency-store-unavailable`: the job was not taken; retry.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn post_to_queue(
     State(state): State<AppState>,
-    Path(queue): Path<String>,
+    queue: Result<Path<String>, PathRejection>,
     scope: Option<Extension<ApiKeyId>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let queue = queue_name(queue)?;
     if !state.accepts(&queue) {
         return Err(ApiError::UnknownQueue(queue));
     }
     accept(&state, queue, scope, &headers, body).await
+}
+
+/// The queue of the path; a segment that is not UTF-8 (`%FF`) names no queue: 404.
+pub(crate) fn queue_name(queue: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    queue
+        .map(|Path(queue)| queue)
+        .map_err(|_| ApiError::UnknownQueue("<not UTF-8>".to_owned()))
 }
 
 async fn accept(
