@@ -1,6 +1,7 @@
 //! RabbitMQ's memory alarm: the broker blocks publishers (`connection.blocked`). The
 //! producer turns not ready and answers 503 within its publish timeout (never hangs),
-//! and takes jobs again once the alarm clears.
+//! and takes jobs again once the alarm clears. A batch posted meanwhile is refused
+//! whole (503, no item taken).
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,21 @@ async fn memory_alarm_gives_503_and_the_producer_recovers_when_it_clears() {
         );
         assert!(response.headers().contains_key("retry-after"));
         assert_problem(response, 503, "broker-unavailable").await;
+
+        // A batch during the alarm: none taken, 503 with every item failed.
+        let response = producer
+            .http
+            .post(producer.url(&format!("/jobs/{queue}/batch")))
+            .header("content-type", "application/x-ndjson")
+            .body("{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert!(response.headers().contains_key("retry-after"));
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(answer["accepted"], 0, "{answer}");
+        assert_eq!(answer["failed"], 3, "{answer}");
     };
     // Clear the alarm even when an assertion failed, for the other tests.
     let result = std::panic::AssertUnwindSafe(outcome).catch_unwind().await;

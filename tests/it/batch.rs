@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::helpers::{
-    assert_problem, assert_processed_exactly_once, brokers_shared, unique, Backend, Consumer,
-    Producer,
+    assert_problem, assert_processed_exactly_once, brokers_shared, unique, vars, wait_until,
+    Backend, Consumer, Producer,
 };
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -17,6 +17,7 @@ on_both_backends!(
     an_ndjson_batch_becomes_jobs_processed_exactly_once,
     a_json_array_batch_is_accepted,
     a_batch_with_a_bad_line_or_type_publishes_nothing,
+    a_batch_over_the_in_flight_limit_is_partly_taken_with_207,
 );
 
 async fn post_batch(
@@ -121,4 +122,35 @@ pub async fn a_batch_with_a_bad_line_or_type_publishes_nothing(backend: Backend)
         before,
         "nothing was published"
     );
+}
+
+/// With `JOBGATE_MAX_IN_FLIGHT=4`, a batch of 10 has its items published together: four
+/// get a permit and wait for the broker, the other six are refused at once (503 in their
+/// entry). The answer is 207, and exactly the four accepted jobs are in the queue.
+pub async fn a_batch_over_the_in_flight_limit_is_partly_taken_with_207(backend: Backend) {
+    let _brokers = brokers_shared().await;
+    let queue = unique("partial");
+    let _cleanup = backend.cleanup(&[&queue]);
+    let producer =
+        Producer::start(backend, &[&queue], &vars(&[("JOBGATE_MAX_IN_FLIGHT", "4")])).await;
+    let body: String = (0..10).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    let response = post_batch(&producer, &queue, "application/x-ndjson", body).await;
+    assert_eq!(response.status(), 207);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["accepted"], 4, "{answer}");
+    assert_eq!(answer["failed"], 6, "{answer}");
+    let items = answer["items"].as_array().unwrap();
+    let refused = items.iter().filter(|i| i["status"] == 503).count();
+    assert_eq!(refused, 6, "{answer}");
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!(item["index"], i, "items are answered in order");
+    }
+    wait_until(
+        LIMIT,
+        "the queue to hold the four accepted jobs",
+        || async { backend.pending(&queue).await == 4 },
+    )
+    .await;
+    // The permits came back: a single job is taken again.
+    producer.post_ok(&queue, "after the batch").await;
 }
