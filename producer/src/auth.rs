@@ -339,10 +339,8 @@ mod tests {
         use axum::body::Body;
         use axum::http::{HeaderMap, Request, StatusCode};
         use axum::Router;
-        use http_body_util::BodyExt;
         use jobgate_shared::broker::memory::MemoryBroker;
         use serde_json::Value;
-        use tower::ServiceExt;
 
         use super::*;
         use crate::startup::app;
@@ -375,15 +373,7 @@ mod tests {
         }
 
         async fn send(app: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
-            let response = app.clone().oneshot(request).await.unwrap();
-            let status = response.status();
-            let headers = response.headers().clone();
-            let bytes = response.into_body().collect().await.unwrap().to_bytes();
-            (
-                status,
-                headers,
-                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            )
+            crate::test_support::send(app.clone(), request).await
         }
 
         #[tokio::test]

@@ -633,7 +633,6 @@ mod tests {
 
     use axum::body::Body;
     use axum::http::Request;
-    use http_body_util::BodyExt;
     use jobgate_shared::broker::{PublishError, Publisher};
     use jobgate_shared::job::JobMeta;
     use serde_json::Value;
@@ -685,15 +684,7 @@ mod tests {
             .header(HEADER, key)
             .body(Body::from(body))
             .unwrap();
-        let response = app(state.clone()).oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            headers,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        crate::test_support::send(app(state.clone()), request).await
     }
 
     #[tokio::test]

@@ -28,6 +28,8 @@ pub mod rate_limit;
 mod routes;
 pub mod startup;
 pub mod state;
+#[cfg(test)]
+mod test_support;
 
 pub use config::ProducerConfig;
 pub use startup::{app, run};

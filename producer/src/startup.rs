@@ -142,11 +142,8 @@ pub async fn run(
 mod tests {
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
-    use http_body_util::BodyExt;
     use jobgate_shared::broker::memory::MemoryBroker;
     use jobgate_shared::broker::PublishError;
-    use serde_json::Value;
-    use tower::ServiceExt;
 
     use super::*;
 
@@ -159,17 +156,7 @@ mod tests {
         app(state)
     }
 
-    async fn send(
-        app: Router,
-        request: Request<Body>,
-    ) -> (StatusCode, axum::http::HeaderMap, Value) {
-        let response = app.oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, headers, json)
-    }
+    use crate::test_support::send;
 
     fn post(path: &str, body: &'static [u8]) -> Request<Body> {
         Request::post(path)

@@ -379,10 +379,8 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use axum::Router;
-    use http_body_util::BodyExt;
     use jobgate_shared::broker::memory::MemoryBroker;
     use serde_json::Value;
-    use tower::ServiceExt;
 
     use super::*;
     use crate::startup::app;
@@ -398,14 +396,7 @@ mod tests {
         app(state)
     }
 
-    async fn send(app: Router, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
-        let response = app.oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, headers, json)
-    }
+    use crate::test_support::send;
 
     fn batch(queue: &str, content_type: &str, body: impl AsRef<[u8]>) -> Request<Body> {
         Request::post(format!("/jobs/{queue}/batch"))
