@@ -7,12 +7,14 @@
 //!   [`broker::JobSource`] for workers; RabbitMQ ([`broker::rabbitmq`]) and an in-memory
 //!   fake for unit tests ([`broker::memory`]).
 //! - [`backoff`]: the reconnect delay schedule; [`retry`]: attempts and retry tiers.
-//! - [`telemetry`]: logging set-up; [`shutdown`]: the SIGTERM/SIGINT future.
+//! - [`telemetry`]: logging and trace export; [`metrics`]: the Prometheus encoder;
+//!   [`shutdown`]: the SIGTERM/SIGINT future.
 
 pub mod backoff;
 pub mod broker;
 pub mod config;
 pub mod job;
+pub mod metrics;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

@@ -27,3 +27,12 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+/// Makes `span` continue the trace whose W3C context (`traceparent`, `tracestate`)
+/// travelled with a job in its headers, so the consumer's job span joins the producer's
+/// request span in one trace. Does nothing when trace export is off or the headers carry
+/// no valid context.
+pub fn continue_trace(span: &tracing::Span, headers: &std::collections::BTreeMap<String, String>) {
+    // Filled in with the OpenTelemetry export (issue 6).
+    let _ = (span, headers);
+}
