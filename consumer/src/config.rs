@@ -1,5 +1,6 @@
 //! Consumer configuration: every option is a flag and a `JOBGATE_*` variable.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -64,6 +65,11 @@ pub struct ConsumerConfig {
     #[arg(long, env = "JOBGATE_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
     pub kafka_session_timeout_ms: u64,
+
+    /// Address of the metrics and probes listener (`GET /metrics`, `/healthz`,
+    /// `/readyz`), e.g. `0.0.0.0:9100`; unset: no listener.
+    #[arg(long, env = "JOBGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -179,6 +185,18 @@ mod tests {
         assert_eq!(c.concurrency, 8);
         assert_eq!(c.shutdown_grace(), Duration::from_secs(30));
         assert_eq!(c.handler.handler, crate::handlers::HandlerKind::Log);
+        assert_eq!(c.metrics_listen, None, "no metrics listener unless asked");
+    }
+
+    #[test]
+    fn metrics_listen_takes_a_socket_address() {
+        let c = ConsumerConfig::try_parse_from(["consumer", "--metrics-listen", "0.0.0.0:9100"])
+            .unwrap();
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9100".parse().unwrap()));
+        assert!(
+            ConsumerConfig::try_parse_from(["consumer", "--metrics-listen", "9100"]).is_err(),
+            "a port alone is not an address"
+        );
     }
 
     #[test]

@@ -13,15 +13,20 @@
 //! - [`handlers`]: built-in handlers (`log`).
 //! - [`worker`]: the loop that takes deliveries and runs the handler.
 //! - [`settle`]: what becomes of a job after an attempt (ack, retry tier, dead letter).
+//! - [`metrics`]: the worker's Prometheus metrics; [`probes`]: the listener that serves
+//!   them with `/healthz` and `/readyz` (`JOBGATE_METRICS_LISTEN`).
 
 mod backend;
 pub mod config;
 pub mod handler;
 pub mod handlers;
+pub mod metrics;
+pub mod probes;
 pub mod settle;
 pub mod worker;
 
 pub use config::ConsumerConfig;
 pub use handler::{Handler, Outcome};
 pub use jobgate_shared::job::{Job, JobMeta};
-pub use worker::{run, run_with_source, WorkerOptions};
+pub use metrics::WorkerMetrics;
+pub use worker::{run, run_with_source, run_with_source_and_metrics, WorkerOptions};

@@ -9,7 +9,7 @@ mod dlq;
 async fn main() -> ExitCode {
     let config = consumer::ConsumerConfig::parse();
     jobgate_shared::telemetry::init(config.broker.log_format);
-    match &config.command {
+    let code = match &config.command {
         Some(Command::Dlq(command)) => dlq::run(&config, command).await,
         None => match run_worker(config).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -18,7 +18,10 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-    }
+    };
+    // The last job spans, when traces are exported.
+    jobgate_shared::telemetry::shutdown();
+    code
 }
 
 async fn run_worker(config: consumer::ConsumerConfig) -> anyhow::Result<()> {

@@ -29,39 +29,60 @@ const PUBLISH_TRIES: usize = 4;
 /// Reasons travel in headers and logs: keep them short.
 const MAX_REASON_CHARS: usize = 500;
 
-/// Settles `settle` (the delivery of `job`) by `outcome`. Errors are logged: whatever
-/// is not settled is delivered again by the broker.
+/// What [`settle`] made of an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Done: acked.
+    Done,
+    /// The retry copy is in its tier (confirmed); the original acked.
+    Retried,
+    /// The dead-letter copy is in `Q.dlq` (confirmed); the original acked.
+    Dead,
+    /// The copy could not be published: the original went back to the broker.
+    GivenBack,
+}
+
+/// Settles `settle` (the delivery of `job`) by `outcome` and says what became of it.
+/// Errors are logged: whatever is not settled is delivered again by the broker. A
+/// failed ack after a confirmed copy still counts as that outcome: the copy is durable,
+/// the redelivery a duplicate.
 pub async fn settle(
     outcomes: &dyn Publisher,
     policy: &RetryPolicy,
     job: &Job,
     settle: Box<dyn Settle>,
     outcome: Outcome,
-) {
+) -> Settled {
     let meta = &job.meta;
     let (job_id, queue, attempt) = (&meta.id, &meta.queue, meta.attempt);
-    let copy = match &outcome {
-        Outcome::Done => None,
+    let (settled, copy) = match &outcome {
+        Outcome::Done => (Settled::Done, None),
         Outcome::Retry { reason, delay } if policy.may_retry(attempt) => {
             let tier = policy.tier_for(attempt, *delay);
             tracing::warn!(%job_id, %queue, attempt, %reason, retry_in = ?tier, "job failed; it will be retried");
-            Some((
-                retry_queue_name(queue, tier),
-                retry_copy(meta, reason, tier),
-            ))
+            (
+                Settled::Retried,
+                Some((
+                    retry_queue_name(queue, tier),
+                    retry_copy(meta, reason, tier),
+                )),
+            )
         }
         Outcome::Retry { reason, .. } | Outcome::Dead { reason } => {
             tracing::warn!(%job_id, %queue, attempt, %reason, "job failed for good; dead-lettered");
-            Some((dlq_name(queue), dead_copy(meta, reason)))
+            (
+                Settled::Dead,
+                Some((dlq_name(queue), dead_copy(meta, reason))),
+            )
         }
     };
     if let Some((destination, copy)) = copy {
         if let Err(error) = publish_with_retries(outcomes, &destination, &copy, &job.body).await {
             tracing::warn!(%job_id, %queue, %destination, %error, "could not publish the job's outcome; it goes back to the broker");
             if let Err(error) = settle.requeue().await {
-                tracing::warn!(%job_id, %error, "could not give the job back; the broker will redeliver it");
+                tracing::warn!(%job_id, %queue, %error, "could not give the job back; the broker will redeliver it");
             }
-            return;
+            return Settled::GivenBack;
         }
     }
     match settle.ack().await {
@@ -70,6 +91,7 @@ pub async fn settle(
             tracing::warn!(%job_id, %queue, %error, "could not settle; the broker will redeliver the job")
         }
     }
+    settled
 }
 
 async fn publish_with_retries(

@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jobgate_shared::broker::{Delivery, JobSource, SharedPublisher};
 use jobgate_shared::job::Job;
@@ -24,10 +24,13 @@ use jobgate_shared::retry::RetryPolicy;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::backend;
 use crate::config::ConsumerConfig;
 use crate::handler::{Handler, Outcome};
+use crate::metrics::WorkerMetrics;
+use crate::probes;
 use crate::settle;
 
 /// What the worker loop needs besides a source, a publisher and a handler.
@@ -64,36 +67,90 @@ pub async fn run<H: Handler>(
     run_boxed(config, Box::new(handler), shutdown).await
 }
 
-/// [`run`] for a handler chosen at run time.
+/// [`run`] for a handler chosen at run time. With `metrics_listen` set, the metrics and
+/// probes listener runs beside the worker and stops with it; an address that cannot be
+/// bound is an error before anything else starts.
 pub async fn run_boxed(
     config: ConsumerConfig,
     handler: Box<dyn Handler>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tracing::info!(queues = ?config.queue, concurrency = config.concurrency, backend = ?config.broker.backend, "consumer starting");
+    let listener = match config.metrics_listen {
+        Some(addr) => Some(probes::bind(addr).await?),
+        None => None,
+    };
     let source = backend::source(&config);
     let outcomes = backend::outcome_publisher(&config)?;
     let options = WorkerOptions::from(&config);
-    run_with_source(
+
+    let mut registry = jobgate_shared::metrics::registry();
+    let metrics = WorkerMetrics::register(&mut registry);
+    let draining = CancellationToken::new();
+    let stop_listener = CancellationToken::new();
+    let server = listener.map(|listener| {
+        let state = probes::ProbeState {
+            registry: Arc::new(registry),
+            metrics: metrics.clone(),
+            source: source.status(),
+            outcomes: Arc::clone(&outcomes),
+            draining: draining.clone(),
+        };
+        tokio::spawn(probes::serve(listener, state, stop_listener.clone()))
+    });
+    // Readiness turns false as soon as shutdown begins, before in-flight jobs finish.
+    let shutdown = {
+        let draining = draining.clone();
+        async move {
+            shutdown.await;
+            draining.cancel();
+        }
+    };
+
+    run_with_source_and_metrics(
         source,
         Arc::clone(&outcomes),
         Arc::from(handler),
         options,
+        metrics,
         shutdown,
     )
     .await;
     outcomes.close().await;
+    stop_listener.cancel();
+    if let Some(server) = server {
+        if tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the metrics listener did not stop in time");
+        }
+    }
     tracing::info!("consumer stopped");
     Ok(())
 }
 
 /// The worker loop over any [`JobSource`] (unit tests use the in-memory one).
-/// `outcomes` publishes retries and dead letters.
+/// `outcomes` publishes retries and dead letters. Its metrics are not exported; see
+/// [`run_with_source_and_metrics`].
 pub async fn run_with_source(
+    source: Box<dyn JobSource>,
+    outcomes: SharedPublisher,
+    handler: Arc<dyn Handler>,
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let metrics = WorkerMetrics::default();
+    run_with_source_and_metrics(source, outcomes, handler, options, metrics, shutdown).await;
+}
+
+/// [`run_with_source`] that records every attempt in `metrics`.
+pub async fn run_with_source_and_metrics(
     mut source: Box<dyn JobSource>,
     outcomes: SharedPublisher,
     handler: Arc<dyn Handler>,
     options: WorkerOptions,
+    metrics: WorkerMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
     let concurrency = options.concurrency.max(1);
@@ -125,13 +182,14 @@ pub async fn run_with_source(
                 None => break,
             },
         };
-        let (handler, outcomes, options) = (
+        let (handler, outcomes, options, metrics) = (
             Arc::clone(&handler),
             Arc::clone(&outcomes),
             Arc::clone(&options),
+            metrics.clone(),
         );
         tracker.spawn(async move {
-            process(handler, &outcomes, &options, delivery).await;
+            process(handler, &outcomes, &options, &metrics, delivery).await;
             drop(permit);
         });
     }
@@ -140,9 +198,10 @@ pub async fn run_with_source(
     // started so other replicas get it at once.
     stop.cancel();
     rx.close();
-    while let Some(unstarted) = rx.recv().await {
-        if let Err(error) = unstarted.settle.requeue().await {
-            tracing::debug!(%error, "could not give back an unstarted job; the broker will redeliver it");
+    while let Some(Delivery { job, settle }) = rx.recv().await {
+        if let Err(error) = settle.requeue().await {
+            let (job_id, queue) = (&job.meta.id, &job.meta.queue);
+            tracing::debug!(%job_id, %queue, %error, "could not give back an unstarted job; the broker will redeliver it");
         }
     }
     let mut source = match source_task.await {
@@ -172,28 +231,42 @@ pub async fn run_with_source(
     }
 }
 
-/// Runs one job and settles it by its outcome.
+/// Runs one job and settles it by its outcome, inside the job's span (which continues
+/// the trace the job's headers carry), recording the attempt in `metrics`.
 async fn process(
     handler: Arc<dyn Handler>,
     outcomes: &SharedPublisher,
     options: &WorkerOptions,
+    metrics: &WorkerMetrics,
     delivery: Delivery,
 ) {
     let Delivery { job, settle } = delivery;
-    let (job_id, queue, attempt) = (
-        job.meta.id.clone(),
-        job.meta.queue.clone(),
-        job.meta.attempt,
-    );
-    tracing::debug!(%job_id, %queue, attempt, "job started");
-    let outcome = run_handler(handler, job.clone(), options.job_timeout).await;
-    settle::settle(outcomes.as_ref(), &options.retry, &job, settle, outcome).await;
+    let meta = &job.meta;
+    let span =
+        tracing::info_span!("job", job_id = %meta.id, queue = %meta.queue, attempt = meta.attempt);
+    jobgate_shared::telemetry::continue_trace(&span, &meta.headers);
+    async {
+        let (job_id, queue, attempt) = (&meta.id, &meta.queue, meta.attempt);
+        tracing::debug!(%job_id, %queue, attempt, "job started");
+        let in_flight = metrics.job_started(queue);
+        let started = Instant::now();
+        let outcome = run_handler(handler, job.clone(), options.job_timeout).await;
+        metrics.handler_finished(queue, started.elapsed());
+        let settled =
+            settle::settle(outcomes.as_ref(), &options.retry, &job, settle, outcome).await;
+        metrics.job_settled(queue, settled);
+        drop(in_flight);
+    }
+    .instrument(span)
+    .await;
 }
 
 /// Runs the handler in its own task: a panic becomes a failed attempt, and a job past
-/// `timeout` is cancelled (its task aborted, dropping whatever it was doing).
+/// `timeout` is cancelled (its task aborted, dropping whatever it was doing). The task
+/// runs in the caller's span (the job's), so the handler's logs belong to the job.
 async fn run_handler(handler: Arc<dyn Handler>, job: Job, timeout: Option<Duration>) -> Outcome {
-    let mut task = tokio::spawn(async move { handler.handle(&job).await });
+    let handle = async move { handler.handle(&job).await };
+    let mut task = tokio::spawn(handle.instrument(tracing::Span::current()));
     let joined = match timeout {
         Some(limit) => match tokio::time::timeout(limit, &mut task).await {
             Ok(joined) => joined,
@@ -391,6 +464,87 @@ mod tests {
             handler.max_running.load(Ordering::SeqCst) <= 2,
             "concurrency bound held"
         );
+    }
+
+    #[tokio::test]
+    async fn metrics_count_each_attempt_by_its_outcome() {
+        let broker = MemoryBroker::new();
+        let mut last = job("retry");
+        last.meta.attempt = 3;
+        for j in [job("ok"), job("ok"), job("retry"), job("dead"), last] {
+            broker.enqueue(j);
+        }
+        let mut registry = jobgate_shared::metrics::registry();
+        let metrics = WorkerMetrics::register(&mut registry);
+        let until_settled = {
+            let broker = broker.clone();
+            async move {
+                while broker.settled().len() < 5 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let outcomes: SharedPublisher = Arc::new(broker.clone());
+        run_with_source_and_metrics(
+            Box::new(broker.clone()),
+            outcomes,
+            Arc::new(ScriptedHandler::default()),
+            options(2),
+            metrics,
+            until_settled,
+        )
+        .await;
+
+        let text = jobgate_shared::metrics::render(&registry);
+        for line in [
+            "jobgate_jobs_total{queue=\"q\",outcome=\"done\"} 2",
+            "jobgate_jobs_total{queue=\"q\",outcome=\"retried\"} 1",
+            // "dead" and a failed last attempt.
+            "jobgate_jobs_total{queue=\"q\",outcome=\"dead\"} 2",
+            "jobgate_dlq_publishes_total{queue=\"q\"} 2",
+            "jobgate_job_attempts_total{queue=\"q\"} 5",
+            "jobgate_job_duration_seconds_count{queue=\"q\"} 5",
+            "jobgate_jobs_in_flight{queue=\"q\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(text.contains("jobgate_last_success_timestamp_seconds{queue=\"q\"}"));
+    }
+
+    #[tokio::test]
+    async fn an_outcome_that_could_not_be_published_is_an_attempt_without_an_outcome() {
+        let broker = MemoryBroker::new();
+        broker.enqueue(job("dead"));
+        broker.fail_publishes(usize::MAX, PublishError::Unavailable);
+        let mut registry = jobgate_shared::metrics::registry();
+        let metrics = WorkerMetrics::register(&mut registry);
+        let until_requeued = {
+            let broker = broker.clone();
+            async move {
+                while broker.settled().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let outcomes: SharedPublisher = Arc::new(broker.clone());
+        run_with_source_and_metrics(
+            Box::new(broker.clone()),
+            outcomes,
+            Arc::new(ScriptedHandler::default()),
+            options(1),
+            metrics,
+            until_requeued,
+        )
+        .await;
+        let text = jobgate_shared::metrics::render(&registry);
+        // The job given back may be delivered (and attempted) again before the worker
+        // stops; none of its attempts has an outcome.
+        assert!(
+            text.contains("jobgate_job_attempts_total{queue=\"q\"} "),
+            "{text}"
+        );
+        assert!(!text.contains("jobgate_jobs_total{"), "{text}");
+        assert!(!text.contains("jobgate_dlq_publishes_total{"), "{text}");
     }
 
     #[tokio::test]

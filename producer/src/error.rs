@@ -144,6 +144,10 @@ pub fn problem_response(
     };
     let body = serde_json::to_vec(&problem).unwrap_or_default();
     let mut response = (status, body).into_response();
+    // For the metrics middleware: rejections are counted by problem type.
+    response
+        .extensions_mut()
+        .insert(crate::metrics::ProblemSlug(slug.to_owned()));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -164,9 +168,6 @@ impl IntoResponse for ApiError {
             Self::Idempotency(e) => return e.into_response(),
             other => other,
         };
-        if let Self::Publish(error) = &this {
-            tracing::warn!(%error, "publish failed; answering 503");
-        }
         problem_response(
             this.status(),
             this.slug(),

@@ -48,7 +48,7 @@ impl Publisher for InFlightLimit {
         body: &[u8],
     ) -> Result<(), PublishError> {
         let Ok(_permit) = self.permits.try_acquire() else {
-            tracing::debug!(job_id = %meta.id, "in-flight limit reached; job refused");
+            tracing::debug!(job_id = %meta.id, queue = %meta.queue, "in-flight limit reached; job refused");
             return Err(PublishError::Overloaded);
         };
         self.inner.publish_to(destination, meta, body).await

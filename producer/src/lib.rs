@@ -14,6 +14,7 @@
 //! - [`in_flight`]: the in-flight limit (503 `overloaded`). [`metadata`]: `X-Job-*`
 //!   and trace-context headers that travel with a job.
 //! - [`idempotency`]: `Idempotency-Key` (memory or Redis store).
+//! - [`metrics`]: `GET /metrics` and what records it. [`request_id`]: `X-Request-Id`.
 //! - `routes`: `jobs` (POST /jobs, /jobs/{queue}), `batch` (POST /jobs/{queue}/batch)
 //!   and `health` (/healthz, /readyz). [`openapi`]: GET /openapi.json.
 
@@ -23,8 +24,10 @@ pub mod error;
 pub mod idempotency;
 pub mod in_flight;
 pub mod metadata;
+pub mod metrics;
 pub mod openapi;
 pub mod rate_limit;
+pub mod request_id;
 mod routes;
 pub mod startup;
 pub mod state;

@@ -5,5 +5,7 @@ async fn main() -> anyhow::Result<()> {
     let config = producer::ProducerConfig::parse();
     jobgate_shared::telemetry::init(config.broker.log_format);
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
-    producer::run(listener, config, jobgate_shared::shutdown::signal()).await
+    let result = producer::run(listener, config, jobgate_shared::shutdown::signal()).await;
+    jobgate_shared::telemetry::shutdown();
+    result
 }

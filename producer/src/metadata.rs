@@ -109,6 +109,19 @@ pub fn extract(headers: &HeaderMap) -> Result<BTreeMap<String, String>, BadMetad
         }
         None => {}
     }
+    // The request id (set by `request_id::assign`) lets a job's logs be found from the
+    // client's answer.
+    if let Some(id) = headers
+        .get(&crate::request_id::X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+    {
+        out.insert(
+            crate::request_id::X_REQUEST_ID.as_str().to_owned(),
+            id.to_owned(),
+        );
+    }
+    // With trace export on, the job continues the request's span, not the client's.
+    jobgate_shared::telemetry::inject_current(&mut out);
     Ok(out)
 }
 

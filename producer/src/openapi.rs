@@ -23,13 +23,14 @@ use crate::routes::jobs::Accepted;
         crate::routes::batch::post_batch,
         crate::routes::health::healthz,
         crate::routes::health::readyz,
+        crate::metrics::metrics,
         openapi_json,
     ),
     components(schemas(Accepted, BatchAnswer, ItemAnswer, Problem)),
     modifiers(&BearerScheme),
     tags(
         (name = "jobs", description = "Accept jobs"),
-        (name = "probes", description = "Liveness and readiness; open even with API keys"),
+        (name = "probes", description = "Liveness, readiness and metrics; open even with API keys"),
         (name = "meta", description = "This document"),
     ),
 )]
@@ -219,6 +220,7 @@ mod tests {
             1 => Just("/healthz".to_owned()),
             1 => Just("/readyz".to_owned()),
             1 => Just("/openapi.json".to_owned()),
+            1 => Just("/metrics".to_owned()),
             1 => Just("/".to_owned()),
             4 => segment().prop_map(|q| format!("/jobs/{q}")),
             4 => segment().prop_map(|q| format!("/jobs/{q}/batch")),
@@ -398,6 +400,7 @@ mod tests {
             ("/jobs/{queue}/batch", "post"),
             ("/healthz", "get"),
             ("/readyz", "get"),
+            ("/metrics", "get"),
             ("/openapi.json", "get"),
         ] {
             assert!(doc["paths"][path][method].is_object(), "{method} {path}");

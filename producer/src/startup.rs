@@ -32,6 +32,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(crate::openapi::openapi_json))
+        .route("/metrics", get(crate::metrics::metrics))
         // After the routes: a known path with another method is a 405 problem too.
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound })
@@ -40,9 +41,63 @@ pub fn app(state: AppState) -> Router {
             Arc::clone(&state.security),
             auth::guard,
         ))
+        // Outside auth and the rate limit, so their refusals are counted too.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            crate::metrics::track,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(record_answer),
+        )
+        // Outermost: the request span and every layer inside see the request id.
+        .layer(axum::middleware::from_fn(crate::request_id::assign))
         .with_state(state)
+}
+
+/// The span every log line of a request is in: method, route template and request id,
+/// exported over OpenTelemetry (when on) as a server span continuing the client's
+/// `traceparent`.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |path| path.as_str());
+    let method = request.method();
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+    let span = tracing::info_span!(
+        "request",
+        %method,
+        route,
+        request_id = header(crate::request_id::X_REQUEST_ID.as_str()).unwrap_or_default(),
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if jobgate_shared::telemetry::exporting() {
+        let carrier: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
+            .into_iter()
+            .filter_map(|name| Some((name.to_owned(), header(name)?.to_owned())))
+            .collect();
+        jobgate_shared::telemetry::continue_trace_from(&span, &carrier);
+    }
+    span
+}
+
+fn record_answer(
+    response: &axum::http::Response<axum::body::Body>,
+    latency: Duration,
+    span: &tracing::Span,
+) {
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    tracing::debug!(status = status.as_u16(), ?latency, "request answered");
 }
 
 /// Starts the publisher for the configured backend; it connects in the background.

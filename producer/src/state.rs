@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Security;
 use crate::idempotency::{MemoryStore, SharedStore};
 use crate::in_flight::{InFlightLimit, DEFAULT_MAX_IN_FLIGHT};
+use crate::metrics::{Metered, ProducerMetrics};
 
 /// Default of `JOBGATE_MAX_BATCH_ITEMS`.
 pub const DEFAULT_MAX_BATCH_ITEMS: usize = 1000;
@@ -36,11 +37,16 @@ pub struct AppState {
     pub idempotency: SharedStore,
     /// How long a request waits for another one holding its idempotency key.
     pub idempotency_wait: std::time::Duration,
+    /// What `GET /metrics` serves; the publisher records into it.
+    pub metrics: Arc<ProducerMetrics>,
 }
 
 impl AppState {
     pub fn new(publisher: SharedPublisher, queues: Vec<String>, max_body_bytes: usize) -> Self {
-        let in_flight = Arc::new(InFlightLimit::new(publisher, DEFAULT_MAX_IN_FLIGHT));
+        let metrics = Arc::new(ProducerMetrics::new());
+        // The limit refuses before the metered publisher: in-flight counts real publishes.
+        let metered: SharedPublisher = Arc::new(Metered::new(publisher, Arc::clone(&metrics)));
+        let in_flight = Arc::new(InFlightLimit::new(metered, DEFAULT_MAX_IN_FLIGHT));
         Self {
             publisher: Arc::clone(&in_flight) as SharedPublisher,
             in_flight,
@@ -55,6 +61,7 @@ impl AppState {
                 crate::idempotency::DEFAULT_MAX_ENTRIES,
             )),
             idempotency_wait: std::time::Duration::from_secs(6),
+            metrics,
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use async_trait::async_trait;
-use jobgate_shared::job::Job;
+use jobgate_shared::job::{Job, JobMeta};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{ChildStdin, Command};
 
@@ -133,9 +133,9 @@ impl ExecHandler {
             // pipe fills up and blocks the command.
             let io = async {
                 tokio::join!(
-                    feed(stdin, &job.body),
-                    read_tail(out, &mut stdout),
-                    read_tail(err, &mut stderr),
+                    feed(stdin, &job.body, &job.meta),
+                    read_tail(out, &mut stdout, &job.meta),
+                    read_tail(err, &mut stderr, &job.meta),
                 )
             };
             tokio::pin!(io);
@@ -194,6 +194,7 @@ impl Handler for ExecHandler {
         let finished = self.run(job).await;
         tracing::debug!(
             job_id = %job.meta.id,
+            queue = %job.meta.queue,
             program = %self.program,
             outcome = ?finished.outcome,
             stdout_bytes = finished.stdout.total,
@@ -243,12 +244,14 @@ fn killed(status: ExitStatus) -> String {
 
 /// Writes the body to the command's stdin, then closes it. A command that exits without
 /// reading all of it is not an error (`BrokenPipe`): its exit status decides.
-async fn feed(stdin: Option<ChildStdin>, body: &[u8]) {
+async fn feed(stdin: Option<ChildStdin>, body: &[u8], meta: &JobMeta) {
     let Some(mut stdin) = stdin else { return };
     match stdin.write_all(body).await {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::BrokenPipe => {}
-        Err(error) => tracing::debug!(%error, "could not write the job's body to the command"),
+        Err(error) => {
+            tracing::debug!(job_id = %meta.id, queue = %meta.queue, %error, "could not write the job's body to the command")
+        }
     }
     // Dropping `stdin` closes it: the command sees end of file.
 }
@@ -278,7 +281,7 @@ impl Tail {
 }
 
 /// Reads `reader` to its end, keeping its tail.
-async fn read_tail<R: AsyncRead + Unpin>(reader: Option<R>, tail: &mut Tail) {
+async fn read_tail<R: AsyncRead + Unpin>(reader: Option<R>, tail: &mut Tail, meta: &JobMeta) {
     let Some(mut reader) = reader else { return };
     let mut chunk = vec![0; 8192];
     loop {
@@ -287,7 +290,7 @@ async fn read_tail<R: AsyncRead + Unpin>(reader: Option<R>, tail: &mut Tail) {
             Ok(n) => tail.push(&chunk[..n]),
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => {
-                tracing::debug!(%error, "could not read the command's output");
+                tracing::debug!(job_id = %meta.id, queue = %meta.queue, %error, "could not read the command's output");
                 break;
             }
         }

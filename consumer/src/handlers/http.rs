@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use async_trait::async_trait;
-use jobgate_shared::job::Job;
+use jobgate_shared::job::{Job, JobMeta};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use reqwest::{Response, StatusCode, Url};
 
@@ -131,7 +131,7 @@ impl Handler for HttpHandler {
         };
         let status = response.status();
         if status.is_success() {
-            drain(response).await;
+            drain(response, &job.meta).await;
             return Outcome::Done;
         }
         let delay = retry_after(response.headers(), SystemTime::now());
@@ -243,14 +243,14 @@ async fn read_prefix(mut response: Response, limit: usize) -> Vec<u8> {
 
 /// Reads a successful answer's body (at most [`SUCCESS_BODY_DRAIN`] bytes) so that the
 /// connection goes back to the pool; its content does not matter.
-async fn drain(mut response: Response) {
+async fn drain(mut response: Response, meta: &JobMeta) {
     let mut read = 0;
     while read < SUCCESS_BODY_DRAIN {
         match response.chunk().await {
             Ok(Some(chunk)) => read += chunk.len(),
             Ok(None) => break,
             Err(error) => {
-                tracing::debug!(%error, "could not read the body of a successful answer");
+                tracing::debug!(job_id = %meta.id, queue = %meta.queue, %error, "could not read the body of a successful answer");
                 break;
             }
         }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
+use super::{Delivery, JobSource, PublishError, Publisher, Settle, SettleError, SourceStatus};
 use crate::job::{Job, JobMeta};
 
 /// What became of a delivery.
@@ -27,7 +27,6 @@ struct State {
     settled: Vec<(String, Settlement)>,
     /// The next `n` publishes fail with this error.
     failing_publishes: Option<(usize, PublishError)>,
-    ready: bool,
 }
 
 /// A fake broker: a publisher and a source over one in-process queue.
@@ -35,6 +34,9 @@ struct State {
 pub struct MemoryBroker {
     state: Arc<Mutex<State>>,
     arrived: Arc<Notify>,
+    /// Readiness of both sides: "subscribed" for the source, "connected" for the
+    /// publisher.
+    status: SourceStatus,
 }
 
 impl Default for MemoryBroker {
@@ -45,13 +47,12 @@ impl Default for MemoryBroker {
 
 impl MemoryBroker {
     pub fn new() -> Self {
-        let state = State {
-            ready: true,
-            ..State::default()
-        };
+        let status = SourceStatus::default();
+        status.set_subscribed(true);
         Self {
-            state: Arc::new(Mutex::new(state)),
+            state: Arc::new(Mutex::new(State::default())),
             arrived: Arc::new(Notify::new()),
+            status,
         }
     }
 
@@ -69,9 +70,9 @@ impl MemoryBroker {
         self.lock().failing_publishes = Some((n, error));
     }
 
-    /// Sets what `is_ready` answers.
+    /// Sets what `is_ready` answers, and whether the source reports itself subscribed.
     pub fn set_ready(&self, ready: bool) {
-        self.lock().ready = ready;
+        self.status.set_subscribed(ready);
     }
 
     /// Puts a job on the queue as if a producer had published it.
@@ -132,7 +133,7 @@ impl Publisher for MemoryBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.lock().ready
+        self.status.is_subscribed()
     }
 
     async fn close(&self) {
@@ -199,7 +200,11 @@ impl JobSource for MemoryBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.lock().ready
+        self.status.is_subscribed()
+    }
+
+    fn status(&self) -> SourceStatus {
+        self.status.clone()
     }
 
     async fn close(&mut self) {}

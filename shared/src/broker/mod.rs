@@ -10,7 +10,9 @@
 //! Backends: [`rabbitmq`] (real broker) and [`memory`] (in-process fake for unit tests
 //! of routing and worker logic; never used by integration tests).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -127,8 +129,76 @@ pub trait JobSource: Send + 'static {
     /// True while the subscription is live.
     fn is_ready(&self) -> bool;
 
+    /// A handle on what the source reports while it runs (subscribed or not, Kafka
+    /// consumer lag), to be taken before [`JobSource::run`] moves the source away: the
+    /// worker's `/readyz` and `/metrics` read it. The default reports nothing, that is
+    /// never subscribed; every source in this crate overrides it.
+    fn status(&self) -> SourceStatus {
+        SourceStatus::default()
+    }
+
     /// Closes the connection. Deliveries not settled by then go back to the broker.
     async fn close(&mut self);
+}
+
+/// What a running [`JobSource`] reports about itself: whether it is subscribed, and on
+/// Kafka how far each owned partition is behind. Cloning shares it: the source writes,
+/// the worker's probes and metrics read.
+#[derive(Debug, Clone, Default)]
+pub struct SourceStatus {
+    inner: Arc<StatusInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    subscribed: AtomicBool,
+    /// Messages behind the high watermark, by (queue, partition), for the partitions
+    /// this source owns.
+    lag: Mutex<BTreeMap<(String, i32), i64>>,
+}
+
+impl SourceStatus {
+    /// True while the source's subscription is live.
+    pub fn is_subscribed(&self) -> bool {
+        self.inner.subscribed.load(Ordering::SeqCst)
+    }
+
+    pub fn set_subscribed(&self, subscribed: bool) {
+        self.inner.subscribed.store(subscribed, Ordering::SeqCst);
+    }
+
+    fn lag(&self) -> MutexGuard<'_, BTreeMap<(String, i32), i64>> {
+        self.inner.lag.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the lag of `queue`'s partitions by `partitions` (partition, lag):
+    /// partitions not listed are no longer owned and are forgotten.
+    pub fn set_queue_lag(&self, queue: &str, partitions: impl IntoIterator<Item = (i32, i64)>) {
+        let mut lag = self.lag();
+        lag.retain(|(q, _), _| q != queue);
+        for (partition, behind) in partitions {
+            lag.insert((queue.to_owned(), partition), behind);
+        }
+    }
+
+    /// Forgets the lag of partitions this source no longer owns (revoked).
+    pub fn forget_partitions(&self, partitions: &[(String, i32)]) {
+        let mut lag = self.lag();
+        for key in partitions {
+            lag.remove(key);
+        }
+    }
+
+    /// Forgets every partition's lag (the source stopped).
+    pub fn clear_lag(&self) {
+        self.lag().clear();
+    }
+
+    /// The lag of every owned partition, as (queue, partition, messages behind).
+    pub fn partition_lag(&self) -> Vec<(String, i32, i64)> {
+        let lag = self.lag();
+        lag.iter().map(|((q, p), n)| (q.clone(), *p, *n)).collect()
+    }
 }
 
 /// A shared, type-erased publisher.

@@ -29,7 +29,9 @@ use lapin::{Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
+use super::{
+    dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, SettleError, SourceStatus,
+};
 use crate::backoff::Backoff;
 use crate::config::SecretUrl;
 use crate::job::{self, Job, JobMeta};
@@ -452,7 +454,8 @@ pub struct RabbitSource {
     /// settled. The channel is kept too: lapin closes a channel when it is dropped,
     /// and unsettled deliveries would go back to the queue.
     session: Option<(Connection, Channel)>,
-    ready: Arc<AtomicBool>,
+    /// Subscribed while a session consumes.
+    status: SourceStatus,
 }
 
 impl RabbitSource {
@@ -460,7 +463,7 @@ impl RabbitSource {
         Self {
             options,
             session: None,
-            ready: Arc::new(AtomicBool::new(false)),
+            status: SourceStatus::default(),
         }
     }
 
@@ -570,9 +573,9 @@ impl JobSource for RabbitSource {
                 Ok((conn, channel, consumers)) => {
                     backoff.reset();
                     tracing::info!(url = %self.options.url, queues = ?self.options.queues, prefetch = self.options.prefetch, "consumer subscribed");
-                    self.ready.store(true, Ordering::SeqCst);
+                    self.status.set_subscribed(true);
                     let stopped = self.serve(&conn, &channel, consumers, &tx, &stop).await;
-                    self.ready.store(false, Ordering::SeqCst);
+                    self.status.set_subscribed(false);
                     if stopped {
                         self.session = Some((conn, channel));
                         return;
@@ -591,7 +594,11 @@ impl JobSource for RabbitSource {
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.status.is_subscribed()
+    }
+
+    fn status(&self) -> SourceStatus {
+        self.status.clone()
     }
 
     async fn close(&mut self) {

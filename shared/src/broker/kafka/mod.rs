@@ -41,7 +41,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, SettleError};
+use super::{
+    dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, SettleError, SourceStatus,
+};
 use crate::backoff::Backoff;
 use crate::job::{self, Job, JobMeta};
 use crate::retry::retry_queue_name;
@@ -50,6 +52,9 @@ use crate::retry::retry_queue_name;
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one metadata request of that check may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often librdkafka reports a job consumer's statistics, from which the consumer
+/// lag of each owned partition is taken (`statistics.interval.ms`).
+const LAG_STATS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Where and how jobgate creates its topics.
 #[derive(Debug, Clone)]
@@ -397,13 +402,53 @@ impl Ledger {
     }
 }
 
-/// Consumer callbacks: rebalance bookkeeping and logs.
+/// Consumer callbacks: rebalance bookkeeping, logs and the consumer lag.
 struct JobConsumerContext {
     ledger: Arc<Ledger>,
     group: String,
+    /// The job queue (topic) this consumer drains.
+    queue: String,
+    status: SourceStatus,
 }
 
-impl ClientContext for JobConsumerContext {}
+/// Messages of one partition not yet done by the group: the high watermark minus the
+/// group's committed offset (librdkafka's `consumer_lag`). Before the group committed
+/// anything there, consuming starts at the low watermark (`auto.offset.reset=earliest`),
+/// so the lag is the high minus the low watermark. `None` while the watermarks are not
+/// known yet.
+fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.hi_offset < 0 {
+        return None;
+    }
+    if p.consumer_lag >= 0 {
+        return Some(p.consumer_lag);
+    }
+    let from = if p.committed_offset >= 0 {
+        p.committed_offset
+    } else if p.lo_offset >= 0 {
+        p.lo_offset
+    } else {
+        return None;
+    };
+    Some((p.hi_offset - from).max(0))
+}
+
+impl ClientContext for JobConsumerContext {
+    /// Every [`LAG_STATS_INTERVAL`]: the lag of each partition this consumer owns
+    /// (`desired`); partitions it no longer owns drop out.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.queue) else {
+            return;
+        };
+        let owned = topic
+            .partitions
+            .values()
+            // -1 is librdkafka's internal "unassigned" partition.
+            .filter(|p| p.partition >= 0 && p.desired)
+            .filter_map(|p| Some((p.partition, partition_lag(p)?)));
+        self.status.set_queue_lag(&self.queue, owned);
+    }
+}
 
 impl ConsumerContext for JobConsumerContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -414,6 +459,7 @@ impl ConsumerContext for JobConsumerContext {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             self.ledger.revoke(&revoked);
+            self.status.forget_partitions(&revoked);
             tracing::info!(group = %self.group, revoked = revoked.len(), "partitions revoked");
         }
     }
@@ -440,7 +486,8 @@ pub struct KafkaSource {
     consumers: Vec<Arc<JobConsumer>>,
     /// One retry forwarder per queue.
     forwarders: Vec<tokio::task::JoinHandle<()>>,
-    ready: Arc<AtomicBool>,
+    /// Subscribed once the consumers are; the lag of owned partitions.
+    status: SourceStatus,
 }
 
 impl KafkaSource {
@@ -450,7 +497,7 @@ impl KafkaSource {
             ledger: Arc::new(Ledger::default()),
             consumers: Vec::new(),
             forwarders: Vec::new(),
-            ready: Arc::new(AtomicBool::new(false)),
+            status: SourceStatus::default(),
         }
     }
 
@@ -472,6 +519,8 @@ impl KafkaSource {
         let context = JobConsumerContext {
             ledger: Arc::clone(&self.ledger),
             group: group.clone(),
+            queue: queue.to_owned(),
+            status: self.status.clone(),
         };
         let consumer: JobConsumer = self
             .options
@@ -489,6 +538,10 @@ impl KafkaSource {
                 self.max_poll_interval_ms().max(session_ms).to_string(),
             )
             .set("allow.auto.create.topics", "false")
+            .set(
+                "statistics.interval.ms",
+                LAG_STATS_INTERVAL.as_millis().to_string(),
+            )
             .create_with_context(context)
             .map_err(|e| format!("Kafka consumer: {e}"))?;
         consumer
@@ -568,7 +621,7 @@ impl JobSource for KafkaSource {
             }
         }
         tracing::info!(brokers = %self.options.topics.brokers, queues = ?self.options.queues, "consumer subscribed");
-        self.ready.store(true, Ordering::SeqCst);
+        self.status.set_subscribed(true);
 
         // librdkafka reconnects by itself; this loop only moves records to the worker.
         let consumers = self.consumers.clone();
@@ -594,11 +647,15 @@ impl JobSource for KafkaSource {
                 },
             }
         }
-        self.ready.store(false, Ordering::SeqCst);
+        self.status.set_subscribed(false);
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.status.is_subscribed()
+    }
+
+    fn status(&self) -> SourceStatus {
+        self.status.clone()
     }
 
     /// Commits what is finished, then leaves the groups.
@@ -646,6 +703,8 @@ impl JobSource for KafkaSource {
         {
             tracing::warn!("closing the Kafka consumer took too long");
         }
+        // The group no longer has us: we own no partitions.
+        self.status.clear_lag();
     }
 }
 
