@@ -1,0 +1,1175 @@
+//! The deployment files, checked against the binaries they deploy.
+//!
+//! No Docker engine and no cluster are needed: every YAML document of
+//! `docker-compose.yml`, `deploy/compose/` (Prometheus, Grafana) and `deploy/kubernetes/`
+//! is parsed, and each reference in them is compared with what `producer` and `consumer`
+//! really accept and serve: their clap definitions (variables, defaults, value parsers)
+//! and their HTTP routers, driven without a socket (probe and scrape paths, metric
+//! names). A renamed variable, a moved port or a probe path nobody serves fails here,
+//! not in a cluster.
+//!
+//! Each test gathers every problem it finds and reports them all at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use clap::CommandFactory;
+use jobgate_shared::broker::memory::MemoryBroker;
+use jobgate_shared::broker::JobSource;
+use serde::Deserialize;
+use serde_norway::Value;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::helpers::workspace_root;
+
+/// Which of the two binaries a container or Compose service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Binary {
+    Producer,
+    Consumer,
+}
+
+impl Binary {
+    fn from_name(name: &str) -> Option<Binary> {
+        match name {
+            "producer" => Some(Binary::Producer),
+            "consumer" => Some(Binary::Consumer),
+            _ => None,
+        }
+    }
+
+    fn command(self) -> clap::Command {
+        match self {
+            Binary::Producer => producer::ProducerConfig::command(),
+            Binary::Consumer => consumer::ConsumerConfig::command(),
+        }
+    }
+
+    /// Every argument of the binary, subcommands included.
+    fn args(self) -> Vec<clap::Arg> {
+        fn walk(command: &clap::Command, out: &mut Vec<clap::Arg>) {
+            out.extend(command.get_arguments().cloned());
+            for sub in command.get_subcommands() {
+                walk(sub, out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.command(), &mut out);
+        out
+    }
+
+    /// The environment variables the binary reads.
+    fn accepted_env(self) -> BTreeSet<String> {
+        self.args()
+            .iter()
+            .filter_map(|arg| arg.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The clap default of the argument read from `var` (from the definition, so the
+    /// test's own environment cannot change it).
+    fn default_of(self, var: &str) -> Option<String> {
+        let arg = self
+            .args()
+            .into_iter()
+            .find(|arg| arg.get_env().is_some_and(|env| env == var))
+            .unwrap_or_else(|| panic!("{self:?} has no argument for {var}"));
+        arg.get_default_values()
+            .first()
+            .map(|value| value.to_string_lossy().into_owned())
+    }
+
+    /// The variable holding the address of the HTTP listener with the probes and
+    /// `/metrics`.
+    fn listen_var(self) -> &'static str {
+        match self {
+            Binary::Producer => "JOBGATE_LISTEN",
+            Binary::Consumer => "JOBGATE_METRICS_LISTEN",
+        }
+    }
+
+    /// `GET path` on the binary's listener: status and body. Sent through the real
+    /// routers (no socket) with a healthy in-memory broker.
+    async fn get(self, path: &str) -> (StatusCode, String) {
+        send(self.router().await, Request::get(path)).await
+    }
+
+    /// The binary's HTTP listener as a router, with a healthy in-memory broker. Before
+    /// returning it, every labelled metric gets a series (a metric family without one
+    /// is not rendered at all): the producer takes a job and refuses one, the
+    /// consumer's metrics record a done and a dead job and some Kafka lag.
+    async fn router(self) -> Router {
+        match self {
+            Binary::Producer => {
+                let router = producer::app(producer::AppState::new(
+                    Arc::new(MemoryBroker::new()),
+                    vec!["default".to_owned()],
+                    1024,
+                ));
+                for path in ["/jobs/default", "/jobs/unknown"] {
+                    send(router.clone(), Request::post(path)).await;
+                }
+                router
+            }
+            Binary::Consumer => {
+                let broker = MemoryBroker::new();
+                let mut registry = jobgate_shared::metrics::registry();
+                let metrics = consumer::WorkerMetrics::register(&mut registry);
+                drop(metrics.job_started("default"));
+                metrics.handler_finished("default", Duration::from_millis(1));
+                metrics.job_settled("default", consumer::settle::Settled::Done);
+                metrics.job_settled("default", consumer::settle::Settled::Dead);
+                let source = broker.status();
+                source.set_queue_lag("default", [(0, 1)]);
+                consumer::probes::app(consumer::probes::ProbeState {
+                    registry: Arc::new(registry),
+                    metrics,
+                    source,
+                    outcomes: Arc::new(broker),
+                    draining: CancellationToken::new(),
+                })
+            }
+        }
+    }
+
+    /// Whether the binary answers `GET path` with a success (the probes answer 200
+    /// with a healthy broker).
+    async fn serves(self, path: &str) -> bool {
+        self.get(path).await.0.is_success()
+    }
+
+    /// The metric names the binary's `/metrics` shows: families (`# TYPE` lines) and
+    /// series (`jobgate_jobs_total`, `..._bucket`).
+    async fn metric_names(self) -> BTreeSet<String> {
+        let (status, text) = self.get("/metrics").await;
+        assert!(status.is_success(), "{self:?} GET /metrics: {status}");
+        text.lines()
+            .filter_map(|line| match line.strip_prefix("# TYPE ") {
+                Some(family) => family.split_whitespace().next(),
+                None if line.starts_with('#') => None,
+                None => line.split(['{', ' ']).next(),
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Sends a request with an empty body through `router`; returns status and body.
+async fn send(router: Router, request: axum::http::request::Builder) -> (StatusCode, String) {
+    let request = request.body(Body::empty()).expect("request");
+    let response = router.oneshot(request).await.expect("the router answers");
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The environment a container or service gets, and the settings it results in.
+#[derive(Debug, Clone)]
+struct Settings {
+    binary: Binary,
+    env: BTreeMap<String, String>,
+}
+
+impl Settings {
+    /// The value the binary runs with: from the environment, else its default.
+    fn get(&self, var: &str) -> Option<String> {
+        self.env
+            .get(var)
+            .cloned()
+            .or_else(|| self.binary.default_of(var))
+    }
+
+    /// The port of the HTTP listener with the probes and `/metrics`.
+    fn listen_port(&self) -> Result<u16, String> {
+        let var = self.binary.listen_var();
+        let value = self
+            .get(var)
+            .ok_or_else(|| format!("{var} is not set, so {:?} serves no probes", self.binary))?;
+        value
+            .parse::<SocketAddr>()
+            .map(|addr| addr.port())
+            .map_err(|e| format!("{var}={value} is not a socket address: {e}"))
+    }
+
+    fn shutdown_grace(&self) -> Duration {
+        let ms = self
+            .get("JOBGATE_SHUTDOWN_GRACE_MS")
+            .expect("the shutdown grace has a default");
+        Duration::from_millis(ms.parse().expect("JOBGATE_SHUTDOWN_GRACE_MS is a number"))
+    }
+
+    fn queues(&self) -> Vec<String> {
+        let var = match self.binary {
+            Binary::Producer => "JOBGATE_QUEUES",
+            Binary::Consumer => "JOBGATE_QUEUE",
+        };
+        let list = self.get(var).unwrap_or_default();
+        list.split(',').map(|q| q.trim().to_owned()).collect()
+    }
+
+    /// `JOBGATE_*` variables the binary does not read (typos, the other binary's).
+    fn unknown_vars(&self) -> Vec<String> {
+        let accepted = self.binary.accepted_env();
+        self.env
+            .keys()
+            .filter(|var| var.starts_with("JOBGATE_") && !accepted.contains(*var))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Problems found so far; the test fails with all of them.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check(&mut self, ok: bool, problem: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(problem());
+        }
+    }
+
+    fn push(&mut self, problem: String) {
+        self.0.push(problem);
+    }
+
+    fn assert_none(self) {
+        assert!(
+            self.0.is_empty(),
+            "{} problem(s) in the deployment files:\n- {}",
+            self.0.len(),
+            self.0.join("\n- ")
+        );
+    }
+}
+
+// ---------------------------------------------------------------- YAML helpers
+
+/// Every document of a YAML file, with `<<` merge keys resolved (Compose uses them).
+fn load_yaml(path: &Path) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_norway::Deserializer::from_str(&text)
+        .map(|document| {
+            let mut value = Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
+            value
+                .apply_merge()
+                .unwrap_or_else(|e| panic!("{}: merge keys: {e}", path.display()));
+            value
+        })
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+/// The files under `dir` (recursively) whose names end in one of `extensions`.
+fn files_under(dir: &Path, extensions: &[&str]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("directory entry").path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|ext| extensions.iter().any(|want| ext == *want))
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The value at `keys` below `value`.
+fn at<'a>(value: &'a Value, keys: &[&str]) -> Option<&'a Value> {
+    keys.iter().try_fold(value, |value, key| value.get(*key))
+}
+
+/// A scalar as text (`8080`, `"8080"` and `true` alike).
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn text_at(value: &Value, keys: &[&str]) -> Option<String> {
+    at(value, keys).and_then(text)
+}
+
+fn seq_at<'a>(value: &'a Value, keys: &[&str]) -> &'a [Value] {
+    at(value, keys)
+        .and_then(Value::as_sequence)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// A mapping of scalars (labels, selectors, ConfigMap data) as text.
+fn string_map(value: Option<&Value>) -> BTreeMap<String, String> {
+    value
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+        .collect()
+}
+
+/// Whether every label of `selector` is among `labels` (an empty selector matches
+/// nothing here: ours always select).
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn port_of_host_port(target: &str) -> Option<(String, u16)> {
+    let (host, port) = target.rsplit_once(':')?;
+    Some((host.to_owned(), port.parse().ok()?))
+}
+
+// ---------------------------------------------------------------- Kubernetes
+
+/// A container port: its name (optional) and number.
+#[derive(Debug, Clone)]
+struct ContainerPort {
+    name: Option<String>,
+    number: u16,
+}
+
+/// Resolves a probe's or Service's port (a number or a port name) against the
+/// container's declared ports.
+fn resolve_port(ports: &[ContainerPort], port: &Value) -> Option<u16> {
+    match port {
+        Value::Number(n) => {
+            let n = u16::try_from(n.as_u64()?).ok()?;
+            ports.iter().any(|p| p.number == n).then_some(n)
+        }
+        Value::String(name) => ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.number),
+        _ => None,
+    }
+}
+
+/// A Deployment's pod as the checks need it.
+#[derive(Debug, Clone)]
+struct Workload {
+    name: String,
+    labels: BTreeMap<String, String>,
+    ports: Vec<ContainerPort>,
+    settings: Settings,
+}
+
+/// Every Kubernetes object under deploy/kubernetes, by kind.
+#[derive(Default)]
+struct Cluster {
+    config_maps: BTreeMap<String, BTreeMap<String, String>>,
+    secrets: BTreeMap<String, BTreeSet<String>>,
+    trigger_auths: BTreeMap<String, Value>,
+    deployments: Vec<Value>,
+    services: Vec<Value>,
+    budgets: Vec<Value>,
+    scaled_objects: Vec<Value>,
+    kustomizations: Vec<(PathBuf, Value)>,
+}
+
+impl Cluster {
+    fn load(dir: &Path, problems: &mut Problems) -> Cluster {
+        let mut cluster = Cluster::default();
+        for path in files_under(dir, &["yaml", "yml"]) {
+            for doc in load_yaml(&path) {
+                let name = text_at(&doc, &["metadata", "name"]).unwrap_or_default();
+                match text_at(&doc, &["kind"]).as_deref() {
+                    Some("ConfigMap") => {
+                        cluster
+                            .config_maps
+                            .insert(name, string_map(doc.get("data")));
+                    }
+                    Some("Secret") => {
+                        let keys = ["data", "stringData"]
+                            .iter()
+                            .flat_map(|field| string_map(doc.get(*field)).into_keys())
+                            .collect();
+                        cluster.secrets.insert(name, keys);
+                    }
+                    Some("TriggerAuthentication") => {
+                        cluster.trigger_auths.insert(name, doc);
+                    }
+                    Some("Deployment") => cluster.deployments.push(doc),
+                    Some("Service") => cluster.services.push(doc),
+                    Some("PodDisruptionBudget") => cluster.budgets.push(doc),
+                    Some("ScaledObject") => cluster.scaled_objects.push(doc),
+                    Some("Kustomization") => cluster.kustomizations.push((path.clone(), doc)),
+                    other => problems.push(format!(
+                        "{}: a {other:?} that this test does not check; add a check for it",
+                        path.display()
+                    )),
+                }
+            }
+        }
+        cluster
+    }
+
+    /// The environment of a container: `envFrom` ConfigMaps and Secrets, then `env`.
+    /// Secret values are not in the repository; they read as `<secret>`.
+    fn container_env(
+        &self,
+        what: &str,
+        container: &Value,
+        problems: &mut Problems,
+    ) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        for source in seq_at(container, &["envFrom"]) {
+            if let Some(name) = text_at(source, &["configMapRef", "name"]) {
+                match self.config_maps.get(&name) {
+                    Some(data) => env.extend(data.clone()),
+                    None => problems.push(format!("{what}: envFrom names no ConfigMap {name}")),
+                }
+            }
+            if let Some(name) = text_at(source, &["secretRef", "name"]) {
+                match self.secrets.get(&name) {
+                    Some(keys) => env.extend(keys.iter().map(|k| (k.clone(), "<secret>".into()))),
+                    None => problems.push(format!("{what}: envFrom names no Secret {name}")),
+                }
+            }
+        }
+        for var in seq_at(container, &["env"]) {
+            let name = text_at(var, &["name"]).unwrap_or_default();
+            let value = if let Some(value) = text_at(var, &["value"]) {
+                value
+            } else if let Some(secret) = at(var, &["valueFrom", "secretKeyRef"]) {
+                let (secret_name, key) = (
+                    text_at(secret, &["name"]).unwrap_or_default(),
+                    text_at(secret, &["key"]).unwrap_or_default(),
+                );
+                problems.check(
+                    self.secrets
+                        .get(&secret_name)
+                        .is_some_and(|keys| keys.contains(&key)),
+                    || format!("{what}: {name} refers to {secret_name}/{key}, no such Secret key"),
+                );
+                "<secret>".to_owned()
+            } else if let Some(cm) = at(var, &["valueFrom", "configMapKeyRef"]) {
+                let (cm_name, key) = (
+                    text_at(cm, &["name"]).unwrap_or_default(),
+                    text_at(cm, &["key"]).unwrap_or_default(),
+                );
+                match self
+                    .config_maps
+                    .get(&cm_name)
+                    .and_then(|data| data.get(&key))
+                {
+                    Some(value) => value.clone(),
+                    None => {
+                        problems.push(format!(
+                            "{what}: {name} refers to {cm_name}/{key}, no such ConfigMap key"
+                        ));
+                        String::new()
+                    }
+                }
+            } else {
+                problems.push(format!("{what}: {name} has neither value nor valueFrom"));
+                String::new()
+            };
+            env.insert(name, value);
+        }
+        env
+    }
+
+    /// Checks each Deployment's pod against its binary; returns the workloads.
+    async fn check_deployments(&self, problems: &mut Problems) -> Vec<Workload> {
+        let mut workloads = Vec::new();
+        for deployment in &self.deployments {
+            let name = text_at(deployment, &["metadata", "name"]).unwrap_or_default();
+            let pod = at(deployment, &["spec", "template"])
+                .cloned()
+                .unwrap_or_default();
+            let labels = string_map(at(&pod, &["metadata", "labels"]));
+            let selector = string_map(at(deployment, &["spec", "selector", "matchLabels"]));
+            problems.check(selects(&selector, &labels), || {
+                format!("Deployment {name}: selector {selector:?} does not match the pod labels {labels:?}")
+            });
+
+            let containers = seq_at(&pod, &["spec", "containers"]);
+            problems.check(containers.len() == 1, || {
+                format!(
+                    "Deployment {name}: expected one container, found {}",
+                    containers.len()
+                )
+            });
+            let Some(container) = containers.first() else {
+                continue;
+            };
+            let container_name = text_at(container, &["name"]).unwrap_or_default();
+            let Some(binary) = Binary::from_name(&container_name) else {
+                problems.push(format!(
+                    "Deployment {name}: container {container_name:?} is neither producer nor consumer"
+                ));
+                continue;
+            };
+            let what = format!("Deployment {name}, container {container_name}");
+            let settings = Settings {
+                binary,
+                env: self.container_env(&what, container, problems),
+            };
+            let ports: Vec<ContainerPort> = seq_at(container, &["ports"])
+                .iter()
+                .filter_map(|port| {
+                    Some(ContainerPort {
+                        name: text_at(port, &["name"]),
+                        number: text_at(port, &["containerPort"])?.parse().ok()?,
+                    })
+                })
+                .collect();
+
+            check_settings(&what, &settings, problems);
+            let listen = settings.listen_port();
+            match &listen {
+                Ok(port) => problems.check(ports.iter().any(|p| p.number == *port), || {
+                    format!(
+                        "{what}: {} listens on {port} but the container declares {:?}",
+                        binary.listen_var(),
+                        ports.iter().map(|p| p.number).collect::<Vec<_>>()
+                    )
+                }),
+                Err(e) => problems.push(format!("{what}: {e}")),
+            }
+            for port in &ports {
+                problems.check(listen.as_ref().is_ok_and(|l| *l == port.number), || {
+                    format!(
+                        "{what}: containerPort {} is not a port the binary listens on",
+                        port.number
+                    )
+                });
+            }
+
+            // Probes: liveness on /healthz, readiness on /readyz, on the listener.
+            for (probe, want_path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]
+            {
+                let Some(get) = at(container, &[probe, "httpGet"]) else {
+                    problems.push(format!("{what}: no {probe} with httpGet"));
+                    continue;
+                };
+                let path = text_at(get, &["path"]).unwrap_or_default();
+                problems.check(path == want_path, || {
+                    format!("{what}: {probe} path is {path}, want {want_path}")
+                });
+                problems.check(binary.serves(&path).await, || {
+                    format!("{what}: {probe} path {path} is not served by the {binary:?}")
+                });
+                let port = get.get("port").and_then(|p| resolve_port(&ports, p));
+                problems.check(
+                    port.is_some() && port == listen.as_ref().ok().copied(),
+                    || {
+                        format!(
+                            "{what}: {probe} port {:?} is not the declared listener port",
+                            get.get("port")
+                        )
+                    },
+                );
+            }
+
+            // Prometheus discovery by annotation: the listener's port and a served path.
+            let annotations = string_map(at(&pod, &["metadata", "annotations"]));
+            if annotations.get("prometheus.io/scrape").map(String::as_str) == Some("true") {
+                let port = annotations
+                    .get("prometheus.io/port")
+                    .and_then(|p| p.parse().ok());
+                problems.check(
+                    port.is_some() && port == listen.as_ref().ok().copied(),
+                    || format!("{what}: prometheus.io/port {port:?} is not the listener port"),
+                );
+                let path = annotations
+                    .get("prometheus.io/path")
+                    .cloned()
+                    .unwrap_or_else(|| "/metrics".into());
+                problems.check(binary.serves(&path).await, || {
+                    format!("{what}: prometheus.io/path {path} is not served")
+                });
+            }
+
+            // Resources: requests and a memory limit.
+            for keys in [
+                ["resources", "requests", "cpu"],
+                ["resources", "requests", "memory"],
+                ["resources", "limits", "memory"],
+            ] {
+                problems.check(at(container, &keys).is_some(), || {
+                    format!("{what}: no {}", keys.join("."))
+                });
+            }
+
+            // The kubelet's SIGKILL must come after the preStop pause plus the grace.
+            let termination = at(&pod, &["spec", "terminationGracePeriodSeconds"])
+                .and_then(Value::as_u64)
+                .map(Duration::from_secs)
+                .unwrap_or(Duration::from_secs(30)); // Kubernetes' default
+            let pre_stop = pre_stop_sleep(container);
+            let grace = settings.shutdown_grace();
+            problems.check(termination > pre_stop + grace, || {
+                format!(
+                    "{what}: terminationGracePeriodSeconds {termination:?} is not above the preStop \
+                     pause {pre_stop:?} plus JOBGATE_SHUTDOWN_GRACE_MS {grace:?}"
+                )
+            });
+
+            workloads.push(Workload {
+                name,
+                labels,
+                ports,
+                settings,
+            });
+        }
+        workloads
+    }
+
+    fn check_services(&self, workloads: &[Workload], problems: &mut Problems) {
+        for service in &self.services {
+            let name = text_at(service, &["metadata", "name"]).unwrap_or_default();
+            let selector = string_map(at(service, &["spec", "selector"]));
+            let selected: Vec<&Workload> = workloads
+                .iter()
+                .filter(|w| selects(&selector, &w.labels))
+                .collect();
+            problems.check(!selected.is_empty(), || {
+                format!("Service {name}: selector {selector:?} matches no Deployment's pods")
+            });
+            for port in seq_at(service, &["spec", "ports"]) {
+                let target = port.get("targetPort").or_else(|| port.get("port"));
+                for workload in &selected {
+                    problems.check(
+                        target
+                            .and_then(|t| resolve_port(&workload.ports, t))
+                            .is_some(),
+                        || {
+                            format!(
+                                "Service {name}: targetPort {target:?} is no container port of {}",
+                                workload.name
+                            )
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn check_budgets(&self, workloads: &[Workload], problems: &mut Problems) {
+        for workload in workloads {
+            let covered = self.budgets.iter().any(|pdb| {
+                selects(
+                    &string_map(at(pdb, &["spec", "selector", "matchLabels"])),
+                    &workload.labels,
+                )
+            });
+            problems.check(covered, || {
+                format!(
+                    "Deployment {}: no PodDisruptionBudget selects its pods",
+                    workload.name
+                )
+            });
+        }
+        for pdb in &self.budgets {
+            let name = text_at(pdb, &["metadata", "name"]).unwrap_or_default();
+            let selector = string_map(at(pdb, &["spec", "selector", "matchLabels"]));
+            problems.check(
+                workloads.iter().any(|w| selects(&selector, &w.labels)),
+                || format!("PodDisruptionBudget {name}: selector {selector:?} matches no pods"),
+            );
+        }
+    }
+
+    fn check_scaled_objects(&self, workloads: &[Workload], problems: &mut Problems) {
+        for scaled in &self.scaled_objects {
+            let name = text_at(scaled, &["metadata", "name"]).unwrap_or_default();
+            let target = text_at(scaled, &["spec", "scaleTargetRef", "name"]).unwrap_or_default();
+            let Some(workload) = workloads.iter().find(|w| w.name == target) else {
+                problems.push(format!(
+                    "ScaledObject {name}: scaleTargetRef {target:?} is no Deployment"
+                ));
+                continue;
+            };
+            let settings = &workload.settings;
+            problems.check(settings.binary == Binary::Consumer, || {
+                format!("ScaledObject {name}: scales {target}, which is not a consumer")
+            });
+            let queues = settings.queues();
+            let triggers = seq_at(scaled, &["spec", "triggers"]);
+            problems.check(!triggers.is_empty(), || {
+                format!("ScaledObject {name}: no triggers")
+            });
+            for trigger in triggers {
+                let meta = |key: &str| text_at(trigger, &["metadata", key]).unwrap_or_default();
+                match text_at(trigger, &["type"]).as_deref() {
+                    Some("rabbitmq") => {
+                        // The management API counts unacked messages; AMQP does not.
+                        problems.check(meta("protocol") == "http", || {
+                            format!(
+                                "ScaledObject {name}: the rabbitmq trigger must use protocol http"
+                            )
+                        });
+                        problems.check(meta("mode") == "QueueLength", || {
+                            format!("ScaledObject {name}: the rabbitmq trigger must use mode QueueLength")
+                        });
+                        problems.check(queues.contains(&meta("queueName")), || {
+                            format!("ScaledObject {name}: queueName {} is not drained by {target} ({queues:?})", meta("queueName"))
+                        });
+                        let auth =
+                            text_at(trigger, &["authenticationRef", "name"]).unwrap_or_default();
+                        match self.trigger_auths.get(&auth) {
+                            None => problems.push(format!(
+                                "ScaledObject {name}: authenticationRef {auth:?} is no TriggerAuthentication"
+                            )),
+                            Some(auth_doc) => {
+                                for reference in seq_at(auth_doc, &["spec", "secretTargetRef"]) {
+                                    let secret = text_at(reference, &["name"]).unwrap_or_default();
+                                    let key = text_at(reference, &["key"]).unwrap_or_default();
+                                    problems.check(
+                                        self.secrets.get(&secret).is_some_and(|keys| keys.contains(&key)),
+                                        || format!("TriggerAuthentication {auth}: no Secret key {secret}/{key}"),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    Some("kafka") => {
+                        let topic = meta("topic");
+                        problems.check(queues.contains(&topic), || {
+                            format!("ScaledObject {name}: topic {topic} is not drained by {target} ({queues:?})")
+                        });
+                        let group = settings
+                            .get("JOBGATE_KAFKA_GROUP")
+                            .unwrap_or_default()
+                            .replace("{queue}", &topic);
+                        problems.check(meta("consumerGroup") == group, || {
+                            format!("ScaledObject {name}: consumerGroup {} is not the consumer's group {group}", meta("consumerGroup"))
+                        });
+                        let brokers = settings.get("JOBGATE_KAFKA_BROKERS").unwrap_or_default();
+                        problems.check(meta("bootstrapServers") == brokers, || {
+                            format!("ScaledObject {name}: bootstrapServers {} are not JOBGATE_KAFKA_BROKERS {brokers}", meta("bootstrapServers"))
+                        });
+                        problems.check(meta("lagThreshold").parse::<u64>().is_ok(), || {
+                            format!("ScaledObject {name}: lagThreshold is not a number")
+                        });
+                    }
+                    other => problems.push(format!(
+                        "ScaledObject {name}: trigger type {other:?} is not checked here"
+                    )),
+                }
+            }
+        }
+    }
+
+    fn check_kustomizations(&self, problems: &mut Problems) {
+        for (path, kustomization) in &self.kustomizations {
+            let dir = path.parent().expect("a file has a directory");
+            for resource in seq_at(kustomization, &["resources"]) {
+                let resource = text(resource).unwrap_or_default();
+                let target = dir.join(&resource);
+                let exists = if target.is_dir() {
+                    target.join("kustomization.yaml").is_file()
+                } else {
+                    target.is_file()
+                };
+                problems.check(exists, || {
+                    format!(
+                        "{}: resource {resource} is neither a file nor a kustomization",
+                        path.display()
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// The pause of a `preStop: exec: sleep N` hook, zero without one.
+fn pre_stop_sleep(container: &Value) -> Duration {
+    let command: Vec<String> = seq_at(container, &["lifecycle", "preStop", "exec", "command"])
+        .iter()
+        .filter_map(text)
+        .collect();
+    match command.as_slice() {
+        [] => Duration::ZERO,
+        [sleep, secs] if sleep == "sleep" => {
+            Duration::from_secs(secs.parse().expect("preStop sleeps whole seconds"))
+        }
+        other => panic!("a preStop hook this test cannot size: {other:?}"),
+    }
+}
+
+/// What both deployment kinds share: every `JOBGATE_*` variable is one the binary
+/// reads, and each value parses as the binary would parse it.
+fn check_settings(what: &str, settings: &Settings, problems: &mut Problems) {
+    let unknown = settings.unknown_vars();
+    problems.check(unknown.is_empty(), || {
+        format!("{what}: the {:?} reads no {unknown:?}", settings.binary)
+    });
+    // Let clap parse the literal values (secrets and Compose's ${...} aside).
+    let mut argv = vec![format!("{:?}", settings.binary).to_lowercase()];
+    let command = settings.binary.command();
+    // Top-level arguments only: a subcommand's flags are not valid before it.
+    for arg in command.get_arguments() {
+        let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        let Some(value) = settings.env.get(&*env.to_string_lossy()) else {
+            continue;
+        };
+        if value == "<secret>" || value.contains("${") {
+            continue;
+        }
+        argv.push(format!("--{long}={value}"));
+    }
+    let parsed = command.try_get_matches_from(&argv);
+    problems.check(parsed.is_ok(), || {
+        format!(
+            "{what}: the {:?} refuses its settings: {}",
+            settings.binary,
+            parsed.unwrap_err()
+        )
+    });
+}
+
+#[tokio::test]
+async fn kubernetes_manifests_match_the_binaries() {
+    let root = workspace_root();
+    let mut problems = Problems::default();
+    let cluster = Cluster::load(&root.join("deploy/kubernetes"), &mut problems);
+
+    let workloads = cluster.check_deployments(&mut problems).await;
+    let binaries: BTreeSet<Binary> = workloads.iter().map(|w| w.settings.binary).collect();
+    assert_eq!(
+        binaries,
+        BTreeSet::from([Binary::Producer, Binary::Consumer]),
+        "deploy/kubernetes deploys both binaries"
+    );
+    assert!(!cluster.services.is_empty() && !cluster.scaled_objects.is_empty());
+    cluster.check_services(&workloads, &mut problems);
+    cluster.check_budgets(&workloads, &mut problems);
+    cluster.check_scaled_objects(&workloads, &mut problems);
+    cluster.check_kustomizations(&mut problems);
+    problems.assert_none();
+}
+
+// ---------------------------------------------------------------- Compose
+
+/// A Compose service's environment (mapping or `KEY=value` list form).
+fn compose_env(service: &Value) -> BTreeMap<String, String> {
+    match service.get("environment") {
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .filter_map(text)
+            .filter_map(|item| {
+                let (k, v) = item.split_once('=')?;
+                Some((k.to_owned(), v.to_owned()))
+            })
+            .collect(),
+        other => string_map(other),
+    }
+}
+
+/// The container-side ports of a Compose service: `ports` ("host:container") and
+/// `expose`.
+fn compose_ports(service: &Value) -> BTreeSet<u16> {
+    let published = seq_at(service, &["ports"]).iter().filter_map(|p| {
+        let p = text(p)?;
+        let container = p.rsplit(':').next()?;
+        container.split('/').next()?.parse().ok()
+    });
+    let exposed = seq_at(service, &["expose"])
+        .iter()
+        .filter_map(|p| text(p)?.split('/').next()?.parse().ok());
+    published.chain(exposed).collect()
+}
+
+/// `http://host:port/path` inside a health check command.
+fn url_in(words: &[String]) -> Option<(String, u16, String)> {
+    let url = words.iter().find_map(|w| w.strip_prefix("http://"))?;
+    let (authority, path) = url.split_once('/').unwrap_or((url, ""));
+    let (host, port) = port_of_host_port(authority)?;
+    Some((host, port, format!("/{path}")))
+}
+
+#[tokio::test]
+async fn compose_files_match_the_binaries() {
+    let root = workspace_root();
+    let mut problems = Problems::default();
+    let compose = load_yaml(&root.join("docker-compose.yml"))
+        .pop()
+        .expect("docker-compose.yml has a document");
+    let services = compose
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("docker-compose.yml has services");
+    let service_named = |name: &str| services.get(name);
+
+    // jobgate services: the Dockerfile target names the binary.
+    let mut jobgate: BTreeMap<String, Settings> = BTreeMap::new();
+    for (name, service) in services {
+        let name = text(name).unwrap_or_default();
+        let what = format!("docker-compose.yml, service {name}");
+        // Bind mounts from the repository must exist (Prometheus, Grafana configs).
+        for volume in seq_at(service, &["volumes"]).iter().filter_map(text) {
+            if let Some(source) = volume.split(':').next().filter(|s| s.starts_with("./")) {
+                problems.check(root.join(source).exists(), || {
+                    format!("{what}: mounts {source}, which does not exist")
+                });
+            }
+        }
+        let Some(binary) =
+            text_at(service, &["build", "target"]).and_then(|t| Binary::from_name(&t))
+        else {
+            continue;
+        };
+        let settings = Settings {
+            binary,
+            env: compose_env(service),
+        };
+        check_settings(&what, &settings, &mut problems);
+        let ports = compose_ports(service);
+        match settings.listen_port() {
+            Ok(port) => problems.check(ports.contains(&port), || {
+                format!(
+                    "{what}: {} listens on {port}, not among the service's ports {ports:?}",
+                    binary.listen_var()
+                )
+            }),
+            Err(e) => problems.push(format!("{what}: {e}")),
+        }
+        let check: Vec<String> = seq_at(service, &["healthcheck", "test"])
+            .iter()
+            .filter_map(text)
+            .collect();
+        if let Some((_, port, path)) = url_in(&check) {
+            problems.check(settings.listen_port() == Ok(port), || {
+                format!("{what}: the health check asks port {port}, not the listener")
+            });
+            problems.check(binary.serves(&path).await, || {
+                format!("{what}: the health check asks {path}, which is not served")
+            });
+        }
+        match text_at(service, &["stop_grace_period"]).map(|d| humantime::parse_duration(&d)) {
+            Some(Ok(stop)) => problems.check(stop > settings.shutdown_grace(), || {
+                format!(
+                    "{what}: stop_grace_period {stop:?} is not above the shutdown grace {:?}",
+                    settings.shutdown_grace()
+                )
+            }),
+            _ => problems.push(format!("{what}: no valid stop_grace_period")),
+        }
+        jobgate.insert(name, settings);
+    }
+    assert_eq!(
+        jobgate.values().map(|s| s.binary).collect::<BTreeSet<_>>(),
+        BTreeSet::from([Binary::Producer, Binary::Consumer]),
+        "docker-compose.yml runs both binaries"
+    );
+
+    // Prometheus: every target is a service, on the port that serves the path.
+    let prometheus = load_yaml(&root.join("deploy/compose/prometheus.yml"))
+        .pop()
+        .expect("prometheus.yml has a document");
+    let mut scraped = BTreeSet::new();
+    for job in seq_at(&prometheus, &["scrape_configs"]) {
+        let job_name = text_at(job, &["job_name"]).unwrap_or_default();
+        let path = text_at(job, &["metrics_path"]).unwrap_or_else(|| "/metrics".into());
+        let mut targets = Vec::new();
+        for sd in seq_at(job, &["dns_sd_configs"]) {
+            let port: Option<u16> = text_at(sd, &["port"]).and_then(|p| p.parse().ok());
+            problems.check(text_at(sd, &["type"]).as_deref() == Some("A"), || {
+                format!("prometheus.yml, job {job_name}: Docker's DNS answers type A")
+            });
+            for name in seq_at(sd, &["names"]).iter().filter_map(text) {
+                targets.push((name, port));
+            }
+        }
+        for st in seq_at(job, &["static_configs"]) {
+            for target in seq_at(st, &["targets"]).iter().filter_map(text) {
+                match port_of_host_port(&target) {
+                    Some((host, port)) => targets.push((host, Some(port))),
+                    None => problems.push(format!(
+                        "prometheus.yml, job {job_name}: target {target} has no port"
+                    )),
+                }
+            }
+        }
+        problems.check(!targets.is_empty(), || {
+            format!("prometheus.yml, job {job_name}: no targets")
+        });
+        for (host, port) in targets {
+            let what = format!("prometheus.yml, job {job_name}, target {host}:{port:?}");
+            let Some(service) = service_named(&host) else {
+                problems.push(format!("{what}: no Compose service {host}"));
+                continue;
+            };
+            match jobgate.get(&host) {
+                Some(settings) => {
+                    problems.check(
+                        port.is_some() && settings.listen_port().ok() == port,
+                        || format!("{what}: {host} listens on {:?}", settings.listen_port()),
+                    );
+                    problems.check(settings.binary.serves(&path).await, || {
+                        format!("{what}: {path} is not served by the {:?}", settings.binary)
+                    });
+                    scraped.insert(settings.binary);
+                }
+                None => problems.check(
+                    port.is_some_and(|p| compose_ports(service).contains(&p)),
+                    || {
+                        format!(
+                            "{what}: not a port the service exposes ({:?})",
+                            compose_ports(service)
+                        )
+                    },
+                ),
+            }
+        }
+    }
+    problems.check(scraped.len() == 2, || {
+        format!("Prometheus scrapes only {scraped:?}")
+    });
+
+    // Grafana: the datasource is the Prometheus service, the dashboard uses it.
+    let provisioning = root.join("deploy/compose/grafana/provisioning");
+    let mut datasource_uids = BTreeSet::new();
+    for path in files_under(&provisioning.join("datasources"), &["yml", "yaml"]) {
+        for doc in load_yaml(&path) {
+            for ds in seq_at(&doc, &["datasources"]) {
+                datasource_uids.extend(text_at(ds, &["uid"]));
+                let url = text_at(ds, &["url"]).unwrap_or_default();
+                let target = url.strip_prefix("http://").and_then(port_of_host_port);
+                problems.check(
+                    target.as_ref().is_some_and(|(host, port)| {
+                        service_named(host).is_some_and(|s| compose_ports(s).contains(port))
+                    }),
+                    || {
+                        format!(
+                            "{}: datasource url {url} is no service port",
+                            path.display()
+                        )
+                    },
+                );
+            }
+        }
+    }
+    let grafana = service_named("grafana").expect("a grafana service");
+    let mounts: Vec<(String, String)> = seq_at(grafana, &["volumes"])
+        .iter()
+        .filter_map(text)
+        .filter_map(|v| {
+            let mut parts = v.split(':');
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect();
+    let mut exported = Binary::Producer.metric_names().await;
+    exported.extend(Binary::Consumer.metric_names().await);
+    let mut dashboards = 0;
+    for path in files_under(&provisioning.join("dashboards"), &["yml", "yaml"]) {
+        for doc in load_yaml(&path) {
+            for provider in seq_at(&doc, &["providers"]) {
+                let dir = text_at(provider, &["options", "path"]).unwrap_or_default();
+                let Some((source, _)) = mounts.iter().find(|(_, target)| *target == dir) else {
+                    problems.push(format!(
+                        "{}: provider path {dir} is no mount of grafana",
+                        path.display()
+                    ));
+                    continue;
+                };
+                for json in files_under(&root.join(source.trim_start_matches("./")), &["json"]) {
+                    dashboards += 1;
+                    let text = std::fs::read_to_string(&json).expect("read dashboard");
+                    let dashboard: serde_json::Value = serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", json.display()));
+                    let mut uids = BTreeSet::new();
+                    collect_datasource_uids(&dashboard, &mut uids);
+                    problems.check(!uids.is_empty() && uids.is_subset(&datasource_uids), || {
+                        format!(
+                            "{}: datasource uids {uids:?}, provisioned {datasource_uids:?}",
+                            json.display()
+                        )
+                    });
+                    // Every jobgate_* metric a panel queries is one a binary declares.
+                    let mut exprs = Vec::new();
+                    collect_exprs(&dashboard, &mut exprs);
+                    for name in exprs.iter().flat_map(|e| jobgate_metric_names(e)) {
+                        problems.check(exported.contains(&name), || {
+                            format!(
+                                "{}: queries {name}, which no binary exports",
+                                json.display()
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+    problems.check(dashboards > 0, || {
+        "Grafana provisions no dashboard".to_owned()
+    });
+    problems.assert_none();
+}
+
+/// Every `datasource.uid` in a Grafana dashboard (panels and their queries).
+fn collect_datasource_uids(value: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(uid) = map
+                .get("datasource")
+                .and_then(|ds| ds.get("uid"))
+                .and_then(serde_json::Value::as_str)
+            {
+                out.insert(uid.to_owned());
+            }
+            map.values().for_each(|v| collect_datasource_uids(v, out));
+        }
+        serde_json::Value::Array(items) => {
+            items.iter().for_each(|v| collect_datasource_uids(v, out))
+        }
+        _ => {}
+    }
+}
+
+/// Every PromQL expression (`expr`) in a Grafana dashboard.
+fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(expr) = map.get("expr").and_then(serde_json::Value::as_str) {
+                out.push(expr.to_owned());
+            }
+            map.values().for_each(|v| collect_exprs(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The `jobgate_*` metric names in a PromQL expression.
+fn jobgate_metric_names(expr: &str) -> Vec<String> {
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("jobgate_") {
+        // Only at a word start: not inside another identifier or a label value.
+        let preceded = rest[..start].chars().next_back().is_some_and(is_name_char);
+        let tail = &rest[start..];
+        let end = tail.find(|c| !is_name_char(c)).unwrap_or(tail.len());
+        if !preceded {
+            names.push(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
