@@ -72,16 +72,75 @@ pub fn unique(prefix: &str) -> String {
 
 static BROKER_LOCK: RwLock<()> = RwLock::const_new(());
 
-/// Taken by every test that needs the brokers as they are.
-pub async fn brokers_shared() -> RwLockReadGuard<'static, ()> {
-    prepare();
-    BROKER_LOCK.read().await
+/// The broker lock file shared by every test process on this machine: the state dir
+/// `scripts/brokers.sh` uses, so concurrent `cargo test` runs see the same lock.
+fn broker_lock_path() -> PathBuf {
+    let root = match std::env::var_os("JOBGATE_STATE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".local/state")
+            })
+            .join("jobgate"),
+    };
+    std::fs::create_dir_all(&root).expect("create the jobgate state dir");
+    root.join("brokers.lock")
 }
 
-/// Taken by tests that stop or disturb a broker: they run alone.
-pub async fn brokers_exclusive() -> RwLockWriteGuard<'static, ()> {
+/// Takes the OS lock on [`broker_lock_path`] (shared or exclusive) on a blocking thread.
+/// Each guard opens its own file: with `flock` semantics every open file description is
+/// its own lock, so shared holders in one process never block each other, and an
+/// exclusive holder waits for the shared holders of every process.
+async fn lock_file(exclusive: bool) -> std::fs::File {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(broker_lock_path())
+            .expect("open the broker lock file");
+        if exclusive {
+            file.lock().expect("lock the broker lock file");
+        } else {
+            file.lock_shared()
+                .expect("lock the broker lock file shared");
+        }
+        file
+    })
+    .await
+    .expect("the lock task does not panic")
+}
+
+/// Holds the broker lock, in this process and across processes, until dropped.
+pub struct BrokerGuard<G> {
+    // Field order is drop order: the file lock goes first, then the in-process lock.
+    _file: std::fs::File,
+    _local: G,
+}
+
+/// Taken by every test that needs the brokers as they are.
+pub async fn brokers_shared() -> BrokerGuard<RwLockReadGuard<'static, ()>> {
     prepare();
-    BROKER_LOCK.write().await
+    let local = BROKER_LOCK.read().await;
+    let file = lock_file(false).await;
+    BrokerGuard {
+        _file: file,
+        _local: local,
+    }
+}
+
+/// Taken by tests that stop or disturb a broker: they run alone, across processes.
+pub async fn brokers_exclusive() -> BrokerGuard<RwLockWriteGuard<'static, ()>> {
+    prepare();
+    // The in-process write lock first: once it is held, this process has no shared file
+    // locks of its own left, so waiting for the file lock cannot wait on ourselves.
+    let local = BROKER_LOCK.write().await;
+    let file = lock_file(true).await;
+    BrokerGuard {
+        _file: file,
+        _local: local,
+    }
 }
 
 /// Polls `check` every 50 ms until it returns true; panics with `what` after `limit`.
@@ -566,7 +625,7 @@ fn belongs_to(name: &str, queue: &str) -> bool {
 }
 
 /// Runs `scripts/brokers.sh` with `args`; panics with its output unless it succeeds.
-async fn brokers_sh(args: &[&str]) {
+pub async fn brokers_sh(args: &[&str]) {
     let output = Command::new("bash")
         .arg(workspace_root().join("scripts/brokers.sh"))
         .args(args)

@@ -17,6 +17,7 @@ mod alarm;
 mod auth;
 mod batch;
 mod consumer_metrics;
+mod faults;
 mod helpers;
 mod idempotency;
 mod in_process;

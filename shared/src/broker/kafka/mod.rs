@@ -134,13 +134,23 @@ pub async fn ensure_topics(
 // Publisher
 // ---------------------------------------------------------------------------------
 
+/// librdkafka's `message.timeout.ms` for a publish timeout: a second less (half of it
+/// when that is shorter), because librdkafka looks for expired records once a second;
+/// so its report, success or failure, comes within the publish timeout itself.
+fn message_timeout(publish_timeout: Duration) -> Duration {
+    publish_timeout
+        .saturating_sub(Duration::from_secs(1))
+        .max(publish_timeout / 2)
+        .max(Duration::from_millis(1))
+}
+
 /// A producer with `acks=all` and idempotence; a record's delivery is reported within
-/// `publish_timeout` (`message.timeout.ms`), so none is delivered after we gave up.
+/// `publish_timeout` ([`message_timeout`]), so none is delivered after we gave up.
 fn idempotent_producer(
     spec: &TopicSpec,
     publish_timeout: Duration,
 ) -> Result<FutureProducer, String> {
-    let timeout_ms = publish_timeout.as_millis().max(1).to_string();
+    let timeout_ms = message_timeout(publish_timeout).as_millis().to_string();
     spec.client_config("producer")
         .set("acks", "all")
         .set("enable.idempotence", "true")
@@ -265,10 +275,9 @@ impl Publisher for KafkaPublisher {
             }
             Err((error, _)) => return Err(self.delivery_error(&error)),
         };
-        // librdkafka reports by `message.timeout.ms` (= the publish timeout); the extra
-        // second only guards against a report that never comes.
-        let limit = self.options.publish_timeout + Duration::from_secs(1);
-        match tokio::time::timeout(limit, delivery).await {
+        // librdkafka reports within the publish timeout (see `message_timeout`); this
+        // limit only guards against a report that never comes.
+        match tokio::time::timeout(self.options.publish_timeout, delivery).await {
             Ok(Ok(Ok(_))) => Ok(()),
             Ok(Ok(Err((error, _)))) => Err(self.delivery_error(&error)),
             Ok(Err(_canceled)) => Err(PublishError::Broker("the producer was closed".into())),
@@ -750,6 +759,15 @@ impl Settle for KafkaSettle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn librdkafka_gives_up_early_enough_to_report_within_the_publish_timeout() {
+        let ms = |ms| Duration::from_millis(ms);
+        assert_eq!(message_timeout(ms(5000)), ms(4000));
+        assert_eq!(message_timeout(ms(2000)), ms(1000));
+        assert_eq!(message_timeout(ms(1500)), ms(750));
+        assert_eq!(message_timeout(ms(1)), ms(1));
+    }
 
     #[test]
     fn commit_never_passes_an_unfinished_offset() {
