@@ -1,0 +1,197 @@
+//! jobgate load generator: how much of the broker's own ceiling jobgate keeps.
+//!
+//! For each backend it measures, in one run, on this machine:
+//! - the raw publish ceiling of the client library with jobgate's settings, the same
+//!   loop through jobgate's publisher (no HTTP), and the HTTP ingress of the release
+//!   `producer` binary (closed loop, then open loop at half that rate);
+//! - the raw consume rate of the client library, and the time 1, 2, 4 `consumer`
+//!   processes take to drain the same backlog;
+//! - peak RSS of the binaries; then the effect of the binaries' tuning knobs.
+//!
+//! It writes `BENCHMARKS.md` and `bench/results.json`. Layout: [`stats`] (percentiles,
+//! ratios, schedule), [`load`] (closed and open loops), [`report`] (results and their
+//! Markdown), [`procs`] (the binaries under test), [`rabbit`] and [`kafka`] (raw
+//! clients, probes, cleanup), [`run`] (the phases in order).
+
+mod kafka;
+mod load;
+mod procs;
+mod rabbit;
+mod report;
+mod run;
+mod stats;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+
+/// Which backends to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Which {
+    Rabbitmq,
+    Kafka,
+    All,
+}
+
+/// Measures raw broker ceilings against jobgate's ingress and workers; writes
+/// BENCHMARKS.md and bench/results.json.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bench", version, about)]
+pub struct Args {
+    /// Backend(s) to measure.
+    #[arg(long, value_enum, default_value_t = Which::All)]
+    pub backend: Which,
+    /// Seconds of each measured phase (after the warm-up).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    pub duration: f64,
+    /// Seconds of each knob-variant phase.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
+    pub knob_duration: f64,
+    /// Unmeasured seconds before each timed phase (connections, caches, JIT of the broker).
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Backlog size (jobs) for the consume and drain phases [default: 50000 for
+    /// RabbitMQ, 500000 for Kafka, whose consumers commit once a second and are fast:
+    /// a drain must last several seconds to be measured].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub jobs: Option<u64>,
+    /// Messages in flight for the raw publishers and closed-loop HTTP clients.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub in_flight: u64,
+    /// Consumer process counts to drain the backlog with (comma list).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub consumers: Vec<usize>,
+    /// `JOBGATE_CONCURRENCY` of each consumer, also the raw consumer's prefetch.
+    #[arg(long, default_value_t = 8)]
+    pub consumer_concurrency: u16,
+    /// `JOBGATE_PUBLISH_CHANNELS` of the producer (and the raw publisher's channels).
+    #[arg(long, default_value_t = 2)]
+    pub publish_channels: u16,
+    /// `JOBGATE_MAX_IN_FLIGHT` of the producer.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: u32,
+    /// Partitions of the bench's Kafka topics (jobgate's default).
+    #[arg(long, default_value_t = 6)]
+    pub kafka_partitions: i32,
+    /// Skip the knob variants (channels, in-flight limits, concurrency).
+    #[arg(long)]
+    pub no_knobs: bool,
+    /// AMQP URL of RabbitMQ (the one of scripts/brokers.sh).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Kafka bootstrap servers (the one of scripts/brokers.sh).
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Directory of the release `producer` and `consumer` (default: the bench's own).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Markdown report to write.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// JSON results to write.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Hand-written analysis appended to the report.
+    #[arg(long)]
+    pub notes: Option<PathBuf>,
+    /// Measure nothing: render the report again from the JSON results (after editing
+    /// the notes, say).
+    #[arg(long)]
+    pub render_only: bool,
+    /// The whole run is abandoned (exit 1) after this many seconds.
+    #[arg(long, default_value_t = 1200)]
+    pub max_seconds: u64,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a positive number of seconds, got {s:?}")),
+    }
+}
+
+/// The workspace root (this crate's parent directory).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Takes a SHARED lock on the brokers lock file for the whole run: tests that stop or
+/// restart brokers take it exclusively, so they wait for the bench and it for them.
+fn lock_brokers() -> Result<File> {
+    let dir = match std::env::var_os("JOBGATE_STATE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("XDG_STATE_HOME") {
+            Some(d) => PathBuf::from(d).join("jobgate"),
+            None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+                .join(".local/state/jobgate"),
+        },
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("brokers.lock");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if file.try_lock_shared().is_err() {
+        eprintln!(
+            "bench: waiting for {} (a test is restarting brokers)",
+            path.display()
+        );
+        file.lock_shared()
+            .with_context(|| format!("locking {}", path.display()))?;
+    }
+    Ok(file)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.consumers.is_empty() || args.consumers.contains(&0) {
+        eprintln!("bench: error: --consumers needs counts of at least 1");
+        return ExitCode::from(2);
+    }
+    if args.render_only {
+        return match run::render_again(&args, &workspace_root()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let _lock = match lock_brokers() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let limit = Duration::from_secs(args.max_seconds);
+    let leftovers = run::Leftovers::default();
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(limit, run::run(&args, workspace_root(), &leftovers)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("the run took longer than --max-seconds ({limit:?}); abandoned")),
+        },
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // Queues and topics go whatever happened (the binaries were killed on drop).
+    leftovers.clean(&args).await;
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

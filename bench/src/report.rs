@@ -1,0 +1,624 @@
+//! What a run measured (`bench/results.json`) and how it reads (`BENCHMARKS.md`).
+//! Rendering is pure: the figures in, the Markdown out.
+
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::{ratio, LatencySummary};
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub settings: Settings,
+    pub backends: Vec<BackendResults>,
+}
+
+/// Where and when the run happened.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub nproc: usize,
+    pub mem_total_mib: u64,
+    pub date: String,
+    pub git_commit: String,
+    /// `/proc/loadavg` before and after: other work on the machine skews every figure.
+    pub load_before: String,
+    pub load_after: String,
+}
+
+/// The knobs of the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub duration_s: f64,
+    pub knob_duration_s: f64,
+    pub warmup_s: f64,
+    pub in_flight: usize,
+    pub body_bytes: usize,
+    pub consumers: Vec<usize>,
+    pub consumer_concurrency: u16,
+    pub publish_channels: u16,
+    pub max_in_flight: u32,
+    pub kafka_partitions: i32,
+}
+
+/// One measured phase: how many operations succeeded and failed in how long.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Phase {
+    pub ok: u64,
+    pub failed: u64,
+    pub seconds: f64,
+    pub per_sec: f64,
+    /// Latency of the successful operations (none for drains).
+    pub latency: Option<LatencySummary>,
+    /// Open loop only: the rate requests were scheduled at.
+    pub target_rate: Option<f64>,
+    /// The first failure, to tell what went wrong.
+    pub first_error: Option<String>,
+}
+
+/// N consumer processes draining a backlog.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Drain {
+    pub consumers: usize,
+    pub concurrency: u16,
+    pub phase: Phase,
+    /// Largest VmHWM among the consumer processes, in KiB.
+    pub peak_rss_kib: u64,
+    /// CPU time of all consumer processes (start-up included) per job, in microseconds.
+    pub cpu_us_per_job: f64,
+}
+
+/// One setting changed from the defaults, and what the phase it matters to did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KnobRun {
+    pub knob: String,
+    pub value: String,
+    /// What was measured: `ingress closed loop`, `raw publish`, `drain x1`, ...
+    pub measured: String,
+    pub phase: Phase,
+    /// The same measurement with default settings, for the change: publish side
+    /// measured again just before the knob phases, consume side from the main phases.
+    pub baseline_per_sec: f64,
+}
+
+/// The figures of one backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendResults {
+    pub backend: String,
+    /// Jobs in the backlog of the consume and drain phases.
+    pub backlog_jobs: u64,
+    pub raw_publish: Phase,
+    pub library_publish: Phase,
+    pub ingress_closed: Phase,
+    pub ingress_open: Phase,
+    pub producer_peak_rss_kib: u64,
+    /// CPU time of the producer (start-up included) per 202, both ingress phases, in
+    /// microseconds.
+    pub producer_cpu_us_per_request: f64,
+    pub raw_consume: Phase,
+    pub drains: Vec<Drain>,
+    pub knobs: Vec<KnobRun>,
+    pub ratios: Ratios,
+}
+
+/// The point of the run: how much of the broker's ceiling jobgate keeps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ratios {
+    pub ingress_over_raw_publish: Option<f64>,
+    pub library_over_raw_publish: Option<f64>,
+    pub ingress_over_library: Option<f64>,
+    /// Per consumer count: drain rate over the raw consume rate of one client.
+    pub drain_over_raw_consume: Vec<(usize, Option<f64>)>,
+    /// Per consumer count: drain rate over the drain rate of the smallest count.
+    pub scaling: Vec<(usize, Option<f64>)>,
+}
+
+impl Ratios {
+    pub fn compute(
+        raw_publish: &Phase,
+        library_publish: &Phase,
+        ingress_closed: &Phase,
+        raw_consume: &Phase,
+        drains: &[Drain],
+    ) -> Self {
+        let base = drains.first().map_or(0.0, |d| d.phase.per_sec);
+        Self {
+            ingress_over_raw_publish: ratio(ingress_closed.per_sec, raw_publish.per_sec),
+            library_over_raw_publish: ratio(library_publish.per_sec, raw_publish.per_sec),
+            ingress_over_library: ratio(ingress_closed.per_sec, library_publish.per_sec),
+            drain_over_raw_consume: drains
+                .iter()
+                .map(|d| (d.consumers, ratio(d.phase.per_sec, raw_consume.per_sec)))
+                .collect(),
+            scaling: drains
+                .iter()
+                .map(|d| (d.consumers, ratio(d.phase.per_sec, base)))
+                .collect(),
+        }
+    }
+}
+
+fn show_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "n/a".into(), |r| format!("{r:.2}"))
+}
+
+fn show_change(now: f64, before: f64) -> String {
+    ratio(now - before, before).map_or_else(|| "n/a".into(), |r| format!("{:+.0}%", r * 100.0))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn backend_title(name: &str) -> &str {
+    match name {
+        "rabbitmq" => "RabbitMQ",
+        "kafka" => "Kafka",
+        other => other,
+    }
+}
+
+/// One table row: rate, counts, latency percentiles.
+fn phase_row(out: &mut String, what: &str, p: &Phase) {
+    let l = p.latency.unwrap_or_default();
+    let lat = |v: f64| {
+        if p.latency.is_some() {
+            format!("{v:.2}")
+        } else {
+            "-".into()
+        }
+    };
+    let _ = writeln!(
+        out,
+        "| {what} | {:.0} | {} | {} | {:.1} | {} | {} | {} | {} |",
+        p.per_sec,
+        p.ok,
+        p.failed,
+        p.seconds,
+        lat(l.p50_ms),
+        lat(l.p99_ms),
+        lat(l.p999_ms),
+        lat(l.max_ms),
+    );
+}
+
+fn errors(out: &mut String, named: &[(&str, &Phase)]) {
+    for (what, p) in named {
+        if let Some(e) = &p.first_error {
+            let _ = writeln!(out, "- first failure of *{what}*: `{e}`");
+        }
+    }
+}
+
+/// `BENCHMARKS.md`. `notes` (the hand-written analysis, `bench/notes.md`) is appended
+/// as it is.
+pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
+    let m = &r.machine;
+    let s = &r.settings;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Benchmarks\n\n\
+         Written by `scripts/bench.sh` (the `bench/` crate); the same figures are in \
+         `bench/results.json`. Do not edit this file by hand: run the bench again. The \
+         analysis at the end comes from `bench/notes.md`.\n"
+    );
+
+    let _ = writeln!(out, "## Machine and run\n");
+    let _ = writeln!(out, "| | |\n|---|---|");
+    let _ = writeln!(out, "| CPU | {} ({} cores) |", m.cpu_model, m.nproc);
+    let _ = writeln!(out, "| memory | {} MiB |", m.mem_total_mib);
+    let _ = writeln!(out, "| date (UTC) | {} |", m.date);
+    let _ = writeln!(out, "| git commit | `{}` |", m.git_commit);
+    let _ = writeln!(
+        out,
+        "| load average before / after | {} / {} |",
+        m.load_before, m.load_after
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Settings: each measured phase runs {:.0} s after a {:.0} s warm-up (knob variants: \
+         {:.0} s); {} messages in flight, which is also the number of closed-loop HTTP \
+         clients; job body {} bytes of JSON; backlogs drained by {} consumer \
+         process(es) (log handler, `RUST_LOG=warn`, `JOBGATE_CONCURRENCY={}`); producer \
+         `JOBGATE_PUBLISH_CHANNELS={}`, `JOBGATE_MAX_IN_FLIGHT={}`, `RUST_LOG=warn`; Kafka \
+         topics with {} partitions, producer `acks=all`, idempotent, `linger.ms=2` (as \
+         jobgate's).\n",
+        s.duration_s,
+        s.warmup_s,
+        s.knob_duration_s,
+        s.in_flight,
+        s.body_bytes,
+        s.consumers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" / "),
+        s.consumer_concurrency,
+        s.publish_channels,
+        s.max_in_flight,
+        s.kafka_partitions,
+    );
+
+    // The ratios first: they are what the figures are for.
+    let _ = writeln!(out, "## Ratios\n");
+    let _ = write!(out, "| |");
+    for b in &r.backends {
+        let _ = write!(out, " {} |", backend_title(&b.backend));
+    }
+    let _ = write!(out, "\n|---|");
+    for _ in &r.backends {
+        let _ = write!(out, "---|");
+    }
+    let _ = writeln!(out);
+    let row = |out: &mut String, label: &str, f: &dyn Fn(&BackendResults) -> String| {
+        let _ = write!(out, "| {label} |");
+        for b in &r.backends {
+            let _ = write!(out, " {} |", f(b));
+        }
+        let _ = writeln!(out);
+    };
+    row(&mut out, "HTTP ingress / raw publish", &|b| {
+        show_ratio(b.ratios.ingress_over_raw_publish)
+    });
+    row(
+        &mut out,
+        "jobgate publisher (no HTTP) / raw publish",
+        &|b| show_ratio(b.ratios.library_over_raw_publish),
+    );
+    row(&mut out, "HTTP ingress / jobgate publisher", &|b| {
+        show_ratio(b.ratios.ingress_over_library)
+    });
+    row(&mut out, "drain / raw consume, per consumer count", &|b| {
+        b.ratios
+            .drain_over_raw_consume
+            .iter()
+            .map(|(n, r)| format!("x{n}: {}", show_ratio(*r)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    row(&mut out, "drain scaling over consumer counts", &|b| {
+        b.ratios
+            .scaling
+            .iter()
+            .map(|(_, r)| show_ratio(*r))
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    });
+    let _ = writeln!(out);
+
+    for b in &r.backends {
+        let title = backend_title(&b.backend);
+        let _ = writeln!(out, "## {title}\n");
+        let _ = writeln!(out, "### Publish side\n");
+        let _ = writeln!(
+            out,
+            "| path | ok/s | ok | failed | s | p50 ms | p99 ms | p99.9 ms | max ms |\n\
+             |---|---|---|---|---|---|---|---|---|"
+        );
+        phase_row(
+            &mut out,
+            &format!("raw client, {} in flight", s.in_flight),
+            &b.raw_publish,
+        );
+        phase_row(
+            &mut out,
+            &format!("jobgate publisher (no HTTP), {} in flight", s.in_flight),
+            &b.library_publish,
+        );
+        phase_row(
+            &mut out,
+            &format!("HTTP ingress, closed loop, {} clients", s.in_flight),
+            &b.ingress_closed,
+        );
+        phase_row(
+            &mut out,
+            &format!(
+                "HTTP ingress, open loop at {:.0}/s",
+                b.ingress_open.target_rate.unwrap_or_default()
+            ),
+            &b.ingress_open,
+        );
+        let _ = writeln!(
+            out,
+            "\nLatency of the raw and jobgate publishers is publish-to-confirm; of the \
+             ingress, request-to-202 (open loop: from the scheduled send time). Peak RSS \
+             of the producer (VmHWM, both ingress phases): {}; its CPU time per accepted \
+             request: {:.0} µs.\n",
+            mib(b.producer_peak_rss_kib),
+            b.producer_cpu_us_per_request,
+        );
+        errors(
+            &mut out,
+            &[
+                ("raw publish", &b.raw_publish),
+                ("jobgate publisher", &b.library_publish),
+                ("ingress closed loop", &b.ingress_closed),
+                ("ingress open loop", &b.ingress_open),
+            ],
+        );
+
+        let _ = writeln!(
+            out,
+            "### Consume side\n\nBacklog: {} jobs.\n",
+            b.backlog_jobs
+        );
+        let _ = writeln!(
+            out,
+            "| path | jobs | s | jobs/s | / raw | peak RSS per process | CPU µs per job |\n\
+             |---|---|---|---|---|---|---|"
+        );
+        let raw = if b.backend == "kafka" {
+            "raw client (offsets stored per job, auto-commit)".to_owned()
+        } else {
+            format!(
+                "raw client, prefetch {}, ack per job",
+                s.consumer_concurrency
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {raw} | {} | {:.2} | {:.0} | 1.00 | - | - |",
+            b.raw_consume.ok, b.raw_consume.seconds, b.raw_consume.per_sec
+        );
+        for d in &b.drains {
+            let _ = writeln!(
+                out,
+                "| {} `consumer` process(es), concurrency {} | {} | {:.2} | {:.0} | {} | {} | {:.0} |",
+                d.consumers,
+                d.concurrency,
+                d.phase.ok,
+                d.phase.seconds,
+                d.phase.per_sec,
+                show_ratio(ratio(d.phase.per_sec, b.raw_consume.per_sec)),
+                mib(d.peak_rss_kib),
+                d.cpu_us_per_job,
+            );
+        }
+        let _ = writeln!(out);
+        errors(&mut out, &[("raw consume", &b.raw_consume)]);
+
+        if !b.knobs.is_empty() {
+            let _ = writeln!(
+                out,
+                "### Knobs\n\nOne setting changed at a time, {:.0} s each. \"default ok/s\" is \
+                 the same measurement with the defaults: for the publish side measured \
+                 again just before these variants (the load of the machine drifts), for \
+                 the consume side the main figures above.\n",
+                s.knob_duration_s
+            );
+            let _ = writeln!(
+                out,
+                "| setting | measured | ok/s | default ok/s | change | failed | p99 ms |\n\
+                 |---|---|---|---|---|---|---|"
+            );
+            for k in &b.knobs {
+                let _ = writeln!(
+                    out,
+                    "| `{}={}` | {} | {:.0} | {:.0} | {} | {} | {} |",
+                    k.knob,
+                    k.value,
+                    k.measured,
+                    k.phase.per_sec,
+                    k.baseline_per_sec,
+                    show_change(k.phase.per_sec, k.baseline_per_sec),
+                    k.phase.failed,
+                    k.phase
+                        .latency
+                        .map_or_else(|| "-".into(), |l| format!("{:.2}", l.p99_ms)),
+                );
+            }
+            let _ = writeln!(out);
+        }
+    }
+
+    let _ = writeln!(out, "{}", HOW_TO_RUN.trim_end());
+    if let Some(notes) = notes {
+        let _ = writeln!(out, "\n{}", notes.trim_end());
+    }
+    out
+}
+
+const HOW_TO_RUN: &str = r#"## How to run
+
+```sh
+scripts/bench.sh                      # both backends, defaults (a few minutes)
+scripts/bench.sh --backend rabbitmq --duration 5 --jobs 10000
+scripts/bench.sh --no-knobs           # skip the knob variants
+target/release/bench --render-only    # rewrite this file from bench/results.json + bench/notes.md
+```
+
+The script brings the brokers up (`scripts/brokers.sh up rabbitmq`, `... up kafka`), builds
+`producer`, `consumer` and `bench` in release mode and runs `target/release/bench` with
+the arguments given (see `target/release/bench --help`). The bench holds a shared lock on
+`$JOBGATE_STATE_DIR/brokers.lock` so tests that restart brokers wait for it; it talks to
+127.0.0.1 only, uses queues and topics named `bench-*` and deletes them at the end.
+
+## How it measures
+
+- **raw publish**: N tasks, each publishing one job and awaiting its confirm, in a loop
+  (N messages in flight). RabbitMQ: lapin, 2 confirm channels round-robin, persistent,
+  `mandatory`, jobgate's AMQP properties, a quorum queue. Kafka: rdkafka `FutureProducer`,
+  `acks=all`, `enable.idempotence=true`, `linger.ms=2`, jobgate's headers, keyed by job id.
+- **jobgate publisher**: the same loop through `jobgate-shared`'s `Publisher` (what the
+  producer calls), no HTTP: separates the cost of HTTP from that of the publisher.
+- **ingress, closed loop**: N HTTP/1.1 keep-alive clients, each `POST /jobs` then the next
+  when the answer came, against the release `producer` binary.
+- **ingress, open loop**: requests sent on a fixed schedule at half the closed-loop rate,
+  whatever the answers; latency counts from the scheduled send time, so a stall shows in
+  the percentiles instead of slowing the sender (no coordinated omission).
+- **raw consume**: one client draining the backlog: lapin `basic_consume` with the
+  consumer's prefetch and one ack per job, acks sent concurrently as jobgate's tasks
+  do; rdkafka `StreamConsumer`, offsets stored per
+  message and auto-committed every second (as jobgate).
+- **drain**: the backlog is published first, then N `consumer` processes are started; the
+  time runs from their start until the broker shows the backlog gone: RabbitMQ's ready
+  count (passive declare, polled every 20 ms; at most prefetch x N jobs may still be
+  unacked), Kafka's committed offsets of the group at the end offsets (polled every
+  100 ms). Kafka commits every second, so Kafka times are late by up to about 1 s; the
+  raw Kafka consume is timed the same way (until its commits reach the end) to compare
+  like with like.
+- **peak RSS**: `VmHWM` from `/proc/<pid>/status` of the producer after both ingress
+  phases and of every consumer process just before it is stopped.
+- The load generator runs on the same cores as the broker and the binaries under test:
+  on a small machine it takes a good share of the CPU, and so does the broker."#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(per_sec: f64) -> Phase {
+        Phase {
+            ok: (per_sec * 10.0) as u64,
+            seconds: 10.0,
+            per_sec,
+            ..Phase::default()
+        }
+    }
+
+    fn drain(consumers: usize, per_sec: f64) -> Drain {
+        Drain {
+            consumers,
+            concurrency: 8,
+            phase: phase(per_sec),
+            peak_rss_kib: 20 * 1024,
+            cpu_us_per_job: 95.0,
+        }
+    }
+
+    fn sample() -> Report {
+        let drains = vec![drain(1, 1000.0), drain(2, 1800.0), drain(4, 2500.0)];
+        let mut ingress = phase(3000.0);
+        ingress.latency = Some(LatencySummary {
+            count: 30000,
+            p50_ms: 1.25,
+            p99_ms: 7.5,
+            p999_ms: 12.0,
+            max_ms: 40.0,
+        });
+        ingress.failed = 3;
+        ingress.first_error = Some("503 overloaded".into());
+        let ratios = Ratios::compute(
+            &phase(6000.0),
+            &phase(5000.0),
+            &ingress,
+            &phase(4000.0),
+            &drains,
+        );
+        Report {
+            machine: Machine {
+                cpu_model: "Test CPU".into(),
+                nproc: 2,
+                mem_total_mib: 4096,
+                date: "2026-11-28T18:00:00Z".into(),
+                git_commit: "abc123".into(),
+                load_before: "0.5 0.4 0.3".into(),
+                load_after: "1.5 1.0 0.5".into(),
+            },
+            settings: Settings {
+                duration_s: 10.0,
+                knob_duration_s: 5.0,
+                warmup_s: 1.0,
+                in_flight: 64,
+                body_bytes: 120,
+                consumers: vec![1, 2, 4],
+                consumer_concurrency: 8,
+                publish_channels: 2,
+                max_in_flight: 1024,
+                kafka_partitions: 6,
+            },
+            backends: vec![BackendResults {
+                backend: "rabbitmq".into(),
+                backlog_jobs: 25000,
+                raw_publish: phase(6000.0),
+                library_publish: phase(5000.0),
+                ingress_closed: ingress,
+                ingress_open: Phase {
+                    target_rate: Some(1500.0),
+                    ..phase(1500.0)
+                },
+                producer_peak_rss_kib: 30 * 1024,
+                producer_cpu_us_per_request: 61.4,
+                raw_consume: phase(4000.0),
+                drains,
+                knobs: vec![KnobRun {
+                    knob: "JOBGATE_PUBLISH_CHANNELS".into(),
+                    value: "4".into(),
+                    measured: "ingress closed loop".into(),
+                    phase: phase(3300.0),
+                    baseline_per_sec: 3000.0,
+                }],
+                ratios,
+            }],
+        }
+    }
+
+    #[test]
+    fn ratios_relate_each_path_to_its_raw_ceiling() {
+        let r = &sample().backends[0].ratios;
+        assert_eq!(r.ingress_over_raw_publish, Some(0.5));
+        assert_eq!(r.ingress_over_library, Some(0.6));
+        assert_eq!(
+            r.drain_over_raw_consume,
+            vec![(1, Some(0.25)), (2, Some(0.45)), (4, Some(0.625))]
+        );
+        assert_eq!(
+            r.scaling,
+            vec![(1, Some(1.0)), (2, Some(1.8)), (4, Some(2.5))]
+        );
+        let none = Ratios::compute(
+            &Phase::default(),
+            &Phase::default(),
+            &phase(1.0),
+            &Phase::default(),
+            &[],
+        );
+        assert_eq!(none.ingress_over_raw_publish, None);
+        assert!(none.scaling.is_empty());
+    }
+
+    #[test]
+    fn the_report_shows_machine_ratios_tables_knobs_and_notes() {
+        let md = render_markdown(&sample(), Some("## Analysis\n\nchannels help.\n"));
+        for expected in [
+            "| CPU | Test CPU (2 cores) |",
+            "| git commit | `abc123` |",
+            "| HTTP ingress / raw publish | 0.50 |",
+            "| drain / raw consume, per consumer count | x1: 0.25, x2: 0.45, x4: 0.62 |",
+            "| drain scaling over consumer counts | 1.00 -> 1.80 -> 2.50 |",
+            "## RabbitMQ",
+            "Backlog: 25000 jobs.",
+            "| HTTP ingress, closed loop, 64 clients | 3000 | 30000 | 3 | 10.0 | 1.25 | 7.50 | 12.00 | 40.00 |",
+            "| HTTP ingress, open loop at 1500/s | 1500 |",
+            "Peak RSS of the producer (VmHWM, both ingress phases): 30.0 MiB; its CPU time per accepted request: 61 µs.",
+            "- first failure of *ingress closed loop*: `503 overloaded`",
+            "| 4 `consumer` process(es), concurrency 8 | 25000 | 10.00 | 2500 | 0.62 | 20.0 MiB | 95 |",
+            "| `JOBGATE_PUBLISH_CHANNELS=4` | ingress closed loop | 3300 | 3000 | +10% | 0 | - |",
+            "## How to run",
+            "channels help.",
+        ] {
+            assert!(md.contains(expected), "missing {expected:?} in:\n{md}");
+        }
+        // The analysis comes last, after the generated part.
+        assert!(md.find("## How to run") < md.find("## Analysis"));
+        assert!(!render_markdown(&sample(), None).contains("## Analysis"));
+    }
+
+    #[test]
+    fn a_report_read_back_from_its_json_renders_the_same() {
+        let report = sample();
+        let json = serde_json::to_string(&report).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(render_markdown(&back, None), render_markdown(&report, None));
+    }
+
+    #[test]
+    fn missing_measurements_show_as_not_available() {
+        assert_eq!(show_ratio(None), "n/a");
+        assert_eq!(show_change(5.0, 0.0), "n/a");
+        assert_eq!(show_change(90.0, 100.0), "-10%");
+    }
+}

@@ -1,0 +1,872 @@
+//! The phases of a run, in order, for each backend; then the report.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::kafka::{self, Kafka};
+use crate::load::{closed_loop, open_loop, Budget, Op};
+use crate::procs::{free_port, wait_ready, Binaries};
+use crate::rabbit::{self, Rabbit};
+use crate::report::{
+    render_markdown, BackendResults, Drain, KnobRun, Machine, Phase, Ratios, Report, Settings,
+};
+use crate::{Args, Which};
+
+/// The job body every phase sends: a small JSON document, as a typical job.
+const BODY: &str = r#"{"task":"send-welcome-email","to":"someone@example.com","template":"welcome-v2","locale":"en","attempt_hint":1}"#;
+
+/// The consumers get one retry tier of this length (the fewest queues to create).
+const RETRY_TIER: Duration = Duration::from_secs(1);
+
+/// jobgate's Kafka producer `linger.ms` (shared/src/broker/kafka: not a knob yet).
+const JOBGATE_LINGER_MS: u32 = 2;
+
+/// The raw publisher as jobgate configures it, or with one setting changed.
+#[derive(Debug, Clone, Copy)]
+enum RawVariant {
+    AsJobgate,
+    /// RabbitMQ confirm channels.
+    Channels(u16),
+    /// Kafka `linger.ms`.
+    LingerMs(u32),
+}
+
+impl RawVariant {
+    fn label(self) -> String {
+        match self {
+            Self::AsJobgate => "default".into(),
+            Self::Channels(n) => format!("channels-{n}"),
+            Self::LingerMs(ms) => format!("linger-{ms}"),
+        }
+    }
+}
+
+/// A backlog must be drained within this long, or the run fails.
+const DRAIN_LIMIT: Duration = Duration::from_secs(180);
+
+/// How long a stopped binary may take to exit.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// Queues, topics and groups created so far, deleted at the end whatever happened.
+#[derive(Default)]
+pub struct Leftovers {
+    rabbit: Mutex<Vec<String>>,
+    kafka_topics: Mutex<Vec<String>>,
+    kafka_groups: Mutex<Vec<String>>,
+}
+
+fn push(list: &Mutex<Vec<String>>, items: impl IntoIterator<Item = String>) {
+    list.lock().unwrap_or_else(|e| e.into_inner()).extend(items);
+}
+
+fn forget(list: &Mutex<Vec<String>>, done: &[String]) {
+    list.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|name| !done.contains(name));
+}
+
+fn take(list: &Mutex<Vec<String>>) -> Vec<String> {
+    std::mem::take(&mut *list.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+impl Leftovers {
+    /// Deletes everything recorded; failures are reported, not fatal.
+    pub async fn clean(&self, args: &Args) {
+        let queues = take(&self.rabbit);
+        if !queues.is_empty() {
+            match Rabbit::connect(&args.amqp_url).await {
+                Ok(r) => {
+                    if let Err(e) = r.delete(&queues).await {
+                        eprintln!("bench: warning: deleting RabbitMQ queues: {e:#}");
+                    }
+                    r.close().await;
+                }
+                Err(e) => eprintln!("bench: warning: cannot delete queues {queues:?}: {e:#}"),
+            }
+        }
+        let topics = take(&self.kafka_topics);
+        let groups = take(&self.kafka_groups);
+        if !topics.is_empty() || !groups.is_empty() {
+            let deleted = match Kafka::new(&args.kafka_brokers, args.kafka_partitions) {
+                Ok(k) => k.delete(&topics, &groups).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = deleted {
+                eprintln!("bench: warning: cannot delete topics {topics:?}: {e:#}");
+            }
+        }
+    }
+}
+
+/// A connected backend: the raw client side of the bench.
+enum Broker {
+    // Boxed: a lapin connection is much larger than the Kafka side.
+    Rabbit(Box<Rabbit>),
+    Kafka(Kafka),
+}
+
+/// The context of one backend's phases.
+struct Bench<'a> {
+    args: &'a Args,
+    bins: Binaries,
+    http: reqwest::Client,
+    run_id: String,
+    backend: &'static str,
+    broker: Broker,
+    leftovers: &'a Leftovers,
+    warmup: Duration,
+    duration: Duration,
+    knob_duration: Duration,
+    /// Backlog of the consume and drain phases.
+    jobs: u64,
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("bench: {}", msg.as_ref());
+}
+
+fn show(p: &Phase) -> String {
+    let mut s = format!("{:.0}/s ({} ok, {} failed", p.per_sec, p.ok, p.failed);
+    if let Some(l) = p.latency {
+        s += &format!(", p50 {:.2} ms, p99 {:.2} ms", l.p50_ms, l.p99_ms);
+    }
+    if let Some(e) = &p.first_error {
+        s += &format!(", first failure: {e}");
+    }
+    s + ")"
+}
+
+/// Publishes once, retrying for up to 10 s, before a phase is timed: a fresh Kafka
+/// topic answers its first records only once its partition leaders are known (up to a
+/// second here), which would otherwise eat into a short warm-up.
+async fn prime(op: &Op) -> Result<()> {
+    let mut last = String::new();
+    for _ in 0..40 {
+        match op().await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!("the first publish did not succeed within 10 s: {last}")
+}
+
+/// A phase that should have failed nothing: any failure stops the run.
+fn require_clean(what: &str, p: &Phase) -> Result<()> {
+    if p.ok == 0 || p.failed > 0 {
+        bail!("{what}: {}", show(p));
+    }
+    Ok(())
+}
+
+impl Bench<'_> {
+    fn queue(&self, phase: &str) -> String {
+        format!("bench-{}-{}-{phase}", self.run_id, self.backend)
+    }
+
+    fn group(queue: &str) -> String {
+        format!("{queue}.group")
+    }
+
+    /// Creates the queue or topic and records it (and what jobgate adds) for deletion.
+    async fn create(&self, queue: &str) -> Result<()> {
+        match &self.broker {
+            Broker::Rabbit(r) => {
+                push(
+                    &self.leftovers.rabbit,
+                    rabbit::all_queues(queue, RETRY_TIER),
+                );
+                r.declare(queue).await
+            }
+            Broker::Kafka(k) => {
+                push(
+                    &self.leftovers.kafka_topics,
+                    kafka::all_topics(queue, RETRY_TIER),
+                );
+                let g = Self::group(queue);
+                push(&self.leftovers.kafka_groups, [format!("{g}.retry"), g]);
+                k.create(queue).await
+            }
+        }
+    }
+
+    /// Deletes what `create` (and jobgate) made for `queue`, now rather than at the
+    /// end, so the broker does not carry old backlogs into later phases.
+    async fn drop_queue(&self, queue: &str) -> Result<()> {
+        match &self.broker {
+            Broker::Rabbit(r) => {
+                let queues = rabbit::all_queues(queue, RETRY_TIER);
+                r.delete(&queues).await?;
+                forget(&self.leftovers.rabbit, &queues);
+            }
+            Broker::Kafka(k) => {
+                let g = Self::group(queue);
+                let topics = kafka::all_topics(queue, RETRY_TIER);
+                let groups = [format!("{g}.retry"), g];
+                k.delete(&topics, &groups).await?;
+                forget(&self.leftovers.kafka_topics, &topics);
+                forget(&self.leftovers.kafka_groups, &groups);
+            }
+        }
+        Ok(())
+    }
+
+    async fn raw_op(&self, queue: &str, variant: RawVariant) -> Result<Op> {
+        match &self.broker {
+            Broker::Rabbit(r) => {
+                let channels = match variant {
+                    RawVariant::Channels(n) => n,
+                    _ => self.args.publish_channels,
+                };
+                r.raw_publish_op(queue, usize::from(channels), BODY).await
+            }
+            Broker::Kafka(k) => {
+                let linger = match variant {
+                    RawVariant::LingerMs(ms) => ms,
+                    _ => JOBGATE_LINGER_MS,
+                };
+                k.raw_publish_op(queue, linger, BODY)
+            }
+        }
+    }
+
+    fn timed(&self, measure: Duration) -> Budget {
+        Budget::Time {
+            warmup: self.warmup,
+            measure,
+        }
+    }
+
+    /// Raw publishes with `in_flight` in flight for `measure`.
+    async fn raw_publish(
+        &self,
+        in_flight: usize,
+        measure: Duration,
+        variant: RawVariant,
+    ) -> Result<Phase> {
+        let q = self.queue(&format!("raw-publish-{in_flight}-{}", variant.label()));
+        self.create(&q).await?;
+        let op = self.raw_op(&q, variant).await?;
+        prime(&op).await?;
+        let phase = closed_loop(in_flight, self.timed(measure), op).await;
+        self.drop_queue(&q).await?;
+        Ok(phase)
+    }
+
+    async fn library_publish(&self) -> Result<Phase> {
+        let q = self.queue("library-publish");
+        self.create(&q).await?;
+        let in_flight = self.args.in_flight as usize;
+        let phase = match &self.broker {
+            Broker::Rabbit(r) => {
+                let (op, publisher) = r
+                    .library_publish_op(&q, usize::from(self.args.publish_channels), BODY)
+                    .await?;
+                prime(&op).await?;
+                let phase = closed_loop(in_flight, self.timed(self.duration), op).await;
+                jobgate_shared::broker::Publisher::close(&*publisher).await;
+                phase
+            }
+            Broker::Kafka(k) => {
+                let (op, publisher) = k.library_publish_op(&q, BODY).await?;
+                prime(&op).await?;
+                let phase = closed_loop(in_flight, self.timed(self.duration), op).await;
+                jobgate_shared::broker::Publisher::close(&*publisher).await;
+                phase
+            }
+        };
+        self.drop_queue(&q).await?;
+        Ok(phase)
+    }
+
+    fn broker_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("JOBGATE_BACKEND", self.backend.to_owned()),
+            ("JOBGATE_AMQP_URL", self.args.amqp_url.clone()),
+            ("JOBGATE_KAFKA_BROKERS", self.args.kafka_brokers.clone()),
+            (
+                "JOBGATE_KAFKA_PARTITIONS",
+                self.args.kafka_partitions.to_string(),
+            ),
+        ]
+    }
+
+    /// Starts a `producer` for `queue` with `overrides` on top of the bench's settings.
+    async fn start_producer(
+        &self,
+        queue: &str,
+        label: &str,
+        overrides: &[(&'static str, String)],
+    ) -> Result<(crate::procs::Running, String)> {
+        let port = free_port()?;
+        let mut env = self.broker_env();
+        env.extend([
+            ("JOBGATE_LISTEN", format!("127.0.0.1:{port}")),
+            ("JOBGATE_QUEUES", queue.to_owned()),
+            (
+                "JOBGATE_PUBLISH_CHANNELS",
+                self.args.publish_channels.to_string(),
+            ),
+            ("JOBGATE_MAX_IN_FLIGHT", self.args.max_in_flight.to_string()),
+        ]);
+        env.extend(overrides.iter().cloned());
+        let mut producer = self.bins.spawn(
+            "producer",
+            &format!("{}-producer-{label}", self.backend),
+            &env,
+        )?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(&self.http, &base, &mut producer).await?;
+        Ok((producer, base))
+    }
+
+    fn post_op(&self, base: &str) -> Op {
+        let http = self.http.clone();
+        let url = format!("{base}/jobs");
+        Arc::new(move || {
+            let http = http.clone();
+            let url = url.clone();
+            Box::pin(async move {
+                let answer = http
+                    .post(&url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(BODY)
+                    .send()
+                    .await
+                    .map_err(|e| format!("POST /jobs: {e}"))?;
+                let status = answer.status();
+                let text = answer.text().await.unwrap_or_default();
+                if status == reqwest::StatusCode::ACCEPTED {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "HTTP {status}: {}",
+                        text.chars().take(200).collect::<String>()
+                    ))
+                }
+            })
+        })
+    }
+
+    /// Closed-loop HTTP load on a fresh producer; its peak RSS too.
+    async fn ingress_closed(
+        &self,
+        label: &str,
+        clients: usize,
+        measure: Duration,
+        overrides: &[(&'static str, String)],
+    ) -> Result<(Phase, u64)> {
+        let q = self.queue(&format!("ingress-{label}"));
+        self.create(&q).await?;
+        let (mut producer, base) = self.start_producer(&q, label, overrides).await?;
+        let phase = closed_loop(clients, self.timed(measure), self.post_op(&base)).await;
+        producer.check_alive()?;
+        let rss = producer.peak_rss_kib()?;
+        producer.stop(STOP_GRACE).await?;
+        self.drop_queue(&q).await?;
+        Ok((phase, rss))
+    }
+
+    /// The main ingress figures: closed loop, then open loop at half its rate, on one
+    /// producer; returns both and the producer's peak RSS over both.
+    async fn ingress(&self) -> Result<(Phase, Phase, u64, f64)> {
+        let q = self.queue("ingress");
+        self.create(&q).await?;
+        let (mut producer, base) = self.start_producer(&q, "main", &[]).await?;
+        let clients = self.args.in_flight as usize;
+        let closed = closed_loop(clients, self.timed(self.duration), self.post_op(&base)).await;
+        say(format!(
+            "  ingress closed loop, {clients} clients: {}",
+            show(&closed)
+        ));
+        require_clean("ingress closed loop", &closed)?;
+        let rate = closed.per_sec / 2.0;
+        let open = open_loop(rate, self.duration, 20_000, self.post_op(&base)).await;
+        say(format!(
+            "  ingress open loop at {rate:.0}/s: {}",
+            show(&open)
+        ));
+        producer.check_alive()?;
+        let rss = producer.peak_rss_kib()?;
+        let cpu_us = producer.cpu_seconds()? * 1e6 / (closed.ok + open.ok).max(1) as f64;
+        producer.stop(STOP_GRACE).await?;
+        self.drop_queue(&q).await?;
+        Ok((closed, open, rss, cpu_us))
+    }
+
+    /// Publishes `jobs` jobs into `queue` (created here) as fast as the raw client can.
+    async fn fill(&self, queue: &str) -> Result<()> {
+        self.create(queue).await?;
+        // Filling is not measured: on Kafka, without linger it is several times faster.
+        let variant = match self.broker {
+            Broker::Kafka(_) => RawVariant::LingerMs(0),
+            Broker::Rabbit(_) => RawVariant::AsJobgate,
+        };
+        let op = self.raw_op(queue, variant).await?;
+        // The priming publish is the first job of the backlog.
+        prime(&op).await?;
+        let rest = Budget::Count(self.jobs - 1);
+        let phase = closed_loop(self.args.in_flight as usize, rest, op).await;
+        if self.jobs > 1 {
+            require_clean(&format!("filling {queue}"), &phase)?;
+        }
+        say(format!("  filled {queue}: {}", show(&phase)));
+        Ok(())
+    }
+
+    async fn raw_consume(&self, prefetch: u16) -> Result<Phase> {
+        let q = self.queue(&format!("raw-consume-{prefetch}"));
+        self.fill(&q).await?;
+        let phase = match &self.broker {
+            Broker::Rabbit(r) => r.raw_consume(&q, prefetch, self.jobs).await?,
+            Broker::Kafka(k) => k.raw_consume(&q, &Self::group(&q), self.jobs).await?,
+        };
+        self.drop_queue(&q).await?;
+        Ok(phase)
+    }
+
+    /// Jobs of the backlog not yet done, as the broker sees it.
+    async fn backlog(&self, queue: &str, probe: Option<&kafka::LagProbe>) -> Result<u64> {
+        match (&self.broker, probe) {
+            (Broker::Rabbit(r), _) => r.ready(queue).await,
+            (Broker::Kafka(_), Some(p)) => p.lag().await,
+            (Broker::Kafka(_), None) => bail!("no lag probe"),
+        }
+    }
+
+    /// Fills a backlog, starts `consumers` processes and times them until it is gone.
+    async fn drain(&self, consumers: usize, concurrency: u16) -> Result<Drain> {
+        let q = self.queue(&format!("drain-{consumers}x{concurrency}"));
+        self.fill(&q).await?;
+        let probe = match &self.broker {
+            Broker::Kafka(k) => Some(k.lag_probe(&q, &Self::group(&q))?),
+            Broker::Rabbit(_) => None,
+        };
+        let mut env = self.broker_env();
+        env.extend([
+            ("JOBGATE_QUEUE", q.clone()),
+            ("JOBGATE_CONCURRENCY", concurrency.to_string()),
+            ("JOBGATE_HANDLER", "log".to_owned()),
+            ("JOBGATE_RETRY_BASE_MS", RETRY_TIER.as_millis().to_string()),
+            ("JOBGATE_RETRY_MAX_MS", RETRY_TIER.as_millis().to_string()),
+            ("JOBGATE_KAFKA_GROUP", "{queue}.group".to_owned()),
+            ("JOBGATE_SHUTDOWN_GRACE_MS", "5000".to_owned()),
+        ]);
+        let start = Instant::now();
+        let mut procs = Vec::new();
+        for i in 0..consumers {
+            let name = format!("{}-consumer-{consumers}x{concurrency}-{i}", self.backend);
+            procs.push(self.bins.spawn("consumer", &name, &env)?);
+        }
+        let poll = match self.broker {
+            Broker::Rabbit(_) => Duration::from_millis(20),
+            Broker::Kafka(_) => kafka::PROBE_INTERVAL,
+        };
+        loop {
+            for p in &mut procs {
+                p.check_alive()?;
+            }
+            if self.backlog(&q, probe.as_ref()).await? == 0 {
+                break;
+            }
+            if start.elapsed() > DRAIN_LIMIT {
+                bail!("{consumers} consumer(s) did not drain {q} within {DRAIN_LIMIT:?}");
+            }
+            tokio::time::sleep(poll).await;
+        }
+        let elapsed = start.elapsed();
+        let mut peak = 0;
+        let mut cpu = 0.0;
+        for p in &procs {
+            peak = peak.max(p.peak_rss_kib()?);
+            cpu += p.cpu_seconds()?;
+        }
+        for p in procs {
+            p.stop(STOP_GRACE).await?;
+        }
+        self.drop_queue(&q).await?;
+        Ok(Drain {
+            consumers,
+            concurrency,
+            phase: Phase {
+                ok: self.jobs,
+                seconds: elapsed.as_secs_f64(),
+                per_sec: crate::stats::per_second(self.jobs, elapsed),
+                ..Phase::default()
+            },
+            peak_rss_kib: peak,
+            cpu_us_per_job: cpu * 1e6 / self.jobs.max(1) as f64,
+        })
+    }
+
+    /// Each knob changed alone. The machine's load drifts over a run (other work, the
+    /// broker's own housekeeping), so the publish-side baselines are measured again
+    /// here, with the knob phases' duration, right before the variants.
+    async fn knobs(&self, raw_consume: &Phase, drain_1: Option<&Drain>) -> Result<Vec<KnobRun>> {
+        let mut runs = Vec::new();
+        let c = self.args.in_flight as usize;
+        let k = self.knob_duration;
+        let raw_publish = &self.raw_publish(c, k, RawVariant::AsJobgate).await?;
+        let (ingress, _) = &self.ingress_closed("baseline", c, k, &[]).await?;
+        say(format!(
+            "  baselines again: raw publish {}, ingress {}",
+            show(raw_publish),
+            show(ingress)
+        ));
+        let knob = |knob: &str, value: String, measured: &str, phase: Phase, baseline: f64| {
+            say(format!(
+                "  knob {knob}={value}, {measured}: {}",
+                show(&phase)
+            ));
+            KnobRun {
+                knob: knob.into(),
+                value,
+                measured: measured.into(),
+                phase,
+                baseline_per_sec: baseline,
+            }
+        };
+        if matches!(self.broker, Broker::Kafka(_)) {
+            // Not a jobgate knob: what one would do, on the raw producer.
+            for linger in [0u32, 10] {
+                let p = self.raw_publish(c, k, RawVariant::LingerMs(linger)).await?;
+                runs.push(knob(
+                    "linger.ms (raw producer only)",
+                    linger.to_string(),
+                    "raw publish",
+                    p,
+                    raw_publish.per_sec,
+                ));
+            }
+        }
+        if matches!(self.broker, Broker::Rabbit(_)) {
+            let default = self.args.publish_channels;
+            for channels in [1u16, 4, 8].into_iter().filter(|&n| n != default) {
+                let p = self
+                    .raw_publish(c, k, RawVariant::Channels(channels))
+                    .await?;
+                runs.push(knob(
+                    "confirm channels (raw publisher)",
+                    channels.to_string(),
+                    "raw publish",
+                    p,
+                    raw_publish.per_sec,
+                ));
+                let env = [("JOBGATE_PUBLISH_CHANNELS", channels.to_string())];
+                let (p, _) = self
+                    .ingress_closed(&format!("channels-{channels}"), c, k, &env)
+                    .await?;
+                runs.push(knob(
+                    "JOBGATE_PUBLISH_CHANNELS",
+                    channels.to_string(),
+                    "ingress closed loop",
+                    p,
+                    ingress.per_sec,
+                ));
+            }
+        }
+        // Below the client count: the producer sheds load with 503 instead of queueing.
+        let limit = (c / 2).max(1);
+        let env = [("JOBGATE_MAX_IN_FLIGHT", limit.to_string())];
+        let (p, _) = self.ingress_closed("max-in-flight", c, k, &env).await?;
+        runs.push(knob(
+            "JOBGATE_MAX_IN_FLIGHT",
+            limit.to_string(),
+            "ingress closed loop",
+            p,
+            ingress.per_sec,
+        ));
+        // How the ceiling and the ingress follow the number of messages in flight.
+        for n in [c / 4, c * 4].into_iter().filter(|&n| n >= 1 && n != c) {
+            let p = self.raw_publish(n, k, RawVariant::AsJobgate).await?;
+            runs.push(knob(
+                "--in-flight",
+                n.to_string(),
+                "raw publish",
+                p,
+                raw_publish.per_sec,
+            ));
+            let (p, _) = self
+                .ingress_closed(&format!("clients-{n}"), n, k, &[])
+                .await?;
+            runs.push(knob(
+                "--in-flight",
+                n.to_string(),
+                "ingress closed loop",
+                p,
+                ingress.per_sec,
+            ));
+        }
+        // Consumer concurrency (= prefetch): raw consume and one consumer process.
+        let more = self.args.consumer_concurrency.saturating_mul(4);
+        if more != self.args.consumer_concurrency {
+            // The raw Kafka consumer has no prefetch to change.
+            if matches!(self.broker, Broker::Rabbit(_)) {
+                let p = self.raw_consume(more).await?;
+                runs.push(knob(
+                    "JOBGATE_CONCURRENCY",
+                    more.to_string(),
+                    "raw consume (prefetch)",
+                    p,
+                    raw_consume.per_sec,
+                ));
+            }
+            if let Some(base) = drain_1 {
+                let d = self.drain(base.consumers, more).await?;
+                runs.push(knob(
+                    "JOBGATE_CONCURRENCY",
+                    more.to_string(),
+                    &format!("drain x{}", base.consumers),
+                    d.phase,
+                    base.phase.per_sec,
+                ));
+            }
+        }
+        Ok(runs)
+    }
+
+    async fn measure(&self) -> Result<BackendResults> {
+        let c = self.args.in_flight as usize;
+        say(format!("{}: raw publish, {c} in flight", self.backend));
+        let raw_publish = self
+            .raw_publish(c, self.duration, RawVariant::AsJobgate)
+            .await?;
+        say(format!("  raw publish: {}", show(&raw_publish)));
+        require_clean("raw publish", &raw_publish)?;
+
+        say(format!("{}: jobgate publisher, no HTTP", self.backend));
+        let library_publish = self.library_publish().await?;
+        say(format!("  jobgate publisher: {}", show(&library_publish)));
+        require_clean("jobgate publisher", &library_publish)?;
+
+        say(format!("{}: HTTP ingress", self.backend));
+        let (ingress_closed, ingress_open, producer_peak_rss_kib, producer_cpu_us_per_request) =
+            self.ingress().await?;
+
+        say(format!(
+            "{}: raw consume of {} jobs",
+            self.backend, self.jobs
+        ));
+        let raw_consume = self.raw_consume(self.args.consumer_concurrency).await?;
+        say(format!("  raw consume: {}", show(&raw_consume)));
+
+        let mut drains = Vec::new();
+        for &n in &self.args.consumers {
+            say(format!(
+                "{}: drain of {} jobs by {n} consumer(s)",
+                self.backend, self.jobs
+            ));
+            let d = self.drain(n, self.args.consumer_concurrency).await?;
+            say(format!(
+                "  drain x{n}: {:.2} s, {:.0} jobs/s",
+                d.phase.seconds, d.phase.per_sec
+            ));
+            drains.push(d);
+        }
+
+        let knobs = if self.args.no_knobs {
+            Vec::new()
+        } else {
+            say(format!("{}: knobs", self.backend));
+            self.knobs(&raw_consume, drains.first()).await?
+        };
+        let ratios = Ratios::compute(
+            &raw_publish,
+            &library_publish,
+            &ingress_closed,
+            &raw_consume,
+            &drains,
+        );
+        Ok(BackendResults {
+            backend: self.backend.to_owned(),
+            backlog_jobs: self.jobs,
+            raw_publish,
+            library_publish,
+            ingress_closed,
+            ingress_open,
+            producer_peak_rss_kib,
+            producer_cpu_us_per_request,
+            raw_consume,
+            drains,
+            knobs,
+            ratios,
+        })
+    }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn command_output(program: &str, args: &[&str], dir: &PathBuf) -> Option<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn machine(root: &PathBuf) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map_or_else(|| "unknown".into(), |(_, m)| m.trim().to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_total_mib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024);
+    let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"], root)
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = command_output(
+        "git",
+        &["status", "--porcelain", "--untracked-files=no"],
+        root,
+    )
+    .is_some_and(|s| !s.is_empty());
+    Machine {
+        cpu_model,
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        mem_total_mib,
+        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        git_commit: if dirty {
+            format!("{commit} (with uncommitted changes)")
+        } else {
+            commit
+        },
+        load_before: load_average(),
+        load_after: String::new(),
+    }
+}
+
+/// Runs every phase of every backend asked for, then writes the report. The caller
+/// deletes what `leftovers` recorded, whatever happened.
+pub async fn run(args: &Args, root: PathBuf, leftovers: &Leftovers) -> Result<()> {
+    let report = measure_all(args, &root, leftovers).await?;
+    write_report(args, &root, &report)
+}
+
+/// `--render-only`: the Markdown again from the JSON of the last run and the notes.
+pub fn render_again(args: &Args, root: &Path) -> Result<()> {
+    let json_path = args
+        .json
+        .clone()
+        .unwrap_or_else(|| root.join("bench/results.json"));
+    let text = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
+    let report: Report = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a bench result", json_path.display()))?;
+    write_report(args, root, &report)
+}
+
+fn write_report(args: &Args, root: &Path, report: &Report) -> Result<()> {
+    let md_path = args
+        .report
+        .clone()
+        .unwrap_or_else(|| root.join("BENCHMARKS.md"));
+    let json_path = args
+        .json
+        .clone()
+        .unwrap_or_else(|| root.join("bench/results.json"));
+    let notes_path = args
+        .notes
+        .clone()
+        .unwrap_or_else(|| root.join("bench/notes.md"));
+    let notes = std::fs::read_to_string(&notes_path).ok();
+    std::fs::write(&md_path, render_markdown(report, notes.as_deref()))
+        .with_context(|| format!("writing {}", md_path.display()))?;
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(&json_path, json + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    say(format!(
+        "wrote {} and {}",
+        md_path.display(),
+        json_path.display()
+    ));
+    Ok(())
+}
+
+async fn measure_all(args: &Args, root: &PathBuf, leftovers: &Leftovers) -> Result<Report> {
+    let mut machine = machine(root);
+    let uuid = uuid::Uuid::now_v7().simple().to_string();
+    let run_id = uuid[uuid.len() - 8..].to_owned();
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => crate::procs::default_bin_dir()?,
+    };
+    let bins = Binaries {
+        dir: bin_dir,
+        logs: root.join("target/bench-logs").join(&run_id),
+    };
+    say(format!(
+        "run {run_id}; logs of the binaries in {}",
+        bins.logs.display()
+    ));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .build()
+        .context("HTTP client")?;
+    let backends: &[&'static str] = match args.backend {
+        Which::Rabbitmq => &["rabbitmq"],
+        Which::Kafka => &["kafka"],
+        Which::All => &["rabbitmq", "kafka"],
+    };
+    let mut results = Vec::new();
+    for &backend in backends {
+        let broker = match backend {
+            "rabbitmq" => Broker::Rabbit(Box::new(Rabbit::connect(&args.amqp_url).await?)),
+            _ => Broker::Kafka(Kafka::new(&args.kafka_brokers, args.kafka_partitions)?),
+        };
+        let bench = Bench {
+            args,
+            bins: bins.clone(),
+            http: http.clone(),
+            run_id: run_id.clone(),
+            backend,
+            broker,
+            leftovers,
+            warmup: Duration::from_secs_f64(args.warmup),
+            duration: Duration::from_secs_f64(args.duration),
+            knob_duration: Duration::from_secs_f64(args.knob_duration),
+            jobs: args
+                .jobs
+                .unwrap_or(if backend == "kafka" { 500_000 } else { 50_000 }),
+        };
+        let measured = bench.measure().await;
+        if let Broker::Rabbit(r) = &bench.broker {
+            r.close().await;
+        }
+        results.push(measured.with_context(|| format!("{backend} phases"))?);
+    }
+    machine.load_after = load_average();
+    Ok(Report {
+        machine,
+        settings: Settings {
+            duration_s: args.duration,
+            knob_duration_s: args.knob_duration,
+            warmup_s: args.warmup,
+            in_flight: args.in_flight as usize,
+            body_bytes: BODY.len(),
+            consumers: args.consumers.clone(),
+            consumer_concurrency: args.consumer_concurrency,
+            publish_channels: args.publish_channels,
+            max_in_flight: args.max_in_flight,
+            kafka_partitions: args.kafka_partitions,
+        },
+        backends: results,
+    })
+}

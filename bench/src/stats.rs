@@ -1,0 +1,150 @@
+//! The arithmetic of the bench, free of I/O: latency percentiles, rates, ratios and
+//! the open-loop send schedule.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Latency samples, in microseconds, in the order they were taken.
+#[derive(Debug, Default, Clone)]
+pub struct Latencies(Vec<u64>);
+
+impl Latencies {
+    pub fn record(&mut self, latency: Duration) {
+        self.0
+            .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    pub fn merge(&mut self, other: Latencies) {
+        self.0.extend(other.0);
+    }
+
+    /// Percentiles of the samples (none taken: all zero, count 0).
+    pub fn summary(mut self) -> LatencySummary {
+        self.0.sort_unstable();
+        let ms = |p: f64| percentile(&self.0, p).map_or(0.0, |us| us as f64 / 1000.0);
+        LatencySummary {
+            count: self.0.len() as u64,
+            p50_ms: ms(50.0),
+            p99_ms: ms(99.0),
+            p999_ms: ms(99.9),
+            max_ms: ms(100.0),
+        }
+    }
+}
+
+/// Nearest-rank percentile `p` (0..=100) of `sorted` (ascending): the smallest sample
+/// that at least `p`% of the samples do not exceed. `None` without samples.
+pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    // The epsilon keeps float error (99.9% of 1000 = 999.0000000000001) from moving the
+    // rank up by one.
+    let rank = (p / 100.0 * sorted.len() as f64 - 1e-9).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Events per second; 0 for an empty interval.
+pub fn per_second(count: u64, elapsed: Duration) -> f64 {
+    if elapsed.is_zero() {
+        0.0
+    } else {
+        count as f64 / elapsed.as_secs_f64()
+    }
+}
+
+/// `part / whole`, or `None` when the whole is not a positive number (nothing measured).
+pub fn ratio(part: f64, whole: f64) -> Option<f64> {
+    (whole > 0.0 && part.is_finite()).then(|| part / whole)
+}
+
+/// Open loop: when request `index` (0-based) is due, counted from the start, at `rate`
+/// requests a second. The schedule never depends on answers, so a slow answer cannot
+/// delay the requests after it (no coordinated omission).
+pub fn scheduled_offset(index: u64, rate: f64) -> Duration {
+    Duration::from_secs_f64(index as f64 / rate)
+}
+
+/// How many requests an open-loop run of `duration` at `rate` a second sends.
+pub fn scheduled_count(rate: f64, duration: Duration) -> u64 {
+    (rate * duration.as_secs_f64()).floor() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles_of_one_to_a_thousand() {
+        let sorted: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&sorted, 50.0), Some(500));
+        assert_eq!(percentile(&sorted, 99.0), Some(990));
+        assert_eq!(percentile(&sorted, 99.9), Some(999));
+        assert_eq!(percentile(&sorted, 100.0), Some(1000));
+        assert_eq!(percentile(&sorted, 0.0), Some(1));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn a_single_outlier_shows_in_p999_and_max_but_not_p99() {
+        let mut l = Latencies::default();
+        for _ in 0..999 {
+            l.record(Duration::from_millis(2));
+        }
+        l.record(Duration::from_millis(700));
+        let s = l.summary();
+        assert_eq!(s.count, 1000);
+        assert_eq!(s.p50_ms, 2.0);
+        assert_eq!(s.p99_ms, 2.0);
+        assert_eq!(s.p999_ms, 2.0);
+        assert_eq!(s.max_ms, 700.0);
+
+        let mut l = Latencies::default();
+        for ms in [5, 1, 3] {
+            l.record(Duration::from_millis(ms));
+        }
+        let mut other = Latencies::default();
+        other.record(Duration::from_micros(1500));
+        l.merge(other);
+        let s = l.summary();
+        assert_eq!((s.count, s.p50_ms, s.max_ms), (4, 1.5, 5.0));
+    }
+
+    #[test]
+    fn no_samples_summarise_to_zeroes() {
+        assert_eq!(Latencies::default().summary(), LatencySummary::default());
+    }
+
+    #[test]
+    fn rates_and_ratios() {
+        assert_eq!(per_second(500, Duration::from_millis(250)), 2000.0);
+        assert_eq!(per_second(5, Duration::ZERO), 0.0);
+        assert_eq!(ratio(50.0, 200.0), Some(0.25));
+        assert_eq!(ratio(1.0, 0.0), None);
+        assert_eq!(ratio(f64::NAN, 2.0), None);
+    }
+
+    #[test]
+    fn the_open_loop_schedule_is_evenly_spaced_and_fills_the_duration() {
+        let rate = 400.0;
+        assert_eq!(scheduled_offset(0, rate), Duration::ZERO);
+        assert_eq!(scheduled_offset(1, rate), Duration::from_micros(2500));
+        assert_eq!(scheduled_offset(400, rate), Duration::from_secs(1));
+        let n = scheduled_count(rate, Duration::from_secs(10));
+        assert_eq!(n, 4000);
+        // The last request is due just before the end of the run, not after it.
+        assert!(scheduled_offset(n - 1, rate) < Duration::from_secs(10));
+        assert_eq!(scheduled_count(2.5, Duration::from_secs(1)), 2);
+    }
+}
