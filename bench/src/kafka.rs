@@ -7,6 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use jobgate_shared::broker::kafka::{self as jk, ensure_topics, KafkaPublisher, TopicSpec};
 use jobgate_shared::broker::Publisher;
+use jobgate_shared::config::DEFAULT_KAFKA_LINGER_MS;
 use jobgate_shared::job::{self, JobMeta};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -40,6 +41,7 @@ impl Kafka {
                 partitions,
                 replication_factor: 1,
                 timeout: TIMEOUT,
+                linger: Duration::from_millis(u64::from(DEFAULT_KAFKA_LINGER_MS)),
             },
             admin,
         })
@@ -75,7 +77,7 @@ impl Kafka {
     }
 
     /// Raw produce with jobgate's producer settings (`acks=all`, idempotence,
-    /// `linger.ms=2`; `linger_ms` replaces the last), jobgate's headers and key, one
+    /// `linger.ms` = `linger_ms`), jobgate's headers and key, one
     /// delivery report awaited per record.
     pub fn raw_publish_op(&self, topic: &str, linger_ms: u32, body: &'static str) -> Result<Op> {
         let producer: FutureProducer = ClientConfig::new()

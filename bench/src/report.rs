@@ -41,6 +41,13 @@ pub struct Settings {
     pub publish_channels: u16,
     pub max_in_flight: u32,
     pub kafka_partitions: i32,
+    /// jobgate's `linger.ms` (results written before it was a knob had 2).
+    #[serde(default = "linger_before_the_knob")]
+    pub kafka_linger_ms: u32,
+}
+
+fn linger_before_the_knob() -> u32 {
+    2
 }
 
 /// One measured phase: how many operations succeeded and failed in how long.
@@ -225,8 +232,8 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
          clients; job body {} bytes of JSON; backlogs drained by {} consumer \
          process(es) (log handler, `RUST_LOG=warn`, `JOBGATE_CONCURRENCY={}`); producer \
          `JOBGATE_PUBLISH_CHANNELS={}`, `JOBGATE_MAX_IN_FLIGHT={}`, `RUST_LOG=warn`; Kafka \
-         topics with {} partitions, producer `acks=all`, idempotent, `linger.ms=2` (as \
-         jobgate's).\n",
+         topics with {} partitions, producer `acks=all`, idempotent, `linger.ms={}` (as \
+         jobgate's, `JOBGATE_KAFKA_LINGER_MS`).\n",
         s.duration_s,
         s.warmup_s,
         s.knob_duration_s,
@@ -241,6 +248,7 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
         s.publish_channels,
         s.max_in_flight,
         s.kafka_partitions,
+        s.kafka_linger_ms,
     );
 
     // The ratios first: they are what the figures are for.
@@ -442,7 +450,7 @@ the arguments given (see `target/release/bench --help`). The bench holds a share
 - **raw publish**: N tasks, each publishing one job and awaiting its confirm, in a loop
   (N messages in flight). RabbitMQ: lapin, 2 confirm channels round-robin, persistent,
   `mandatory`, jobgate's AMQP properties, a quorum queue. Kafka: rdkafka `FutureProducer`,
-  `acks=all`, `enable.idempotence=true`, `linger.ms=2`, jobgate's headers, keyed by job id.
+  `acks=all`, `enable.idempotence=true`, `linger.ms` as jobgate's default, jobgate's headers, keyed by job id.
 - **jobgate publisher**: the same loop through `jobgate-shared`'s `Publisher` (what the
   producer calls), no HTTP: separates the cost of HTTP from that of the publisher.
 - **ingress, closed loop**: N HTTP/1.1 keep-alive clients, each `POST /jobs` then the next
@@ -529,6 +537,7 @@ mod tests {
                 publish_channels: 2,
                 max_in_flight: 1024,
                 kafka_partitions: 6,
+                kafka_linger_ms: 0,
             },
             backends: vec![BackendResults {
                 backend: "rabbitmq".into(),

@@ -21,9 +21,6 @@ const BODY: &str = r#"{"task":"send-welcome-email","to":"someone@example.com","t
 /// The consumers get one retry tier of this length (the fewest queues to create).
 const RETRY_TIER: Duration = Duration::from_secs(1);
 
-/// jobgate's Kafka producer `linger.ms` (shared/src/broker/kafka: not a knob yet).
-const JOBGATE_LINGER_MS: u32 = 2;
-
 /// The raw publisher as jobgate configures it, or with one setting changed.
 #[derive(Debug, Clone, Copy)]
 enum RawVariant {
@@ -226,7 +223,7 @@ impl Bench<'_> {
             Broker::Kafka(k) => {
                 let linger = match variant {
                     RawVariant::LingerMs(ms) => ms,
-                    _ => JOBGATE_LINGER_MS,
+                    _ => jobgate_shared::config::DEFAULT_KAFKA_LINGER_MS,
                 };
                 k.raw_publish_op(queue, linger, BODY)
             }
@@ -530,15 +527,26 @@ impl Bench<'_> {
             }
         };
         if matches!(self.broker, Broker::Kafka(_)) {
-            // Not a jobgate knob: what one would do, on the raw producer.
-            for linger in [0u32, 10] {
+            let default = jobgate_shared::config::DEFAULT_KAFKA_LINGER_MS;
+            for linger in [0u32, 2, 10].into_iter().filter(|&ms| ms != default) {
                 let p = self.raw_publish(c, k, RawVariant::LingerMs(linger)).await?;
                 runs.push(knob(
-                    "linger.ms (raw producer only)",
+                    "linger.ms (raw producer)",
                     linger.to_string(),
                     "raw publish",
                     p,
                     raw_publish.per_sec,
+                ));
+                let env = [("JOBGATE_KAFKA_LINGER_MS", linger.to_string())];
+                let (p, _) = self
+                    .ingress_closed(&format!("linger-{linger}"), c, k, &env)
+                    .await?;
+                runs.push(knob(
+                    "JOBGATE_KAFKA_LINGER_MS",
+                    linger.to_string(),
+                    "ingress closed loop",
+                    p,
+                    ingress.per_sec,
                 ));
             }
         }
@@ -866,6 +874,7 @@ async fn measure_all(args: &Args, root: &PathBuf, leftovers: &Leftovers) -> Resu
             publish_channels: args.publish_channels,
             max_in_flight: args.max_in_flight,
             kafka_partitions: args.kafka_partitions,
+            kafka_linger_ms: jobgate_shared::config::DEFAULT_KAFKA_LINGER_MS,
         },
         backends: results,
     })

@@ -50,7 +50,13 @@ pub fn app(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
-                .on_response(record_answer),
+                .on_response(record_answer)
+                // A 503 is an answer, not a fault of the producer: the publisher already
+                // logged why (warn), so tower-http's error line per 5xx would only repeat
+                // it, loudly, during an outage.
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                ),
         )
         // Outermost: the request span and every layer inside see the request id.
         .layer(axum::middleware::from_fn(crate::request_id::assign))

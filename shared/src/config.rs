@@ -8,6 +8,10 @@ use clap::{Args, ValueEnum};
 
 use crate::telemetry::LogFormat;
 
+/// Default of `JOBGATE_KAFKA_LINGER_MS` (see BENCHMARKS.md: with 2 ms the ingress was
+/// several times slower at the same concurrency).
+pub const DEFAULT_KAFKA_LINGER_MS: u32 = 0;
+
 /// Which message broker carries the jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
@@ -47,6 +51,13 @@ pub struct BrokerArgs {
           value_parser = clap::value_parser!(i32).range(1..=100))]
     pub kafka_replication_factor: i32,
 
+    /// How long the Kafka producer waits to fill a batch before sending it, in
+    /// milliseconds (`linger.ms`). 0 sends at once: every 202 waits for its own confirm,
+    /// and records that arrive while a request is in flight are batched anyway.
+    #[arg(long, env = "JOBGATE_KAFKA_LINGER_MS", default_value_t = DEFAULT_KAFKA_LINGER_MS,
+          value_parser = clap::value_parser!(u32).range(0..=5000))]
+    pub kafka_linger_ms: u32,
+
     /// How long one connection attempt to the broker may take, in milliseconds.
     #[arg(long, env = "JOBGATE_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
     pub connect_timeout_ms: u64,
@@ -68,6 +79,7 @@ impl BrokerArgs {
             partitions: self.kafka_partitions,
             replication_factor: self.kafka_replication_factor,
             timeout: self.connect_timeout(),
+            linger: Duration::from_millis(u64::from(self.kafka_linger_ms)),
         }
     }
 }

@@ -72,6 +72,7 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
         partitions: 1,
         replication_factor: 1,
         timeout: Duration::from_secs(10),
+        linger: Duration::ZERO,
     };
     kafka_backend::ensure_topics(&spec, std::slice::from_ref(&topic), &[])
         .await

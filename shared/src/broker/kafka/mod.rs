@@ -65,6 +65,8 @@ pub struct TopicSpec {
     pub replication_factor: i32,
     /// Bound of one admin or metadata request.
     pub timeout: Duration,
+    /// `linger.ms` of the producers (ingress and retry/dead-letter publishing).
+    pub linger: Duration,
 }
 
 impl TopicSpec {
@@ -155,7 +157,7 @@ fn idempotent_producer(
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", &timeout_ms)
-        .set("linger.ms", "2")
+        .set("linger.ms", spec.linger.as_millis().to_string())
         .set("allow.auto.create.topics", "false")
         .create()
         .map_err(|e| format!("Kafka producer: {e}"))
