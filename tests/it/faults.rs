@@ -30,6 +30,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_millis(2000);
 /// A request's limit on the client side. The producer answers within its publish
 /// timeout; a request still unanswered this long after is a hang, and fails the test.
 const ANSWER_LIMIT: Duration = PUBLISH_TIMEOUT.saturating_add(Duration::from_secs(5));
+/// Every answer must come within the publish timeout; this margin covers scheduling on
+/// a loaded 2-core machine (a hang is a failure at `ANSWER_LIMIT` anyway).
+const ANSWERED_WITHIN: Duration = PUBLISH_TIMEOUT.saturating_add(Duration::from_millis(1500));
 /// How long a posting client waits after a request that got no 202.
 const BACK_OFF: Duration = Duration::from_millis(500);
 /// How long the consumers get to process every accepted job once the fault is over.
@@ -695,6 +698,17 @@ impl Ledger {
         assert!(
             unexpected_cut_off.is_empty(),
             "{summary}\nrequests without an answer: {unexpected_cut_off:?}"
+        );
+        let slow: Vec<Duration> = requests
+            .iter()
+            .filter(|r| matches!(r.answer, Answer::Accepted(_) | Answer::Unavailable(_)))
+            .map(|r| r.took)
+            .filter(|took| *took > ANSWERED_WITHIN)
+            .collect();
+        assert!(
+            slow.is_empty(),
+            "{summary}\nanswers later than the publish timeout ({PUBLISH_TIMEOUT:?}, with \
+             {ANSWERED_WITHIN:?} allowed): {slow:?}"
         );
         assert_eq!(left, 0, "{summary}\nthe queue ends empty");
         drop(requests);
