@@ -436,7 +436,18 @@ impl Bench<'_> {
 
     /// Fills a backlog, starts `consumers` processes and times them until it is gone.
     async fn drain(&self, consumers: usize, concurrency: u16) -> Result<Drain> {
-        let q = self.queue(&format!("drain-{consumers}x{concurrency}"));
+        self.drain_with(consumers, concurrency, &[]).await
+    }
+
+    /// [`Self::drain`] with extra consumer settings (`extra` overrides the defaults).
+    async fn drain_with(
+        &self,
+        consumers: usize,
+        concurrency: u16,
+        extra: &[(&'static str, String)],
+    ) -> Result<Drain> {
+        let label: String = extra.iter().map(|(k, v)| format!("-{k}{v}")).collect();
+        let q = self.queue(&format!("drain-{consumers}x{concurrency}{label}").to_lowercase());
         self.fill(&q).await?;
         let probe = match &self.broker {
             Broker::Kafka(k) => Some(k.lag_probe(&q, &Self::group(&q))?),
@@ -452,10 +463,14 @@ impl Bench<'_> {
             ("JOBGATE_KAFKA_GROUP", "{queue}.group".to_owned()),
             ("JOBGATE_SHUTDOWN_GRACE_MS", "5000".to_owned()),
         ]);
+        env.extend(extra.iter().cloned());
         let start = Instant::now();
         let mut procs = Vec::new();
         for i in 0..consumers {
-            let name = format!("{}-consumer-{consumers}x{concurrency}-{i}", self.backend);
+            let name = format!(
+                "{}-consumer-{consumers}x{concurrency}{label}-{i}",
+                self.backend
+            );
             procs.push(self.bins.spawn("consumer", &name, &env)?);
         }
         let poll = match self.broker {
@@ -631,6 +646,20 @@ impl Bench<'_> {
                     d.phase,
                     base.phase.per_sec,
                 ));
+                // The same prefetch with the default concurrency: is it the prefetch?
+                if matches!(self.broker, Broker::Rabbit(_)) {
+                    let extra = [("JOBGATE_PREFETCH", more.to_string())];
+                    let d = self
+                        .drain_with(base.consumers, self.args.consumer_concurrency, &extra)
+                        .await?;
+                    runs.push(knob(
+                        "JOBGATE_PREFETCH",
+                        more.to_string(),
+                        &format!("drain x{}", base.consumers),
+                        d.phase,
+                        base.phase.per_sec,
+                    ));
+                }
             }
         }
         Ok(runs)

@@ -17,7 +17,7 @@ pub fn source(config: &ConsumerConfig) -> Box<dyn JobSource> {
             url: config.broker.amqp_url.clone(),
             queues: config.queue.clone(),
             connect_timeout: config.broker.connect_timeout(),
-            prefetch: config.concurrency,
+            prefetch: config.prefetch(),
             retry_tiers: tiers,
         })),
         Backend::Kafka => Box::new(KafkaSource::new(kafka::SourceOptions {

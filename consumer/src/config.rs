@@ -22,6 +22,12 @@ pub struct ConsumerConfig {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
 
+    /// RabbitMQ: unacked deliveries the broker may hand this process per queue
+    /// (`basic.qos`); more than the concurrency hides the ack round trip (see
+    /// BENCHMARKS.md). Unset: the concurrency. Not used by Kafka.
+    #[arg(long, env = "JOBGATE_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
+
     /// After SIGTERM, how long in-flight jobs may take to finish, in milliseconds.
     /// Jobs still running then are given back to the broker and redelivered.
     #[arg(long, env = "JOBGATE_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
@@ -80,6 +86,11 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// `JOBGATE_PREFETCH`, or the concurrency when unset.
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch.unwrap_or(self.concurrency)
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
@@ -197,6 +208,17 @@ mod tests {
             ConsumerConfig::try_parse_from(["consumer", "--metrics-listen", "9100"]).is_err(),
             "a port alone is not an address"
         );
+    }
+
+    #[test]
+    fn prefetch_defaults_to_the_concurrency_and_may_exceed_it() {
+        let c = ConsumerConfig::try_parse_from(["consumer", "--concurrency", "4"]).unwrap();
+        assert_eq!(c.prefetch(), 4);
+        let c =
+            ConsumerConfig::try_parse_from(["consumer", "--concurrency", "4", "--prefetch", "32"])
+                .unwrap();
+        assert_eq!(c.prefetch(), 32);
+        assert!(ConsumerConfig::try_parse_from(["consumer", "--prefetch", "0"]).is_err());
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! Scenarios that only make sense on RabbitMQ: the management API's view of a job, and
-//! a queue deleted by hand.
+//! Scenarios that only make sense on RabbitMQ: the management API's view of a job, a
+//! queue deleted by hand, and the prefetch (`basic.qos`) above the concurrency.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::helpers::{
-    assert_problem, brokers_shared, rabbit, unique, wait_until, Backend, Producer,
+    assert_problem, assert_processed_exactly_once, brokers_shared, rabbit, unique, vars,
+    wait_until, Backend, Consumer, Producer,
 };
 
 const BACKEND: Backend = Backend::Rabbitmq;
@@ -81,4 +82,44 @@ async fn a_queue_deleted_behind_the_producers_back_gets_503_then_is_declared_aga
         1,
         "only the job after redeclare is queued"
     );
+}
+
+/// `JOBGATE_PREFETCH` above the concurrency: the broker hands the consumer that many
+/// jobs while it runs one; at SIGTERM the ones it had not started go back to the queue
+/// and another consumer processes them, each exactly once.
+#[tokio::test]
+async fn prefetch_above_concurrency_holds_jobs_and_gives_back_the_unstarted_at_shutdown() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("prefetch");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let producer = Producer::start(BACKEND, &[&queue], &[]).await;
+    let ids = producer.post_many(&queue, 10).await;
+    let mut first = Consumer::start(
+        BACKEND,
+        &queue,
+        &vars(&[
+            ("JOBGATE_CONCURRENCY", "1"),
+            ("JOBGATE_PREFETCH", "5"),
+            ("JOBGATE_LOG_DELAY_MS", "3000"),
+        ]),
+    )
+    .await;
+    // Five delivered (one running, four waiting in the consumer), five still ready.
+    wait_until(Duration::from_secs(20), "five jobs delivered", || async {
+        rabbit::ready_count(&queue).await == 5
+    })
+    .await;
+    assert_eq!(first.started().len(), 1, "{}", first.process.dump());
+
+    first.process.terminate();
+    assert_eq!(
+        first.process.wait_exit(Duration::from_secs(30)).await,
+        Some(0)
+    );
+    // The running job finished and was acked; the four waiting ones went back.
+    assert_eq!(first.processed().len(), 1, "{}", first.process.dump());
+    assert_eq!(rabbit::ready_count(&queue).await, 9);
+
+    let fresh = Consumer::start(BACKEND, &queue, &vars(&[("JOBGATE_CONCURRENCY", "8")])).await;
+    assert_processed_exactly_once(&[&first, &fresh], &ids, Duration::from_secs(60)).await;
 }
