@@ -466,20 +466,15 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn metrics_count_each_attempt_by_its_outcome() {
-        let broker = MemoryBroker::new();
-        let mut last = job("retry");
-        last.meta.attempt = 3;
-        for j in [job("ok"), job("ok"), job("retry"), job("dead"), last] {
-            broker.enqueue(j);
-        }
+    /// Runs the worker over `broker` with `concurrency` until `settled` deliveries were
+    /// settled, and returns the metrics it recorded, rendered.
+    async fn metrics_after(broker: &MemoryBroker, concurrency: usize, settled: usize) -> String {
         let mut registry = jobgate_shared::metrics::registry();
         let metrics = WorkerMetrics::register(&mut registry);
         let until_settled = {
             let broker = broker.clone();
             async move {
-                while broker.settled().len() < 5 {
+                while broker.settled().len() < settled {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
@@ -489,13 +484,23 @@ mod tests {
             Box::new(broker.clone()),
             outcomes,
             Arc::new(ScriptedHandler::default()),
-            options(2),
+            options(concurrency),
             metrics,
             until_settled,
         )
         .await;
+        jobgate_shared::metrics::render(&registry)
+    }
 
-        let text = jobgate_shared::metrics::render(&registry);
+    #[tokio::test]
+    async fn metrics_count_each_attempt_by_its_outcome() {
+        let broker = MemoryBroker::new();
+        let mut last = job("retry");
+        last.meta.attempt = 3;
+        for j in [job("ok"), job("ok"), job("retry"), job("dead"), last] {
+            broker.enqueue(j);
+        }
+        let text = metrics_after(&broker, 2, 5).await;
         for line in [
             "jobgate_jobs_total{queue=\"q\",outcome=\"done\"} 2",
             "jobgate_jobs_total{queue=\"q\",outcome=\"retried\"} 1",
@@ -516,27 +521,8 @@ mod tests {
         let broker = MemoryBroker::new();
         broker.enqueue(job("dead"));
         broker.fail_publishes(usize::MAX, PublishError::Unavailable);
-        let mut registry = jobgate_shared::metrics::registry();
-        let metrics = WorkerMetrics::register(&mut registry);
-        let until_requeued = {
-            let broker = broker.clone();
-            async move {
-                while broker.settled().is_empty() {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        let outcomes: SharedPublisher = Arc::new(broker.clone());
-        run_with_source_and_metrics(
-            Box::new(broker.clone()),
-            outcomes,
-            Arc::new(ScriptedHandler::default()),
-            options(1),
-            metrics,
-            until_requeued,
-        )
-        .await;
-        let text = jobgate_shared::metrics::render(&registry);
+        // Until the job is given back (settled by a requeue).
+        let text = metrics_after(&broker, 1, 1).await;
         // The job given back may be delivered (and attempted) again before the worker
         // stops; none of its attempts has an outcome.
         assert!(
