@@ -19,7 +19,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-use jobgate_shared::metrics::{latency_histogram, Registry};
+use jobgate_shared::metrics::{latency_histogram, InFlight, Registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -132,10 +132,7 @@ impl WorkerMetrics {
             queue: queue.to_owned(),
         };
         self.attempts.get_or_create(&labels).inc();
-        self.in_flight.get_or_create(&labels).inc();
-        InFlight {
-            gauge: self.in_flight.get_or_create_owned(&labels),
-        }
+        InFlight::enter(&self.in_flight.get_or_create(&labels))
     }
 
     /// The handler returned (or was cancelled) after `duration`.
@@ -196,18 +193,6 @@ impl WorkerMetrics {
             };
             self.kafka_lag.get_or_create(&labels).set(*lag);
         }
-    }
-}
-
-/// Counts one attempt in flight until dropped.
-#[derive(Debug)]
-pub struct InFlight {
-    gauge: Gauge,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.gauge.dec();
     }
 }
 

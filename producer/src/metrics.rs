@@ -20,7 +20,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use jobgate_shared::broker::{PublishError, Publisher, SharedPublisher};
 use jobgate_shared::job::JobMeta;
-use jobgate_shared::metrics::{latency_histogram, render, Registry, CONTENT_TYPE};
+use jobgate_shared::metrics::{latency_histogram, render, InFlight, Registry, CONTENT_TYPE};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -241,23 +241,6 @@ impl Metered {
     }
 }
 
-/// Counts a publish in flight until dropped: a publish whose request was cancelled
-/// (client gone) leaves the gauge too.
-struct InFlight<'a>(&'a Gauge);
-
-impl<'a> InFlight<'a> {
-    fn enter(gauge: &'a Gauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 #[async_trait]
 impl Publisher for Metered {
     async fn publish_to(
@@ -267,6 +250,7 @@ impl Publisher for Metered {
         body: &[u8],
     ) -> Result<(), PublishError> {
         let result = {
+            // Also when the request is cancelled (client gone) mid-publish.
             let _in_flight = InFlight::enter(&self.metrics.publishes_in_flight);
             let start = Instant::now();
             let result = self.inner.publish_to(destination, meta, body).await;

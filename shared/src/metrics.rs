@@ -7,6 +7,7 @@
 
 pub use prometheus_client;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 pub use prometheus_client::registry::Registry;
 
@@ -24,6 +25,27 @@ pub fn render(registry: &Registry) -> String {
     // Writing to a String cannot fail.
     encode(&mut out, registry).expect("encoding metrics into a String");
     out
+}
+
+/// Counts one operation in a gauge while it runs: the gauge goes up when the guard is
+/// made and down when it is dropped, so a cancelled operation (a client gone, a job
+/// timed out) leaves the gauge too.
+#[derive(Debug)]
+#[must_use = "the operation counts only while the guard lives"]
+pub struct InFlight(Gauge);
+
+impl InFlight {
+    /// One more in `gauge` until the guard is dropped.
+    pub fn enter(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Buckets for latencies from half a millisecond to about half a minute: broker
@@ -53,5 +75,17 @@ mod tests {
         assert!(text.contains("jobgate_things_total 3"), "{text}");
         assert!(text.contains("jobgate_wait_seconds_count 1"), "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn in_flight_counts_while_the_guard_lives() {
+        let gauge = Gauge::<i64>::default();
+        let first = InFlight::enter(&gauge);
+        let second = InFlight::enter(&gauge);
+        assert_eq!(gauge.get(), 2);
+        drop(first);
+        assert_eq!(gauge.get(), 1);
+        drop(second);
+        assert_eq!(gauge.get(), 0);
     }
 }

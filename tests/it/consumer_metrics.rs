@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::helpers::{
-    brokers_shared, unique, vars, wait_until, Backend, Consumer, Producer, KAFKA_PARTITIONS,
+    brokers_shared, scraped, unique, vars, wait_until, Backend, Consumer, Producer,
+    KAFKA_PARTITIONS,
 };
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -22,31 +23,6 @@ const BAD: usize = 2;
 const MAX_ATTEMPTS: usize = 2;
 
 on_both_backends!(metrics_count_what_the_consumer_did_and_probes_answer);
-
-/// The value of the sample `name{labels}` (labels as the encoder writes them, in
-/// order) in OpenMetrics text; `None` when there is no such sample.
-fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    let head = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    text.lines()
-        .find_map(|line| line.strip_prefix(&head))
-        .map(|value| value.trim().parse().expect("a number"))
-}
-
-/// Every sample of `name` (any labels) as (labels, value).
-fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
-    let head = format!("{name}{{");
-    text.lines()
-        .filter_map(|line| line.strip_prefix(&head))
-        .map(|rest| {
-            let (labels, value) = rest.split_once("} ").expect("labels, then a value");
-            (labels.to_owned(), value.trim().parse().expect("a number"))
-        })
-        .collect()
-}
 
 /// The base URL of the consumer's metrics listener (it logs the address it bound).
 async fn listener_url(consumer: &Consumer) -> String {
@@ -63,16 +39,6 @@ async fn listener_url(consumer: &Consumer) -> String {
     format!("http://{}", addr.unwrap())
 }
 
-async fn scrape(http: &reqwest::Client, base: &str) -> String {
-    let response = http.get(format!("{base}/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/openmetrics-text; version=1.0.0; charset=utf-8"
-    );
-    response.text().await.unwrap()
-}
-
 /// Scrapes `/metrics` until `check` holds for it (at most [`LIMIT`]); returns that text.
 async fn scrape_until(
     http: &reqwest::Client,
@@ -82,7 +48,7 @@ async fn scrape_until(
 ) -> String {
     let start = std::time::Instant::now();
     loop {
-        let text = scrape(http, base).await;
+        let text = scraped::fetch(http, base).await;
         if check(&text) {
             return text;
         }
@@ -148,8 +114,8 @@ pub async fn metrics_count_what_the_consumer_did_and_probes_answer(backend: Back
     let q = format!("queue=\"{queue}\"");
     let jobs = |outcome: &str| format!("{q},outcome=\"{outcome}\"");
     let text = scrape_until(&http, &base, "every job to be done or dead", |text| {
-        sample(text, "jobgate_jobs_total", &jobs("done")) == Some(GOOD as f64)
-            && sample(text, "jobgate_jobs_total", &jobs("dead")) == Some(BAD as f64)
+        scraped::sample(text, "jobgate_jobs_total", &jobs("done")) == Some(GOOD as f64)
+            && scraped::sample(text, "jobgate_jobs_total", &jobs("dead")) == Some(BAD as f64)
     })
     .await;
 
@@ -171,14 +137,18 @@ pub async fn metrics_count_what_the_consumer_did_and_probes_answer(backend: Back
     ];
     for (name, labels, value) in &expected {
         assert_eq!(
-            sample(&text, name, labels),
+            scraped::sample(&text, name, labels),
             Some(*value as f64),
             "{name}{{{labels}}} in\n{text}"
         );
     }
-    assert_eq!(sample(&text, "jobgate_broker_up", ""), Some(1.0), "{text}");
-    let last_success =
-        sample(&text, "jobgate_last_success_timestamp_seconds", &q).expect("a job was done");
+    assert_eq!(
+        scraped::sample(&text, "jobgate_broker_up", ""),
+        Some(1.0),
+        "{text}"
+    );
+    let last_success = scraped::sample(&text, "jobgate_last_success_timestamp_seconds", &q)
+        .expect("a job was done");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -223,16 +193,16 @@ pub async fn metrics_count_what_the_consumer_did_and_probes_answer(backend: Back
 
     let lag_name = "jobgate_kafka_consumer_lag";
     match backend {
-        Backend::Rabbitmq => assert!(samples(&text, lag_name).is_empty(), "{text}"),
+        Backend::Rabbitmq => assert!(scraped::samples(&text, lag_name).is_empty(), "{text}"),
         Backend::Kafka => {
             // librdkafka reports every few seconds; once the done jobs' offsets are
             // committed, no owned partition is behind.
             let text = scrape_until(&http, &base, "every partition's lag to be 0", |text| {
-                let lag = samples(text, lag_name);
+                let lag = scraped::samples(text, lag_name);
                 lag.len() == KAFKA_PARTITIONS as usize && lag.iter().all(|(_, n)| *n == 0.0)
             })
             .await;
-            let lag = samples(&text, lag_name);
+            let lag = scraped::samples(&text, lag_name);
             for partition in 0..KAFKA_PARTITIONS {
                 let labels = format!("{q},partition=\"{partition}\"");
                 assert!(lag.iter().any(|(l, _)| *l == labels), "{labels} in {lag:?}");

@@ -1023,3 +1023,46 @@ pub async fn publish_junk(backend: Backend, queue: &str) {
         }
     }
 }
+
+/// The OpenMetrics text both binaries serve at `/metrics`, read the way the tests need.
+pub mod scraped {
+    /// `GET {base}/metrics`: 200 with the OpenMetrics content type; returns the text.
+    pub async fn fetch(http: &reqwest::Client, base: &str) -> String {
+        let response = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"],
+            jobgate_shared::metrics::CONTENT_TYPE
+        );
+        response.text().await.expect("the metrics text")
+    }
+
+    /// The value of the sample `name{labels}` (labels as the encoder writes them, in
+    /// order; `""` for none); `None` when there is no such sample.
+    pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+        let head = if labels.is_empty() {
+            format!("{name} ")
+        } else {
+            format!("{name}{{{labels}}} ")
+        };
+        text.lines()
+            .find_map(|line| line.strip_prefix(&head))
+            .map(|value| value.trim().parse().expect("a number"))
+    }
+
+    /// Every sample of `name` (any labels) as (labels, value).
+    pub fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
+        let head = format!("{name}{{");
+        text.lines()
+            .filter_map(|line| line.strip_prefix(&head))
+            .map(|rest| {
+                let (labels, value) = rest.split_once("} ").expect("labels, then a value");
+                (labels.to_owned(), value.trim().parse().expect("a number"))
+            })
+            .collect()
+    }
+}

@@ -9,38 +9,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::{brokers_shared, unique, vars, wait_until, Backend, Consumer, Producer};
+use crate::helpers::{
+    brokers_shared, scraped, unique, vars, wait_until, Backend, Consumer, Producer,
+};
 
 on_both_backends!(
     producer_metrics_count_what_happened_and_answers_carry_a_request_id,
     a_trace_runs_from_the_client_through_the_request_into_the_job,
 );
-
-/// The value of one sample (`name{labels}` exactly as rendered), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .map(|value| value.parse().expect("a number"))
-}
-
-async fn scrape(producer: &Producer) -> String {
-    let response = producer
-        .http
-        .get(producer.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics");
-    assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        content_type.starts_with("application/openmetrics-text"),
-        "{content_type}"
-    );
-    response.text().await.unwrap()
-}
 
 pub async fn producer_metrics_count_what_happened_and_answers_carry_a_request_id(backend: Backend) {
     let _brokers = brokers_shared().await;
@@ -88,55 +64,40 @@ pub async fn producer_metrics_count_what_happened_and_answers_carry_a_request_id
     }
     assert_eq!(producer.post(&queue, "x".repeat(65)).await.status(), 413);
 
-    let text = scrape(&producer).await;
-    let value = |series: String| {
-        sample(&text, &series).unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+    let text = scraped::fetch(&producer.http, &producer.base_url).await;
+    let value = |name: &str, labels: String| {
+        scraped::sample(&text, name, &labels)
+            .unwrap_or_else(|| panic!("{name}{{{labels}}} missing from\n{text}"))
     };
     let route = "/jobs/{queue}";
+    let requests = |status: u16| {
+        value(
+            "jobgate_http_requests_total",
+            format!(r#"route="{route}",method="POST",status="{status}""#),
+        )
+    };
+    let of_queue = format!(r#"queue="{queue}""#);
+    assert_eq!(requests(202), 6.0);
+    assert_eq!(requests(404), 2.0);
+    assert_eq!(requests(413), 1.0);
+    assert_eq!(value("jobgate_jobs_accepted_total", of_queue.clone()), 6.0);
     assert_eq!(
-        value(format!(
-            r#"jobgate_http_requests_total{{route="{route}",method="POST",status="202"}}"#
-        )),
-        6.0
-    );
-    assert_eq!(
-        value(format!(
-            r#"jobgate_http_requests_total{{route="{route}",method="POST",status="404"}}"#
-        )),
-        2.0
-    );
-    assert_eq!(
-        value(format!(
-            r#"jobgate_http_requests_total{{route="{route}",method="POST",status="413"}}"#
-        )),
-        1.0
-    );
-    assert_eq!(
-        value(format!(r#"jobgate_jobs_accepted_total{{queue="{queue}"}}"#)),
-        6.0
-    );
-    assert_eq!(
-        value(format!(
-            r#"jobgate_accepted_bytes_total{{queue="{queue}"}}"#
-        )),
+        value("jobgate_accepted_bytes_total", of_queue.clone()),
         (bodies.concat().len() + 6) as f64
     );
     assert_eq!(
-        value(format!(
-            r#"jobgate_publish_duration_seconds_count{{queue="{queue}",result="confirmed"}}"#
-        )),
+        value(
+            "jobgate_publish_duration_seconds_count",
+            format!(r#"{of_queue},result="confirmed""#)
+        ),
         6.0
     );
-    assert_eq!(
-        value(r#"jobgate_rejections_total{reason="unknown-queue"}"#.to_owned()),
-        2.0
-    );
-    assert_eq!(
-        value(r#"jobgate_rejections_total{reason="body-too-large"}"#.to_owned()),
-        1.0
-    );
-    assert_eq!(value("jobgate_publishes_in_flight".to_owned()), 0.0);
-    assert_eq!(value("jobgate_broker_up".to_owned()), 1.0);
+    let rejections =
+        |reason: &str| value("jobgate_rejections_total", format!(r#"reason="{reason}""#));
+    assert_eq!(rejections("unknown-queue"), 2.0);
+    assert_eq!(rejections("body-too-large"), 1.0);
+    assert_eq!(value("jobgate_publishes_in_flight", String::new()), 0.0);
+    assert_eq!(value("jobgate_broker_up", String::new()), 1.0);
     // Without OTEL_EXPORTER_OTLP_ENDPOINT nothing is exported.
     assert!(producer
         .process
