@@ -31,6 +31,69 @@ pub struct Accepted {
     pub queue: String,
 }
 
+/// The request headers both single-job routes read (OpenAPI only: the handlers read
+/// them from the `HeaderMap`).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct JobHeaders {
+    /// 1 to 255 visible ASCII characters. A repeat with the same key, queue and body within the TTL gets the original 202 (with `Idempotent-Replayed: true`) and publishes nothing.
+    #[param(rename = "Idempotency-Key")]
+    idempotency_key: Option<String>,
+    /// Any number (at most 16) of `X-Job-<name>` headers travel with the job as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces.
+    #[param(rename = "X-Job-*")]
+    x_job: Option<String>,
+    /// W3C trace context; travels with the job when valid (`00-<32 hex>-<16 hex>-<2 hex>`), ignored otherwise.
+    traceparent: Option<String>,
+    /// W3C trace context; travels with a valid `traceparent`.
+    tracestate: Option<String>,
+}
+
+/// The answers of both single-job routes (OpenAPI only).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum JobResponses {
+    #[response(status = 202, description = "The broker confirmed the job.",
+        headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`.")))]
+    Accepted(Accepted),
+    #[response(
+        status = 400,
+        description = "`bad-body`, `bad-metadata` or `bad-idempotency-key`.",
+        content_type = "application/problem+json"
+    )]
+    BadRequest(Problem),
+    #[response(status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", content_type = "application/problem+json",
+        headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`")))]
+    Unauthorized(Problem),
+    #[response(
+        status = 404,
+        description = "`unknown-queue` (nothing is published) or `not-found`.",
+        content_type = "application/problem+json"
+    )]
+    NotFound(Problem),
+    #[response(status = 409, description = "`idempotency-key-in-progress`: the first request with this key is still publishing.", content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying.")))]
+    Conflict(Problem),
+    #[response(
+        status = 413,
+        description = "`body-too-large`: the body is larger than `JOBGATE_MAX_BODY_BYTES`.",
+        content_type = "application/problem+json"
+    )]
+    TooLarge(Problem),
+    #[response(
+        status = 422,
+        description = "`idempotency-key-reused`: the key was used for another queue or body.",
+        content_type = "application/problem+json"
+    )]
+    Reused(Problem),
+    #[response(status = 429, description = "`rate-limited`: over the per-client rate limit.", content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying.")))]
+    RateLimited(Problem),
+    #[response(status = 503, description = "`broker-unavailable`, `overloaded`, `shutting-down` or `idempotency-store-unavailable`: the job was not taken; retry.", content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying.")))]
+    Unavailable(Problem),
+}
+
 /// `POST /jobs`: to the first configured queue.
 #[utoipa::path(
     post,
@@ -39,28 +102,8 @@ pub struct Accepted {
     summary = "Accept one job for the default queue",
     description = "Publishes the body to the first queue of `JOBGATE_QUEUES` and answers 202 once the broker confirmed it.",
     request_body(description = "The job body: any bytes with any content type (no schema: it is not parsed), published byte for byte; the content type travels with the job.", content(("*/*"))),
-    params(
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters. A repeat with the same key, queue and body within the TTL gets the original 202 (with `Idempotent-Replayed: true`) and publishes nothing."),
-        ("X-Job-*" = Option<String>, Header, description = "Any number (at most 16) of `X-Job-<name>` headers travel with the job as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces."),
-        ("traceparent" = Option<String>, Header, description = "W3C trace context; travels with the job when valid (`00-<32 hex>-<16 hex>-<2 hex>`), ignored otherwise."),
-        ("tracestate" = Option<String>, Header, description = "W3C trace context; travels with a valid `traceparent`."),
-    ),
-    responses(
-        (status = 202, description = "The broker confirmed the job.", body = Accepted,
-            headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
-        (status = 400, description = "`bad-body`, `bad-metadata` or `bad-idempotency-key`.", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`"))),
-        (status = 404, description = "`unknown-queue` (nothing is published) or `not-found`.", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency-key-in-progress`: the first request with this key is still publishing.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
-        (status = 413, description = "`body-too-large`: the body is larger than `JOBGATE_MAX_BODY_BYTES`.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`idempotency-key-reused`: the key was used for another queue or body.", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`: over the per-client rate limit.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
-        (status = 503, description = "`broker-unavailable`, `overloaded`, `shutting-down` or `idempotency-store-unavailable`: the job was not taken; retry.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
-    ),
+    params(JobHeaders),
+    responses(JobResponses),
     security((), ("bearer" = [])),
 )]
 pub async fn post_to_default_queue(
@@ -83,27 +126,9 @@ pub async fn post_to_default_queue(
     request_body(description = "The job body: any bytes with any content type (no schema: it is not parsed), published byte for byte; the content type travels with the job.", content(("*/*"))),
     params(
         ("queue" = String, Path, description = "A queue of `JOBGATE_QUEUES`."),
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters. A repeat with the same key, queue and body within the TTL gets the original 202 (with `Idempotent-Replayed: true`) and publishes nothing."),
-        ("X-Job-*" = Option<String>, Header, description = "Any number (at most 16) of `X-Job-<name>` headers travel with the job as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces."),
-        ("traceparent" = Option<String>, Header, description = "W3C trace context; travels with the job when valid (`00-<32 hex>-<16 hex>-<2 hex>`), ignored otherwise."),
-        ("tracestate" = Option<String>, Header, description = "W3C trace context; travels with a valid `traceparent`."),
+        JobHeaders,
     ),
-    responses(
-        (status = 202, description = "The broker confirmed the job.", body = Accepted,
-            headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same `Idempotency-Key`."))),
-        (status = 400, description = "`bad-body`, `bad-metadata` or `bad-idempotency-key`.", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", body = Problem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`"))),
-        (status = 404, description = "`unknown-queue` (nothing is published) or `not-found`.", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency-key-in-progress`: the first request with this key is still publishing.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
-        (status = 413, description = "`body-too-large`: the body is larger than `JOBGATE_MAX_BODY_BYTES`.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`idempotency-key-reused`: the key was used for another queue or body.", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`: over the per-client rate limit.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
-        (status = 503, description = "`broker-unavailable`, `overloaded`, `shutting-down` or `idempotency-store-unavailable`: the job was not taken; retry.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
-    ),
+    responses(JobResponses),
     security((), ("bearer" = [])),
 )]
 pub async fn post_to_queue(
