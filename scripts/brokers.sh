@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Bring real RabbitMQ and Kafka brokers up on a Debian machine WITHOUT Docker.
 #
-#   scripts/brokers.sh up|down|status|restart|kill [rabbitmq|kafka|redis|all]   (default: all)
+#   scripts/brokers.sh up|down|status|restart|kill|install [rabbitmq|kafka|redis|all]   (default: all)
+#
+# `up` first installs every missing Debian package of the brokers asked for in ONE apt
+# step, then starts them, and returns only when each is usable as jobgate uses it
+# (Kafka: controller, partition leaders and the group coordinator; RabbitMQ: feature
+# flags and a quorum queue round trip; Redis: a write), not merely listening.
 #
 # RabbitMQ: Debian's rabbitmq-server package (installed with apt-get on first use),
 #           AMQP on 127.0.0.1:5672, management API on :15672 (guest/guest), prometheus :15692.
@@ -10,11 +15,13 @@
 # Redis:    Debian's redis-server package (installed with apt-get on first use), on
 #           127.0.0.1:6379, no persistence (the idempotency store of several producers).
 #
-# Idempotent: a broker that already answers is reused and left alone.
+# Idempotent: a broker that already answers is checked, reused and left alone.
 # See `scripts/brokers.sh help` for the environment variables.
 set -euo pipefail
 
 readonly PROG="scripts/brokers.sh"
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly SCRIPT_DIR
 
 # ---------------------------------------------------------------- configuration
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
@@ -58,9 +65,11 @@ die()  { err "$@"; exit 1; }
 
 usage() {
   cat <<EOF
-usage: $PROG up|down|status|restart|kill [rabbitmq|kafka|redis|all]   (default: all)
+usage: $PROG up|down|status|restart|kill|install [rabbitmq|kafka|redis|all]   (default: all)
 
-  up       start the broker(s) (install/fetch on first use); reuse one already answering
+  up       start the broker(s) (install/fetch on first use) and wait until each is usable;
+           reuse one already answering (after the same usability check)
+  install  install the Debian packages the broker(s) need (one apt-get step), start nothing
   down     stop the broker(s) (SIGTERM for Kafka, 'rabbitmqctl stop' for RabbitMQ)
   status   print up/down per broker; exit 0 if all requested are up, 1 otherwise
   restart  down, then up
@@ -114,6 +123,99 @@ with_lock() {
 
 fmt_secs() { printf '%ss' "$1"; }
 
+# ---------------------------------------------------------------- Debian packages
+# Every package jobgate needs is installed by ONE step, before any broker starts: one
+# `apt-get update` and one `apt-get install` for all the brokers asked for, under
+# jobgate's own apt lock (and apt's lock timeout for anybody else's apt), so that
+# `up all` never runs two package installs at once.
+
+# packages_for BROKER: the Debian packages BROKER needs, one a line (only the missing
+# ones are installed; tools that came with the machine by other means count as present).
+packages_for() {
+  case $1 in
+    rabbitmq) printf '%s\n' rabbitmq-server curl ;;
+    redis) printf '%s\n' redis-server ;;
+    kafka)
+      # Java 17+ runs Kafka; javac compiles the readiness probe; Maven fetches the jars.
+      command -v java >/dev/null 2>&1 || printf '%s\n' openjdk-17-jre-headless
+      command -v javac >/dev/null 2>&1 || printf '%s\n' openjdk-17-jdk-headless
+      command -v mvn >/dev/null 2>&1 || printf '%s\n' maven
+      ;;
+  esac
+}
+
+pkg_installed() {
+  [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null) == ii* ]]
+}
+
+# missing_packages BROKER...: the packages of BROKER... that are not installed yet.
+missing_packages() {
+  local b p
+  for b in "$@"; do
+    for p in $(packages_for "$b"); do
+      if ! pkg_installed "$p"; then printf '%s\n' "$p"; fi
+    done
+  done | sort -u
+}
+
+# apt_get ARGS...: apt-get as root, non-interactive, waiting up to 5 min for apt's locks.
+apt_get() {
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 "$@"
+}
+
+# apt_update: `apt-get update`, tried again while another apt holds the lists lock
+# (older apt does not apply DPkg::Lock::Timeout to that lock).
+apt_update() {
+  local tries=0
+  until apt_get update; do
+    tries=$((tries + 1))
+    ((tries < 6)) || return 1
+    warn "apt-get update failed (try $tries); trying again in 10s"
+    sleep 10
+  done
+}
+
+# install_packages_now PKG...: the one update and the one install (hold the apt lock).
+install_packages_now() {
+  local t0=$SECONDS apt_log="$STATE_ROOT/apt.log" created_policy=0 rc=0 p
+  local -a missing=()
+  for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done
+  ((${#missing[@]})) || return 0 # another `up` installed them while we waited
+  log "installing ${missing[*]} with apt-get (log: $apt_log)"
+  # No init system here: keep maintainer scripts from trying to start services.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
+    created_policy=1
+  fi
+  {
+    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a || true
+    apt_update &&
+      apt_get install -y --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}"
+  } >"$apt_log" 2>&1 || rc=$?
+  if [[ $rc -ne 0 ]]; then
+    # A failing service start in a postinst leaves packages half-configured; finish them.
+    warn "apt-get exited $rc; trying 'dpkg --configure -a'"
+    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a >>"$apt_log" 2>&1 || true
+  fi
+  [[ $created_policy -eq 0 ]] || as_root rm -f /usr/sbin/policy-rc.d
+  local -a still=()
+  for p in "${missing[@]}"; do pkg_installed "$p" || still+=("$p"); done
+  if ((${#still[@]})); then
+    tail -n 30 "$apt_log" >&2 || true
+    die "installing ${still[*]} failed (see $apt_log)"
+  fi
+  log "installed ${missing[*]} in $(fmt_secs $((SECONDS - t0)))"
+}
+
+# install_for BROKER...: make sure everything BROKER... needs is installed.
+install_for() {
+  local -a missing
+  mapfile -t missing < <(missing_packages "$@")
+  ((${#missing[@]})) || return 0
+  with_lock "$STATE_ROOT/apt.lock" install_packages_now "${missing[@]}"
+}
+
 # ---------------------------------------------------------------- RabbitMQ
 rabbit_bin() {
   local name=$1
@@ -156,38 +258,6 @@ rabbit_log_tail() {
   done
 }
 
-# Install rabbitmq-server (and curl) with apt-get, without starting services.
-rabbit_install() {
-  local t0=$SECONDS apt_log="$RABBITMQ_STATE/apt.log" created_policy=0 rc=0
-  local -a pkgs=(rabbitmq-server)
-  command -v curl >/dev/null 2>&1 || pkgs+=(curl)
-  log "rabbitmq: installing ${pkgs[*]} with apt-get (log: $apt_log)"
-  # No init system here: keep maintainer scripts from trying to start services.
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
-    created_policy=1
-  fi
-  {
-    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a || true
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${pkgs[@]}"
-  } >"$apt_log" 2>&1 || rc=$?
-  if [[ $rc -ne 0 ]]; then
-    # A failing service start in a postinst leaves packages half-configured; finish them.
-    warn "rabbitmq: apt-get exited $rc; trying 'dpkg --configure -a'"
-    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a >>"$apt_log" 2>&1 || true
-  fi
-  if [[ $created_policy -eq 1 ]]; then
-    as_root rm -f /usr/sbin/policy-rc.d
-  fi
-  if ! rabbit_installed; then
-    tail -n 30 "$apt_log" >&2 || true
-    die "rabbitmq: installing rabbitmq-server failed (see $apt_log)"
-  fi
-  log "rabbitmq: installed $(dpkg-query -W -f='rabbitmq-server ${Version}' rabbitmq-server 2>/dev/null) in $(fmt_secs $((SECONDS - t0)))"
-}
-
 rabbit_enable_plugins() {
   local enabled=/etc/rabbitmq/enabled_plugins online=$1
   if [[ -r $enabled ]] && grep -qw rabbitmq_management "$enabled" && grep -qw rabbitmq_prometheus "$enabled"; then
@@ -202,12 +272,49 @@ rabbit_enable_plugins() {
 }
 
 rabbit_enable_feature_flags() {
-  if rabbitmqctl_ -q enable_feature_flag all >/dev/null 2>&1; then
-    log "rabbitmq: all feature flags enabled"
-  else
-    warn "rabbitmq: 'rabbitmqctl enable_feature_flag all' failed; flags still disabled:"
-    rabbitmqctl_ -q list_feature_flags name state 2>/dev/null | grep -w disabled >&2 || true
+  local disabled
+  rabbitmqctl_ -q enable_feature_flag all >/dev/null 2>&1 || true
+  disabled=$(rabbitmqctl_ -q list_feature_flags name state 2>/dev/null | awk '$2 == "disabled" {print $1}')
+  if [[ -n $disabled ]]; then
+    err "rabbitmq: feature flags still disabled after 'rabbitmqctl enable_feature_flag all': $(tr '\n' ' ' <<<"$disabled")"
+    return 1
   fi
+}
+
+# rabbit_mgmt CURL_ARGS...: a call to the management HTTP API as guest.
+rabbit_mgmt() {
+  curl -fsS --max-time 5 -u guest:guest -H 'content-type: application/json' "$@"
+}
+
+# rabbit_round_trip: a durable quorum queue declared, a message published to it through
+# the default exchange, and fetched back: quorum queues (the Raft system), routing and
+# the management API all work. The probe queue stays declared for the next check.
+rabbit_round_trip() {
+  local api="http://$RABBITMQ_HOST:$RABBITMQ_MGMT_PORT/api" q=jobgate.readiness token
+  token="ready-$$-$RANDOM"
+  rabbit_mgmt -o /dev/null -X PUT "$api/queues/%2f/$q" \
+    -d '{"durable":true,"auto_delete":false,"arguments":{"x-queue-type":"quorum"}}' || return 1
+  rabbit_mgmt -X POST "$api/exchanges/%2f/amq.default/publish" \
+    -d "{\"properties\":{},\"routing_key\":\"$q\",\"payload\":\"$token\",\"payload_encoding\":\"string\"}" |
+    grep -q '"routed":true' || return 1
+  rabbit_mgmt -X POST "$api/queues/%2f/$q/get" \
+    -d '{"count":10,"ackmode":"ack_requeue_false","encoding":"auto"}' | grep -q "$token"
+}
+
+# rabbit_wait_usable: wait until RabbitMQ is usable as jobgate uses it, not only
+# listening: node running, management API up, every feature flag enabled, and a quorum
+# queue round trip done.
+rabbit_wait_usable() {
+  local deadline=$((SECONDS + RABBITMQ_TIMEOUT))
+  rabbit_enable_feature_flags || return 1
+  until rabbit_round_trip; do
+    if ((SECONDS >= deadline)); then
+      err "rabbitmq: a quorum queue round trip through the management API did not succeed within ${RABBITMQ_TIMEOUT}s"
+      rabbit_log_tail
+      return 1
+    fi
+    sleep 1
+  done
 }
 
 # Each quorum queue holds file handles; RabbitMQ sizes its handle budget from the
@@ -243,12 +350,13 @@ rabbit_wait_ready() {
 
 up_rabbitmq() {
   local t0=$SECONDS
+  mkdir -p "$RABBITMQ_STATE"
+  install_for rabbitmq
   if rabbit_up; then
-    log "rabbitmq: already up on $RABBITMQ_HOST:$RABBITMQ_PORT (management :$RABBITMQ_MGMT_PORT answers, RabbitMQ $(rabbit_version)); reusing it"
+    rabbit_wait_usable || return 1
+    log "rabbitmq: already up on $RABBITMQ_HOST:$RABBITMQ_PORT (management :$RABBITMQ_MGMT_PORT answers, quorum queues work, RabbitMQ $(rabbit_version)); reusing it"
     return 0
   fi
-  mkdir -p "$RABBITMQ_STATE"
-  rabbit_installed || rabbit_install
   if rabbit_ping; then
     if ! port_open "$RABBITMQ_HOST" "$RABBITMQ_PORT"; then
       # The Erlang node runs but the RabbitMQ application is stopped (an interrupted
@@ -269,7 +377,7 @@ up_rabbitmq() {
     fi
   fi
   rabbit_wait_ready || return 1
-  rabbit_enable_feature_flags
+  rabbit_wait_usable || return 1
   log "rabbitmq: up on $RABBITMQ_HOST:$RABBITMQ_PORT, management http://$RABBITMQ_HOST:$RABBITMQ_MGMT_PORT (guest/guest), RabbitMQ $(rabbit_version), in $(fmt_secs $((SECONDS - t0)))"
 }
 
@@ -409,7 +517,10 @@ fetch_kafka() {
   for _ in 1 2; do
     rm -rf "$tmp/libs"
     write_kafka_pom "$pom" "$v" "$binding"
-    if ! mvn -q -B -Dstyle.color=never -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+    # A Maven repository of jobgate's own, inside its cache: removing the cache is a
+    # true fresh fetch, and the machine's ~/.m2 is neither needed nor touched.
+    if ! mvn -q -B -Dstyle.color=never -Dmaven.repo.local="$CACHE_ROOT/m2" -f "$pom" \
+      dependency:copy-dependencies -DincludeScope=runtime \
       -DoutputDirectory="$tmp/libs" >"$mvn_log" 2>&1; then
       warn "kafka: Maven could not resolve Kafka $v"
       tail -n 15 "$mvn_log" >&2 || true
@@ -590,50 +701,91 @@ kafka_wait_ready() {
   return 1
 }
 
+# kafka_probe_classes: the compiled readiness probe (scripts/lib/KafkaReady.java against
+# the cached kafka-clients jar), compiled once per version of its source; prints its dir.
+kafka_probe_classes() {
+  local src="$SCRIPT_DIR/lib/KafkaReady.java" sum dir tmp javac_bin
+  sum=$(sha256sum "$src" | cut -c1-16)
+  dir="$CACHE_ROOT/kafka-ready-$KAFKA_RESOLVED_VERSION-$sum"
+  if [[ ! -f $dir/KafkaReady.class ]]; then
+    javac_bin="$(dirname "$JAVA_BIN")/javac"
+    [[ -x $javac_bin ]] || javac_bin=$(command -v javac) || die "kafka: javac not found (a JDK 17+ is needed for the readiness probe)"
+    tmp=$(mktemp -d "$CACHE_ROOT/kafka-ready.XXXXXX")
+    if ! "$javac_bin" -nowarn -d "$tmp" -cp "$KAFKA_LIBS/*" "$src" >"$tmp/javac.out" 2>&1; then
+      cat "$tmp/javac.out" >&2
+      rm -rf "$tmp"
+      die "kafka: compiling the readiness probe $src failed"
+    fi
+    # Another `up` may have compiled it meanwhile: first one in wins.
+    mv -T "$tmp" "$dir" 2>/dev/null || rm -rf "$tmp"
+  fi
+  printf '%s\n' "$dir"
+}
+
+# kafka_wait_usable SECONDS: wait until Kafka is usable as jobgate uses it: controller,
+# a partition leader that takes acks=all writes, and a group coordinator that commits
+# offsets (scripts/lib/KafkaReady.java). A port that accepts connections is not enough:
+# right after a start, group calls fail with NOT_COORDINATOR for a while.
+kafka_wait_usable() {
+  local secs=$1 classes out
+  classes=$(kafka_probe_classes)
+  if ! out=$("$JAVA_BIN" -Xmx128m -Djava.awt.headless=true -Dlog4j2.level=OFF \
+    -Dlog4j2.statusLoggerLevel=OFF -cp "$classes:$KAFKA_LIBS/*" KafkaReady \
+    "$KAFKA_HOST:$KAFKA_PORT" "$secs" 1 2>&1); then
+    err "kafka: not usable after ${secs}s:"
+    printf '%s\n' "$out" >&2
+    kafka_log_tail
+    return 1
+  fi
+}
+
 up_kafka() {
   local t0=$SECONDS pid offset
+  install_for kafka
+  check_java
+  resolve_kafka_libs
   if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
     if pid=$(kafka_pid); then
-      log "kafka: already up on $KAFKA_HOST:$KAFKA_PORT (pid $pid); reusing it"
+      log "kafka: already listening on $KAFKA_HOST:$KAFKA_PORT (pid $pid); checking it is usable"
     else
-      log "kafka: something already accepts connections on $KAFKA_HOST:$KAFKA_PORT; reusing it"
+      log "kafka: something already accepts connections on $KAFKA_HOST:$KAFKA_PORT; checking it is usable"
     fi
+    kafka_wait_usable "$KAFKA_TIMEOUT" || return 1
+    log "kafka: up on $KAFKA_HOST:$KAFKA_PORT (controller, leaders and group coordinator answer); reusing it"
     return 0
   fi
-  check_java
   if pid=$(kafka_pid); then
     log "kafka: pid $pid is starting; waiting for it"
     kafka_wait_ready "$pid" 0 || return 1
-    log "kafka: up on $KAFKA_HOST:$KAFKA_PORT (pid $pid)"
-    return 0
+  else
+    write_kafka_config
+    kafka_format_storage
+    offset=$(stat -c %s "$KAFKA_SERVER_LOG" 2>/dev/null || echo 0)
+    local -a heap
+    read -r -a heap <<<"$KAFKA_HEAP_OPTS"
+    log "kafka: starting Kafka $KAFKA_RESOLVED_VERSION (state: $KAFKA_STATE)"
+    printf -- '--- start %s ---\n' "$(date -Is)" >>"$KAFKA_STDOUT"
+    # A new session, detached from this script; the inner shell records its own pid
+    # and then becomes java (exec keeps the pid).
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    setsid nohup bash -c 'printf "%s\n" "$$" >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
+      "$JAVA_BIN" "${heap[@]}" -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
+      -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+      >>"$KAFKA_STDOUT" 2>&1 </dev/null 9>&- &
+    local deadline=$((SECONDS + 10))
+    until pid=$(kafka_pid); do
+      if ((SECONDS >= deadline)); then
+        err "kafka: the java process did not start"
+        kafka_log_tail
+        return 1
+      fi
+      sleep 0.2
+    done
+    kafka_wait_ready "$pid" "$offset" || return 1
   fi
-  resolve_kafka_libs
-  write_kafka_config
-  kafka_format_storage
-  offset=$(stat -c %s "$KAFKA_SERVER_LOG" 2>/dev/null || echo 0)
-  local -a heap
-  read -r -a heap <<<"$KAFKA_HEAP_OPTS"
-  log "kafka: starting Kafka $KAFKA_RESOLVED_VERSION (state: $KAFKA_STATE)"
-  printf -- '--- start %s ---\n' "$(date -Is)" >>"$KAFKA_STDOUT"
-  # A new session, detached from this script; the inner shell records its own pid
-  # and then becomes java (exec keeps the pid).
-  # shellcheck disable=SC2016 # expanded by the inner bash
-  setsid nohup bash -c 'printf "%s\n" "$$" >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
-    "$JAVA_BIN" "${heap[@]}" -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
-    -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
-    >>"$KAFKA_STDOUT" 2>&1 </dev/null 9>&- &
-  local deadline=$((SECONDS + 10))
-  until pid=$(kafka_pid); do
-    if ((SECONDS >= deadline)); then
-      err "kafka: the java process did not start"
-      kafka_log_tail
-      return 1
-    fi
-    sleep 0.2
-  done
-  kafka_wait_ready "$pid" "$offset" || return 1
-  log "kafka: up on $KAFKA_HOST:$KAFKA_PORT (Kafka $KAFKA_RESOLVED_VERSION, pid $pid) in $(fmt_secs $((SECONDS - t0)))"
+  kafka_wait_usable "$KAFKA_TIMEOUT" || return 1
+  log "kafka: up on $KAFKA_HOST:$KAFKA_PORT (Kafka $KAFKA_RESOLVED_VERSION, pid $pid; controller, leaders and group coordinator answer) in $(fmt_secs $((SECONDS - t0)))"
 }
 
 # kafka_stop SIGNAL WAIT_SECONDS
@@ -718,42 +870,22 @@ redis_ping() {
   fi
 }
 
-redis_install() {
-  local t0=$SECONDS apt_log="$REDIS_STATE/apt.log" created_policy=0 rc=0
-  log "redis: installing redis-server with apt-get (log: $apt_log)"
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
-    created_policy=1
-  fi
-  {
-    # `up all` may run RabbitMQ's install at the same time: wait for apt's locks.
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q &&
-      as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q \
-        --no-install-recommends -o Dpkg::Options::=--force-confdef \
-        -o Dpkg::Options::=--force-confold redis-server
-  } >"$apt_log" 2>&1 || rc=$?
-  if [[ $rc -ne 0 ]]; then
-    warn "redis: apt-get exited $rc; trying 'dpkg --configure -a'"
-    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a >>"$apt_log" 2>&1 || true
-  fi
-  if [[ $created_policy -eq 1 ]]; then
-    as_root rm -f /usr/sbin/policy-rc.d
-  fi
-  if ! redis_installed; then
-    tail -n 30 "$apt_log" >&2 || true
-    die "redis: installing redis-server failed (see $apt_log)"
-  fi
-  log "redis: installed $(dpkg-query -W -f='redis-server ${Version}' redis-server 2>/dev/null) in $(fmt_secs $((SECONDS - t0)))"
+# redis_usable: PING answers and a write is taken (not loading, not a read-only replica).
+redis_usable() {
+  redis_ping || return 1
+  local cli
+  cli=$(redis_bin redis-cli 2>/dev/null) || return 0 # not ours: PING is all we can ask
+  [[ $(timeout 3 "$cli" -h "$REDIS_HOST" -p "$REDIS_PORT" set jobgate:readiness ok px 10000 2>/dev/null) == OK ]]
 }
 
 up_redis() {
   local t0=$SECONDS deadline
-  if redis_ping; then
-    log "redis: already up on $REDIS_HOST:$REDIS_PORT (answers PING); reusing it"
+  mkdir -p "$REDIS_STATE"
+  install_for redis
+  if redis_usable; then
+    log "redis: already up on $REDIS_HOST:$REDIS_PORT (answers PING, takes writes); reusing it"
     return 0
   fi
-  mkdir -p "$REDIS_STATE"
-  redis_installed || redis_install
   log "redis: starting redis-server (state $REDIS_STATE)"
   if ! "$(redis_bin redis-server)" --port "$REDIS_PORT" --bind "$REDIS_HOST" --daemonize yes \
     --save '' --appendonly no --dir "$REDIS_STATE" --logfile "$REDIS_STATE/redis.log" \
@@ -763,9 +895,9 @@ up_redis() {
     return 1
   fi
   deadline=$((SECONDS + REDIS_TIMEOUT))
-  until redis_ping; do
+  until redis_usable; do
     if ((SECONDS >= deadline)); then
-      err "redis: not answering PING after ${REDIS_TIMEOUT}s"
+      err "redis: not answering PING or not taking a write after ${REDIS_TIMEOUT}s"
       tail -n 20 "$REDIS_STATE/redis.log" >&2 2>/dev/null || true
       return 1
     fi
@@ -835,7 +967,7 @@ sh_restart() {
 main() {
   local action=${1:-} target=${2:-all}
   case $action in
-    up | down | status | restart | kill) ;;
+    up | down | status | restart | kill | install) ;;
     -h | --help | help) usage; return 0 ;;
     "") usage >&2; return 2 ;;
     *) err "unknown action '$action'"; usage >&2; return 2 ;;
@@ -850,6 +982,11 @@ main() {
     *) err "unknown broker '$target'"; usage >&2; return 2 ;;
   esac
   mkdir -p "$STATE_ROOT"
+  case $action in
+    # One package step for all of them, before any starts (never two apt-gets at once).
+    up | restart) install_for "${brokers[@]}" ;;
+    install) install_for "${brokers[@]}"; return 0 ;;
+  esac
 
   # Each action runs as a background job and is then waited for: that keeps `set -e`
   # in force inside it (it is ignored in functions called from `||`/`if`), and lets

@@ -648,6 +648,7 @@ pub mod kafka {
     use super::*;
 
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::error::{KafkaError, KafkaResult};
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
     const TIMEOUT: Duration = Duration::from_secs(10);
@@ -670,16 +671,86 @@ pub mod kafka {
             .expect("create a Kafka client")
     }
 
+    /// How long a helper keeps asking again after a retriable error.
+    const RETRY_LIMIT: Duration = Duration::from_secs(60);
+
+    /// Errors a Kafka broker gives while it starts, loads a group coordinator or elects
+    /// a leader: asking again a little later succeeds.
+    pub fn is_retriable(error: &KafkaError) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        matches!(
+            error.rdkafka_error_code(),
+            Some(
+                C::NotCoordinator
+                    | C::CoordinatorLoadInProgress
+                    | C::CoordinatorNotAvailable
+                    | C::LeaderNotAvailable
+                    | C::NotLeaderForPartition
+                    | C::NotController
+                    | C::BrokerTransportFailure
+                    | C::AllBrokersDown
+                    | C::Resolve
+                    | C::OperationTimedOut
+                    | C::RequestTimedOut
+                    | C::NetworkException
+            )
+        )
+    }
+
+    /// Runs a blocking Kafka call, asking again while it fails with a retriable error
+    /// (for up to [`RETRY_LIMIT`]); any other error, or one that outlasts the limit,
+    /// panics naming `what` and the error.
+    pub fn retrying<T>(what: &str, mut call: impl FnMut() -> KafkaResult<T>) -> T {
+        let start = Instant::now();
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            match call() {
+                Ok(value) => return value,
+                Err(e) if is_retriable(&e) && start.elapsed() < RETRY_LIMIT => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!(
+                    "Kafka: {what} failed after {tries} tries in {:?} (retriable errors are \
+                     asked again for {RETRY_LIMIT:?}): {e}",
+                    start.elapsed()
+                ),
+            }
+        }
+    }
+
     /// Partition count of `topic`, or `None` when the broker does not know it.
     pub fn partitions_of(client: &BaseConsumer, topic: &str) -> Option<i32> {
-        let metadata = client
-            .fetch_metadata(Some(topic), TIMEOUT)
-            .expect("Kafka metadata");
-        let t = metadata.topics().iter().find(|t| t.name() == topic)?;
-        if t.error().is_some() {
-            return None;
-        }
-        Some(i32::try_from(t.partitions().len()).unwrap())
+        retrying(&format!("metadata of topic {topic}"), || {
+            let metadata = client.fetch_metadata(Some(topic), TIMEOUT)?;
+            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                return Ok(None);
+            };
+            match t.error() {
+                None => Ok(Some(i32::try_from(t.partitions().len()).unwrap())),
+                Some(e) => {
+                    let e = KafkaError::MetadataFetch(e.into());
+                    // A topic without a leader yet exists: ask again.
+                    if is_retriable(&e) {
+                        Err(e)
+                    } else {
+                        Ok(None)
+                    }
+                }
+            }
+        })
+    }
+
+    /// The offsets group `group` committed for `tpl` (retriable errors, whole or per
+    /// partition, are asked again: right after a start the coordinator is not loaded).
+    pub fn committed(client: &BaseConsumer, tpl: &TopicPartitionList) -> TopicPartitionList {
+        retrying("committed offsets of the group", || {
+            let committed = client.committed_offsets(tpl.clone(), TIMEOUT)?;
+            for element in committed.elements() {
+                element.error()?;
+            }
+            Ok(committed)
+        })
     }
 
     /// Partition count of `topic` (`None`: it does not exist).
@@ -741,14 +812,12 @@ pub mod kafka {
             for p in 0..partitions {
                 tpl.add_partition(&queue, p);
             }
-            let committed = client
-                .committed_offsets(tpl, TIMEOUT)
-                .expect("committed offsets of the group");
+            let committed = committed(&client, &tpl);
             let mut pending = 0;
             for p in 0..partitions {
-                let (low, high) = client
-                    .fetch_watermarks(&queue, p, TIMEOUT)
-                    .expect("watermarks");
+                let (low, high) = retrying(&format!("watermarks of {queue}/{p}"), || {
+                    client.fetch_watermarks(&queue, p, TIMEOUT)
+                });
                 let from = match committed.find_partition(&queue, p).map(|e| e.offset()) {
                     Some(Offset::Offset(o)) => o,
                     _ => low,
@@ -770,14 +839,69 @@ pub mod rabbit {
         reqwest::Client::new()
     }
 
+    /// Sends a management API request as guest, asking again for up to a minute while
+    /// the API refuses connections or answers 5xx (it starts after the broker); returns
+    /// the first other answer. Panics naming `what` after that.
+    async fn management(
+        what: &str,
+        request: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> reqwest::Response {
+        const LIMIT: Duration = Duration::from_secs(60);
+        let start = Instant::now();
+        loop {
+            let error = match request(&http())
+                .basic_auth("guest", Some("guest"))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+            {
+                Ok(r) if !r.status().is_server_error() => return r,
+                Ok(r) => format!("answered {}", r.status()),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                start.elapsed() < LIMIT,
+                "RabbitMQ management API: {what} failed for {:?}: {error}",
+                start.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// An AMQP connection to the test broker. A broker that is (re)starting refuses
+    /// connections or stalls the handshake for a while: each try is bounded, and tries
+    /// go on for up to a minute before the test fails saying so.
+    pub async fn connect() -> lapin::Connection {
+        const LIMIT: Duration = Duration::from_secs(60);
+        let start = Instant::now();
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(10),
+                lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()),
+            )
+            .await;
+            let error = match attempt {
+                Ok(Ok(conn)) => return conn,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer to the AMQP handshake within 10 s".to_owned(),
+            };
+            assert!(
+                start.elapsed() < LIMIT,
+                "RabbitMQ: no AMQP connection to {AMQP_URL} after {tries} tries in {:?}: {error}",
+                start.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// The management API's view of a queue (`None` when it does not exist).
     pub async fn queue_info(queue: &str) -> Option<Value> {
-        let r = http()
-            .get(format!("{MANAGEMENT_URL}/api/queues/%2f/{queue}"))
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await
-            .expect("management API answers");
+        let r = management(&format!("GET queue {queue}"), |c| {
+            c.get(format!("{MANAGEMENT_URL}/api/queues/%2f/{queue}"))
+        })
+        .await;
         if r.status() == 404 {
             return None;
         }
@@ -788,9 +912,7 @@ pub mod rabbit {
     pub async fn ready_count(queue: &str) -> u32 {
         use lapin::options::QueueDeclareOptions;
         let count = async {
-            let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-                .await
-                .expect("connect to RabbitMQ");
+            let conn = connect().await;
             let channel = conn.create_channel().await.unwrap();
             let q = channel
                 .queue_declare(
@@ -806,10 +928,10 @@ pub mod rabbit {
             let _ = conn.close(200, "bye".into()).await;
             q.message_count()
         };
-        // lapin waits for the AMQP handshake without a limit of its own.
-        tokio::time::timeout(Duration::from_secs(30), count)
+        // lapin waits for an answer without a limit of its own.
+        tokio::time::timeout(Duration::from_secs(90), count)
             .await
-            .expect("RabbitMQ answered the AMQP handshake and passive declare within 30 s")
+            .expect("RabbitMQ answered the connection and passive declare within 90 s")
     }
 
     /// Deletes every queue `Q` and `Q.*` of each queue `Q` through the management API.
@@ -845,14 +967,12 @@ pub mod rabbit {
 
     /// Peeks at up to `count` messages through the management API (requeued afterwards).
     pub async fn peek(queue: &str, count: u32) -> Vec<Value> {
-        http()
-            .post(format!("{MANAGEMENT_URL}/api/queues/%2f/{queue}/get"))
-            .basic_auth("guest", Some("guest"))
-            .json(&serde_json::json!({"count": count, "ackmode": "ack_requeue_true", "encoding": "auto"}))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
+        management(&format!("peek at {queue}"), |c| {
+            c.post(format!("{MANAGEMENT_URL}/api/queues/%2f/{queue}/get"))
+                .json(&serde_json::json!({"count": count, "ackmode": "ack_requeue_true", "encoding": "auto"}))
+        })
+        .await
+        .error_for_status()
             .unwrap()
             .json()
             .await
@@ -861,14 +981,12 @@ pub mod rabbit {
 
     /// Deletes a queue through the management API.
     pub async fn delete_queue(queue: &str) {
-        http()
-            .delete(format!("{MANAGEMENT_URL}/api/queues/%2f/{queue}"))
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap();
+        management(&format!("delete queue {queue}"), |c| {
+            c.delete(format!("{MANAGEMENT_URL}/api/queues/%2f/{queue}"))
+        })
+        .await
+        .error_for_status()
+        .unwrap();
     }
 
     async fn rabbitmqctl(args: &[&str]) {
@@ -893,10 +1011,12 @@ pub mod rabbit {
         rabbitmqctl(&["set_vm_memory_high_watermark", fraction]).await;
     }
 
-    /// Starts it again and waits until it accepts AMQP connections.
+    /// Starts it again and waits until it is usable (`scripts/brokers.sh up rabbitmq`:
+    /// feature flags and a quorum queue round trip), not only accepting connections.
     pub async fn start_app() {
         rabbitmqctl(&["start_app"]).await;
         rabbitmqctl(&["await_startup"]).await;
+        brokers_sh(&["up", "rabbitmq"]).await;
     }
 }
 
@@ -954,13 +1074,7 @@ pub async fn publish_junk(backend: Backend, queue: &str) {
         Backend::Rabbitmq => {
             use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
             use lapin::types::{AMQPValue, FieldTable, LongString};
-            let conn = tokio::time::timeout(
-                Duration::from_secs(30),
-                lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()),
-            )
-            .await
-            .expect("connect in time")
-            .expect("connect to RabbitMQ");
+            let conn = rabbit::connect().await;
             let channel = conn.create_channel().await.unwrap();
             channel
                 .confirm_select(ConfirmSelectOptions::default())

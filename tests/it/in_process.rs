@@ -14,7 +14,7 @@ use jobgate_shared::broker::kafka::{
     self as kafka_backend, KafkaPublisher, KafkaSource, TopicSpec,
 };
 use jobgate_shared::broker::Publisher;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::helpers::{
@@ -49,9 +49,7 @@ fn committed(group: &str, topic: &str) -> Option<i64> {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, 0);
-    let got = client
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .expect("OffsetFetch answers");
+    let got = crate::helpers::kafka::committed(&client, &tpl);
     match got.find_partition(topic, 0).unwrap().offset() {
         Offset::Offset(o) => Some(o),
         _ => None,

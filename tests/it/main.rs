@@ -28,3 +28,4 @@ mod observability;
 mod rabbitmq_only;
 mod retries;
 mod scenarios;
+mod setup;
