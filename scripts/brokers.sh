@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring real RabbitMQ and Kafka brokers up on a Debian machine WITHOUT Docker.
 #
-#   scripts/brokers.sh up|down|status|restart|kill|install [rabbitmq|kafka|redis|all]   (default: all)
+#   scripts/brokers.sh up|down|status|restart|kill|install|pause|resume [rabbitmq|kafka|redis|all]   (default: all)
 #
 # `up` first installs every missing Debian package of the brokers asked for in ONE apt
 # step, then starts them, and returns only when each is usable as jobgate uses it
@@ -65,7 +65,7 @@ die()  { err "$@"; exit 1; }
 
 usage() {
   cat <<EOF
-usage: $PROG up|down|status|restart|kill|install [rabbitmq|kafka|redis|all]   (default: all)
+usage: $PROG up|down|status|restart|kill|install|pause|resume [rabbitmq|kafka|redis|all]   (default: all)
 
   up       start the broker(s) (install/fetch on first use) and wait until each is usable;
            reuse one already answering (after the same usability check)
@@ -74,6 +74,8 @@ usage: $PROG up|down|status|restart|kill|install [rabbitmq|kafka|redis|all]   (d
   status   print up/down per broker; exit 0 if all requested are up, 1 otherwise
   restart  down, then up
   kill     SIGKILL the broker(s) immediately (crash tests); data survives
+  pause    SIGSTOP the broker (rabbitmq or kafka): frozen, its sockets stay open
+  resume   SIGCONT a paused broker
 
 RabbitMQ: amqp://guest:guest@127.0.0.1:5672  management http://127.0.0.1:15672 (guest/guest)
 Kafka:    127.0.0.1:$KAFKA_PORT (PLAINTEXT), KRaft controller 127.0.0.1:$KAFKA_CONTROLLER_PORT
@@ -431,6 +433,22 @@ kill_rabbitmq() {
   as_root kill -KILL "$pid" 2>/dev/null || true
   rabbit_wait_port_closed
   log "rabbitmq: killed"
+}
+
+# pause_rabbitmq / resume_rabbitmq: SIGSTOP / SIGCONT the Erlang VM: a frozen broker
+# whose sockets stay open (the half-open connection of a hung node).
+pause_rabbitmq() {
+  local pid
+  pid=$(rabbit_os_pid) || die "rabbitmq: no running node found (pid file)"
+  log "rabbitmq: SIGSTOP beam pid $pid (frozen; 'resume rabbitmq' thaws it)"
+  as_root kill -STOP "$pid"
+}
+
+resume_rabbitmq() {
+  local pid
+  pid=$(rabbit_os_pid) || die "rabbitmq: no running node found (pid file)"
+  log "rabbitmq: SIGCONT beam pid $pid"
+  as_root kill -CONT "$pid"
 }
 
 status_rabbitmq() {
@@ -823,6 +841,21 @@ kafka_stop() {
 }
 
 down_kafka() { kafka_stop TERM "$KAFKA_STOP_TIMEOUT"; }
+
+# pause_kafka / resume_kafka: SIGSTOP / SIGCONT the broker's JVM (see pause_rabbitmq).
+pause_kafka() {
+  local pid
+  pid=$(kafka_pid) || die "kafka: not running (no pid in $KAFKA_PIDFILE)"
+  log "kafka: SIGSTOP pid $pid (frozen; 'resume kafka' thaws it)"
+  kill -STOP "$pid"
+}
+
+resume_kafka() {
+  local pid
+  pid=$(kafka_pid) || die "kafka: not running (no pid in $KAFKA_PIDFILE)"
+  log "kafka: SIGCONT pid $pid"
+  kill -CONT "$pid"
+}
 kill_kafka() { kafka_stop KILL 10; }
 
 status_kafka() {
@@ -967,7 +1000,7 @@ sh_restart() {
 main() {
   local action=${1:-} target=${2:-all}
   case $action in
-    up | down | status | restart | kill | install) ;;
+    up | down | status | restart | kill | install | pause | resume) ;;
     -h | --help | help) usage; return 0 ;;
     "") usage >&2; return 2 ;;
     *) err "unknown action '$action'"; usage >&2; return 2 ;;
@@ -981,6 +1014,10 @@ main() {
     kafka) brokers=(kafka) ;;
     *) err "unknown broker '$target'"; usage >&2; return 2 ;;
   esac
+  if [[ $action == pause || $action == resume ]] && [[ ${#brokers[@]} -ne 1 || ${brokers[0]} == redis ]]; then
+    err "'$action' takes one broker: rabbitmq or kafka"
+    return 2
+  fi
   mkdir -p "$STATE_ROOT"
   case $action in
     # One package step for all of them, before any starts (never two apt-gets at once).

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
-use jobgate_shared::broker::kafka::{self as jk, ensure_topics, KafkaPublisher, TopicSpec};
+use jobgate_shared::broker::kafka::{
+    self as jk, ensure_topics, KafkaPublisher, Replication, TopicSpec,
+};
 use jobgate_shared::broker::Publisher;
 use jobgate_shared::config::DEFAULT_KAFKA_LINGER_MS;
 use jobgate_shared::job::{self, JobMeta};
@@ -39,7 +41,7 @@ impl Kafka {
             spec: TopicSpec {
                 brokers: brokers.to_owned(),
                 partitions,
-                replication_factor: 1,
+                replication: Replication::default(),
                 timeout: TIMEOUT,
                 linger: Duration::from_millis(u64::from(DEFAULT_KAFKA_LINGER_MS)),
             },

@@ -3,8 +3,10 @@
 //!
 //! - `GET /metrics`: every metric of [`WorkerMetrics`] (OpenMetrics text).
 //! - `GET /healthz`: 200 while the process runs.
-//! - `GET /readyz`: 200 while the source is subscribed to the broker and no shutdown is
-//!   under way; else 503 `application/problem+json` (`urn:jobgate:problem:not-ready`).
+//! - `GET /readyz`: 200 while the broker is up for this consumer (subscribed, and the
+//!   retry/dead-letter publisher reaches the broker: see [`ProbeState::broker_up`]) and
+//!   no shutdown is under way; else 503 `application/problem+json`
+//!   (`urn:jobgate:problem:not-ready`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +36,16 @@ pub struct ProbeState {
     pub outcomes: SharedPublisher,
     /// Cancelled once shutdown began.
     pub draining: CancellationToken,
+}
+
+impl ProbeState {
+    /// Subscribed, and able to publish outcomes. The publisher's readiness is what
+    /// notices a broker that went silent without closing anything (frozen, half-open
+    /// connection: AMQP heartbeats, Kafka metadata requests), which a subscription alone
+    /// does not: librdkafka keeps a group subscription through any outage.
+    fn broker_up(&self) -> bool {
+        self.source.is_subscribed() && self.outcomes.is_ready()
+    }
 }
 
 /// The routes, without a socket (tests call them with `oneshot`).
@@ -68,8 +80,7 @@ pub async fn serve(listener: TcpListener, state: ProbeState, stop: CancellationT
 
 async fn metrics_text(State(state): State<ProbeState>) -> Response {
     // Gauges that mirror the source's state are brought up to date at each scrape.
-    let up = state.source.is_subscribed() && state.outcomes.is_ready();
-    state.metrics.set_broker_up(up);
+    state.metrics.set_broker_up(state.broker_up());
     state.metrics.set_kafka_lag(&state.source.partition_lag());
     let body = metrics::render(&state.registry);
     (
@@ -88,8 +99,9 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn readyz(State(state): State<ProbeState>) -> Response {
     let subscribed = state.source.is_subscribed();
+    let up = state.broker_up();
     let draining = state.draining.is_cancelled();
-    if subscribed && !draining {
+    if up && !draining {
         return Json(json!({
             "status": "ready",
             "subscribed": true,
@@ -99,8 +111,10 @@ async fn readyz(State(state): State<ProbeState>) -> Response {
     }
     let detail = if draining {
         "the consumer is shutting down and takes no new jobs"
-    } else {
+    } else if !subscribed {
         "the consumer is not subscribed to the message broker"
+    } else {
+        "the consumer cannot reach the message broker to publish retries and dead letters"
     };
     let mut body = problem(
         StatusCode::SERVICE_UNAVAILABLE,

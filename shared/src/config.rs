@@ -46,10 +46,20 @@ pub struct BrokerArgs {
           value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub kafka_partitions: i32,
 
-    /// Replication factor of each topic jobgate creates.
-    #[arg(long, env = "JOBGATE_KAFKA_REPLICATION_FACTOR", default_value_t = 1,
-          value_parser = clap::value_parser!(i32).range(1..=100))]
-    pub kafka_replication_factor: i32,
+    /// Replication factor of each topic jobgate creates: a number, or `auto` for
+    /// min(3, brokers in the cluster).
+    #[arg(long, env = "JOBGATE_KAFKA_REPLICATION_FACTOR", default_value = "auto")]
+    pub kafka_replication_factor: AutoCount,
+
+    /// `min.insync.replicas` of each topic jobgate creates (how many copies an acks=all
+    /// write needs): a number, or `auto` for the replication factor less one when that
+    /// is 2 or more, else 1.
+    #[arg(
+        long,
+        env = "JOBGATE_KAFKA_MIN_INSYNC_REPLICAS",
+        default_value = "auto"
+    )]
+    pub kafka_min_insync_replicas: AutoCount,
 
     /// How long the Kafka producer waits to fill a batch before sending it, in
     /// milliseconds (`linger.ms`). 0 sends at once: every 202 waits for its own confirm,
@@ -77,9 +87,42 @@ impl BrokerArgs {
         crate::broker::kafka::TopicSpec {
             brokers: self.kafka_brokers.clone(),
             partitions: self.kafka_partitions,
-            replication_factor: self.kafka_replication_factor,
+            replication: crate::broker::kafka::Replication {
+                factor: self.kafka_replication_factor.0,
+                min_insync: self.kafka_min_insync_replicas.0,
+            },
             timeout: self.connect_timeout(),
             linger: Duration::from_millis(u64::from(self.kafka_linger_ms)),
+        }
+    }
+}
+
+/// A count that is given (1 to 100) or worked out by jobgate (`auto`, `None`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AutoCount(pub Option<i32>);
+
+impl FromStr for AutoCount {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Self(None));
+        }
+        match s.parse::<i32>() {
+            Ok(n) if (1..=100).contains(&n) => Ok(Self(Some(n))),
+            _ => Err(format!(
+                "expected `auto` or a number from 1 to 100, got {s:?}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for AutoCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("auto"),
         }
     }
 }
@@ -189,6 +232,18 @@ pub fn validate_queue_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_count_is_auto_or_a_number_from_1_to_100() {
+        assert_eq!("auto".parse::<AutoCount>(), Ok(AutoCount(None)));
+        assert_eq!("AUTO".parse::<AutoCount>(), Ok(AutoCount(None)));
+        assert_eq!("3".parse::<AutoCount>(), Ok(AutoCount(Some(3))));
+        for junk in ["0", "101", "-1", "", "three", "2.5"] {
+            assert!(junk.parse::<AutoCount>().is_err(), "{junk:?}");
+        }
+        assert_eq!(AutoCount(None).to_string(), "auto");
+        assert_eq!(AutoCount(Some(2)).to_string(), "2");
+    }
 
     #[test]
     fn secret_url_masks_the_password_in_debug_and_display() {

@@ -69,9 +69,26 @@ pub fn retry_queue_name(queue: &str, tier: Duration) -> String {
     format!("{queue}.retry.{}", tier_label(tier))
 }
 
+/// A regular expression (librdkafka's `^...` subscription syntax) matching the retry
+/// topic of `queue` for ANY tier, today's and those of earlier retry settings, so that
+/// records waiting in a tier the configuration no longer has are still forwarded.
+/// Queue names hold only letters, digits, `.`, `_` and `-`, so `.` is the one character
+/// to escape; the tier label's shape keeps the tiers of a queue named `Q.retry.x` apart.
+pub fn retry_topic_pattern(queue: &str) -> String {
+    format!(r"^{}\.retry\.[0-9]+(ms|s|m)$", queue.replace('.', r"\."))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_retry_topic_pattern_escapes_the_queue_name_and_names_every_tier() {
+        assert_eq!(
+            retry_topic_pattern("emails.eu-1"),
+            r"^emails\.eu-1\.retry\.[0-9]+(ms|s|m)$"
+        );
+    }
 
     fn policy(base_ms: u64, max_ms: u64) -> RetryPolicy {
         RetryPolicy {

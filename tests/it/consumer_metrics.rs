@@ -25,7 +25,7 @@ const MAX_ATTEMPTS: usize = 2;
 on_both_backends!(metrics_count_what_the_consumer_did_and_probes_answer);
 
 /// The base URL of the consumer's metrics listener (it logs the address it bound).
-async fn listener_url(consumer: &Consumer) -> String {
+pub(crate) async fn listener_url(consumer: &Consumer) -> String {
     let mut addr = None;
     wait_until(Duration::from_secs(20), "the metrics listener", || {
         addr = consumer
@@ -98,8 +98,19 @@ pub async fn metrics_count_what_the_consumer_did_and_probes_answer(backend: Back
         .wait_group_stable(&[&consumer], KAFKA_PARTITIONS)
         .await;
 
-    let readyz = http.get(format!("{base}/readyz")).send().await.unwrap();
-    assert_eq!(readyz.status(), 200, "ready while subscribed");
+    // Ready once subscribed and the outcome publisher reaches the broker (it checks
+    // every second).
+    wait_until(
+        Duration::from_secs(30),
+        "the consumer's /readyz to answer 200",
+        || async {
+            http.get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
     let healthz = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(healthz.status(), 200);
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use serde_json::Value;
 
+use crate::consumer_metrics::listener_url;
 use crate::helpers::{
     brokers_exclusive, brokers_sh, rabbit, unique, wait_until, Backend, Consumer, Producer,
     KAFKA_PARTITIONS,
@@ -61,6 +62,16 @@ async fn kafka_broker_sigkilled_under_load_loses_no_job() {
     bounded(broker_outage_loses_no_job(BrokerFault::KafkaKill)).await;
 }
 
+#[tokio::test]
+async fn rabbitmq_frozen_with_sigstop_under_load_turns_unready_and_loses_no_job() {
+    bounded(broker_outage_loses_no_job(BrokerFault::RabbitmqFreeze)).await;
+}
+
+#[tokio::test]
+async fn kafka_frozen_with_sigstop_under_load_turns_unready_and_loses_no_job() {
+    bounded(broker_outage_loses_no_job(BrokerFault::KafkaFreeze)).await;
+}
+
 /// The same backstop `on_both_backends!` puts around a scenario.
 async fn bounded(scenario: impl std::future::Future<Output = ()>) {
     tokio::time::timeout(SCENARIO_LIMIT, scenario)
@@ -77,14 +88,27 @@ enum BrokerFault {
     RabbitmqRestart,
     /// The Kafka broker SIGKILLed, then started again on the same data.
     KafkaKill,
+    /// The RabbitMQ node frozen with SIGSTOP (its sockets stay open: a half-open
+    /// connection, as with a hung node), then thawed with SIGCONT.
+    RabbitmqFreeze,
+    /// The Kafka broker frozen with SIGSTOP, then thawed with SIGCONT.
+    KafkaFreeze,
 }
 
 impl BrokerFault {
     fn backend(self) -> Backend {
         match self {
-            Self::RabbitmqStopApp | Self::RabbitmqRestart => Backend::Rabbitmq,
-            Self::KafkaKill => Backend::Kafka,
+            Self::RabbitmqStopApp | Self::RabbitmqRestart | Self::RabbitmqFreeze => {
+                Backend::Rabbitmq
+            }
+            Self::KafkaKill | Self::KafkaFreeze => Backend::Kafka,
         }
+    }
+
+    /// Whether the broker keeps its sockets open while away: nothing tells the clients
+    /// it is gone but silence (heartbeats, timeouts).
+    fn is_freeze(self) -> bool {
+        matches!(self, Self::RabbitmqFreeze | Self::KafkaFreeze)
     }
 
     async fn inject(self) {
@@ -92,6 +116,8 @@ impl BrokerFault {
             Self::RabbitmqStopApp => rabbit::stop_app().await,
             Self::RabbitmqRestart => brokers_sh(&["down", "rabbitmq"]).await,
             Self::KafkaKill => brokers_sh(&["kill", "kafka"]).await,
+            Self::RabbitmqFreeze => brokers_sh(&["pause", "rabbitmq"]).await,
+            Self::KafkaFreeze => brokers_sh(&["pause", "kafka"]).await,
         }
     }
 
@@ -101,6 +127,14 @@ impl BrokerFault {
             Self::RabbitmqStopApp => rabbit::start_app().await,
             Self::RabbitmqRestart => brokers_sh(&["up", "rabbitmq"]).await,
             Self::KafkaKill => brokers_sh(&["up", "kafka"]).await,
+            Self::RabbitmqFreeze => {
+                brokers_sh(&["resume", "rabbitmq"]).await;
+                brokers_sh(&["up", "rabbitmq"]).await;
+            }
+            Self::KafkaFreeze => {
+                brokers_sh(&["resume", "kafka"]).await;
+                brokers_sh(&["up", "kafka"]).await;
+            }
         }
     }
 }
@@ -159,6 +193,34 @@ async fn broker_outage_loses_no_job(fault: BrokerFault) {
         // Enough requests meet the broker gone (answered 503, or 202 if it came back
         // within the publish timeout).
         ledger.wait_answered_during_fault(8).await;
+        if fault.is_freeze() {
+            // No error reaches the producer from a silent broker: it must notice by
+            // itself (AMQP heartbeat, Kafka metadata requests) and say it is not ready.
+            wait_until(
+                Duration::from_secs(30),
+                "the producer's /readyz to turn 503 while the broker is frozen",
+                || async { producer.readyz().await == 503 },
+            )
+            .await;
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap();
+            for consumer in &consumers {
+                let readyz = format!("{}/readyz", listener_url(consumer).await);
+                wait_until(
+                    Duration::from_secs(30),
+                    "each consumer's /readyz to turn 503 while the broker is frozen",
+                    || async {
+                        http.get(&readyz)
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status() == 503)
+                    },
+                )
+                .await;
+            }
+        }
     };
     // Bring the broker back even when the outage failed, for the other tests.
     let outcome = std::panic::AssertUnwindSafe(outage).catch_unwind().await;
@@ -419,6 +481,8 @@ impl Ledger {
             // The command inherits the consumer's environment.
             ("LEDGER_TRACE", self.trace.display().to_string()),
             ("JOBGATE_CONCURRENCY", concurrency.to_string()),
+            // Probes on a port of its own, to see readiness while the broker is away.
+            ("JOBGATE_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
         ]
     }
 

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use clap::Parser;
 use consumer::{run_with_source, ConsumerConfig, Handler, Job, JobMeta, Outcome, WorkerOptions};
 use jobgate_shared::broker::kafka::{
-    self as kafka_backend, KafkaPublisher, KafkaSource, TopicSpec,
+    self as kafka_backend, KafkaPublisher, KafkaSource, Replication, TopicSpec,
 };
 use jobgate_shared::broker::Publisher;
 use rdkafka::consumer::BaseConsumer;
@@ -68,7 +68,7 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
     let spec = TopicSpec {
         brokers: BROKERS.into(),
         partitions: 1,
-        replication_factor: 1,
+        replication: Replication::default(),
         timeout: Duration::from_secs(10),
         linger: Duration::ZERO,
     };

@@ -187,3 +187,133 @@ async fn consumer_killed_mid_batch_loses_no_job() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A retry waiting in a tier topic that the retry settings no longer have (the delays
+/// were changed, say from up to 7 s to up to 2 s) is still forwarded back to its queue
+/// when due and processed: the forwarder subscribes by pattern, not by today's tiers.
+#[tokio::test]
+async fn a_retry_waiting_in_a_tier_no_longer_configured_is_still_processed() {
+    use jobgate_shared::broker::kafka::{ensure_topics, Replication, TopicSpec};
+    use jobgate_shared::job::{self, JobMeta, HEADER_DUE_AT};
+    use jobgate_shared::retry::retry_queue_name;
+    use rdkafka::message::Header;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let _brokers = brokers_shared().await;
+    let queue = unique("oldtier");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    // Topics as an earlier consumer with a 7 s tier left them.
+    let old_tier = Duration::from_secs(7);
+    let spec = TopicSpec {
+        brokers: crate::helpers::KAFKA_BROKERS.into(),
+        partitions: 2,
+        replication: Replication::default(),
+        timeout: Duration::from_secs(10),
+        linger: Duration::ZERO,
+    };
+    ensure_topics(&spec, std::slice::from_ref(&queue), &[old_tier])
+        .await
+        .expect("topics created");
+
+    // Its retry record, due now (attempt 2 of a job that failed once).
+    let mut meta = JobMeta::new(queue.clone(), Some("text/plain".into()));
+    meta.attempt = 2;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let headers = job::kafka::headers(&meta).insert(Header {
+        key: HEADER_DUE_AT,
+        value: Some(now_ms.as_bytes()),
+    });
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", crate::helpers::KAFKA_BROKERS)
+        .create()
+        .unwrap();
+    let tier_topic = retry_queue_name(&queue, old_tier);
+    producer
+        .send(
+            FutureRecord::to(&tier_topic)
+                .key(meta.id.as_bytes())
+                .payload("stranded")
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the retry record is written");
+
+    // Today's consumer has tiers of 1 s and 2 s only.
+    let consumer = Consumer::start(BACKEND, &queue, &[]).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the job waiting in the old tier to be processed",
+        || std::future::ready(consumer.processed().contains(&meta.id)),
+    )
+    .await;
+}
+
+/// The topics jobgate creates carry `min.insync.replicas` from the configuration
+/// (here set to 1, the most a single broker allows), as a topic setting, not the broker
+/// default: `acks=all` then means "that many copies", whatever the broker's default.
+#[tokio::test]
+async fn created_topics_carry_min_insync_replicas_from_the_configuration() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    let _brokers = brokers_shared().await;
+    let queue = unique("minisr");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let producer = Producer::start(
+        BACKEND,
+        &[&queue],
+        &vars(&[
+            ("JOBGATE_KAFKA_REPLICATION_FACTOR", "auto"),
+            ("JOBGATE_KAFKA_MIN_INSYNC_REPLICAS", "1"),
+        ]),
+    )
+    .await;
+    producer.post_ok(&queue, "x").await;
+
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", crate::helpers::KAFKA_BROKERS)
+        .create()
+        .unwrap();
+    for topic in [queue.clone(), format!("{queue}.dlq")] {
+        let described = admin
+            .describe_configs(
+                [&ResourceSpecifier::Topic(&topic)],
+                &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("DescribeConfigs answers");
+        let resource = described
+            .into_iter()
+            .next()
+            .expect("one resource")
+            .expect("the topic's configuration");
+        let entry = resource
+            .get("min.insync.replicas")
+            .expect("min.insync.replicas is described");
+        assert_eq!(entry.value.as_deref(), Some("1"), "{topic}: {entry:?}");
+        assert!(
+            matches!(entry.source, ConfigSource::DynamicTopic),
+            "{topic}: min.insync.replicas must be the topic's own setting, not the broker \
+             default: {entry:?}"
+        );
+    }
+    // auto on one broker: one copy.
+    let replicas = tokio::task::spawn_blocking({
+        let queue = queue.clone();
+        move || {
+            let client = kafka::client(&unique("meta"));
+            let metadata = client
+                .fetch_metadata(Some(&queue), Duration::from_secs(10))
+                .expect("metadata");
+            metadata.topics()[0].partitions()[0].replicas().len()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(replicas, 1);
+}

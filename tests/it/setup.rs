@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use jobgate_shared::broker::kafka::{self as kafka_backend, TopicSpec};
+use jobgate_shared::broker::kafka::{self as kafka_backend, Replication, TopicSpec};
 
 use crate::helpers::{brokers_exclusive, brokers_sh, unique, wait_until, Backend, KAFKA_BROKERS};
 
@@ -25,7 +25,7 @@ async fn kafka_helpers_wait_for_a_broker_that_is_still_starting() {
     let spec = TopicSpec {
         brokers: KAFKA_BROKERS.into(),
         partitions: 3,
-        replication_factor: 1,
+        replication: Replication::default(),
         timeout: Duration::from_secs(10),
         linger: Duration::ZERO,
     };

@@ -25,6 +25,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,8 @@ use crate::config::SecretUrl;
 use crate::job::{self, Job, JobMeta};
 use crate::retry::retry_queue_name;
 
+/// AMQP heartbeat interval in seconds when the URL does not set one (see [`connect`]).
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
 /// How long a settle (ack/nack) or a declare may take before we give up on it.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the supervisor checks the health of a session besides listening to events.
@@ -102,9 +105,21 @@ pub async fn declare_topology(
 
 /// Connects with a client-visible connection name (shown in the management UI), at
 /// most `timeout`.
+///
+/// The AMQP heartbeat is [`DEFAULT_HEARTBEAT_SECS`] unless the URL's query says
+/// otherwise (`?heartbeat=N`, as in RabbitMQ's URI spec). Without it a broker that stops
+/// answering but keeps the socket open (frozen, a half-open connection) would look alive
+/// until RabbitMQ's own proposal (60 s) ran out twice: lapin closes the connection after
+/// two heartbeat intervals without a frame, readiness turns false, and the supervisor
+/// reconnects.
 pub async fn connect(url: &SecretUrl, name: &str, timeout: Duration) -> Result<Connection, String> {
+    let mut uri: AMQPUri = url
+        .expose()
+        .parse()
+        .map_err(|_| format!("invalid AMQP URL {url}"))?;
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(timeout, Connection::connect(url.expose(), props)).await {
+    match tokio::time::timeout(timeout, Connection::connect_uri(uri, props)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no connection within {timeout:?}")),
@@ -134,6 +149,10 @@ async fn bounded<T>(
 /// runs into the alarm, a publisher connection publishes an empty, unroutable message
 /// every [`ALARM_PROBE_INTERVAL`] while it is not blocked. It runs on its own task: a
 /// blocked connection may hold the frame back, and the watcher must not wait on it.
+///
+/// `channel` must NOT be in confirm mode: lapin keeps a pending confirm for every
+/// publish on a confirm channel until the broker answers or the channel closes, and a
+/// probe nobody awaits would add 86,400 of them a day to a long-lived connection.
 fn probe_for_alarm(channel: &Channel) {
     let channel = channel.clone();
     tokio::spawn(async move {
@@ -144,7 +163,7 @@ fn probe_for_alarm(channel: &Channel) {
             &[],
             lapin::BasicProperties::default(),
         );
-        // The confirm (the probe goes out on a confirm channel) is not awaited.
+        // A channel without confirms: nothing comes back, nothing is kept.
         let _ = tokio::time::timeout(ALARM_PROBE_INTERVAL, publish).await;
     });
 }
@@ -229,6 +248,8 @@ pub struct PublisherOptions {
 /// One live connection with its confirm channels.
 struct PublishSession {
     conn: Connection,
+    /// Confirm channels for jobs, then (last) the alarm probe's channel without
+    /// confirms: [`PublishSession::channel`] picks among the first ones only.
     channels: Vec<Channel>,
     next: AtomicUsize,
     blocked: AtomicBool,
@@ -238,8 +259,14 @@ impl PublishSession {
     /// Round-robin: confirms of many requests are in flight together on each channel;
     /// no channel per request and no lock held across a confirm.
     fn channel(&self) -> &Channel {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        let confirm_channels = self.channels.len() - 1;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % confirm_channels;
         &self.channels[i]
+    }
+
+    /// The alarm probe's channel (no confirms; see [`probe_for_alarm`]).
+    fn probe_channel(&self) -> &Channel {
+        &self.channels[self.channels.len() - 1]
     }
 }
 
@@ -278,7 +305,7 @@ impl RabbitPublisher {
         let o = &self.options;
         let conn = connect(&o.url, &connection_name("producer"), o.connect_timeout).await?;
         let setup = async {
-            let mut channels = Vec::with_capacity(o.channels.max(1));
+            let mut channels = Vec::with_capacity(o.channels.max(1) + 1);
             for _ in 0..o.channels.max(1) {
                 let channel = bounded("channel.open", conn.create_channel()).await?;
                 bounded(
@@ -295,6 +322,7 @@ impl RabbitPublisher {
                 )
                 .await?;
             }
+            channels.push(bounded("channel.open", conn.create_channel()).await?);
             Ok::<_, String>(channels)
         };
         match setup.await {
@@ -323,7 +351,7 @@ impl RabbitPublisher {
                     watch_connection(
                         &session.conn,
                         &session.channels,
-                        session.channels.first(),
+                        Some(session.probe_channel()),
                         &session.blocked,
                         &self.cancel,
                     )

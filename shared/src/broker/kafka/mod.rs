@@ -56,13 +56,43 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 /// lag of each owned partition is taken (`statistics.interval.ms`).
 const LAG_STATS_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How many copies of each topic jobgate creates (`replication.factor`) and how many of
+/// them must have a record before an `acks=all` write is confirmed
+/// (`min.insync.replicas`). `None` is "auto": the factor is min(3, brokers in the
+/// cluster) and the minimum in sync is the factor less one when the factor is 2 or more
+/// (one broker may be down and writes go on; two copies always have every confirmed
+/// record), else 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replication {
+    pub factor: Option<i32>,
+    pub min_insync: Option<i32>,
+}
+
+impl Replication {
+    /// `(replication.factor, min.insync.replicas)` for a cluster of `brokers` brokers.
+    pub fn resolve(self, brokers: usize) -> Result<(i32, i32), String> {
+        let brokers = i32::try_from(brokers).unwrap_or(i32::MAX);
+        let factor = self.factor.unwrap_or_else(|| brokers.clamp(1, 3));
+        let min_insync = self
+            .min_insync
+            .unwrap_or(if factor >= 2 { factor - 1 } else { 1 });
+        if min_insync > factor {
+            return Err(format!(
+                "min.insync.replicas {min_insync} is above the replication factor {factor}: \
+                 no acks=all write could ever be confirmed"
+            ));
+        }
+        Ok((factor, min_insync))
+    }
+}
+
 /// Where and how jobgate creates its topics.
 #[derive(Debug, Clone)]
 pub struct TopicSpec {
     /// Bootstrap servers, `host:port[,host:port]`.
     pub brokers: String,
     pub partitions: i32,
-    pub replication_factor: i32,
+    pub replication: Replication,
     /// Bound of one admin or metadata request.
     pub timeout: Duration,
     /// `linger.ms` of the producers (ingress and retry/dead-letter publishing).
@@ -96,6 +126,24 @@ pub async fn ensure_topics(
         .client_config("admin")
         .create()
         .map_err(|e| format!("admin client: {e}"))?;
+    let (admin, brokers) = if spec.replication.factor.is_some() {
+        (admin, 0)
+    } else {
+        // "auto" needs the cluster's size; the metadata call blocks.
+        let timeout = spec.timeout;
+        tokio::task::spawn_blocking(move || {
+            let brokers = admin
+                .inner()
+                .fetch_metadata(None, timeout)
+                .map(|m| m.brokers().len());
+            (admin, brokers)
+        })
+        .await
+        .map_err(|e| format!("metadata task: {e}"))
+        .and_then(|(admin, brokers)| Ok((admin, brokers.map_err(|e| format!("metadata: {e}"))?)))?
+    };
+    let (factor, min_insync) = spec.replication.resolve(brokers)?;
+    let min_insync = min_insync.to_string();
     let names: Vec<String> = queues
         .iter()
         .flat_map(|q| {
@@ -106,11 +154,8 @@ pub async fn ensure_topics(
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
-            NewTopic::new(
-                name,
-                spec.partitions,
-                TopicReplication::Fixed(spec.replication_factor),
-            )
+            NewTopic::new(name, spec.partitions, TopicReplication::Fixed(factor))
+                .set("min.insync.replicas", &min_insync)
         })
         .collect();
     let options = AdminOptions::new()
@@ -122,9 +167,13 @@ pub async fn ensure_topics(
         .map_err(|e| format!("CreateTopics: {e}"))?;
     for result in results {
         match result {
-            Ok(name) => {
-                tracing::info!(topic = %name, partitions = spec.partitions, "created Kafka topic")
-            }
+            Ok(name) => tracing::info!(
+                topic = %name,
+                partitions = spec.partitions,
+                replication_factor = factor,
+                min_insync_replicas = %min_insync,
+                "created Kafka topic"
+            ),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => return Err(format!("cannot create topic {name}: {code}")),
         }
@@ -608,19 +657,18 @@ impl JobSource for KafkaSource {
                 () = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
-        if !self.options.retry_tiers.is_empty() {
-            for queue in &self.options.queues {
-                let forwarder = retry::Forwarder {
-                    spec: self.options.topics.clone(),
-                    queue: queue.clone(),
-                    group: format!("{}.retry", self.options.group_for(queue)),
-                    tiers: self.options.retry_tiers.clone(),
-                    session_timeout: self.options.session_timeout,
-                    publish_timeout: self.options.publish_timeout,
-                };
-                self.forwarders
-                    .push(tokio::spawn(forwarder.run(stop.clone())));
-            }
+        // Also without tiers configured: records left in the tier topics of earlier
+        // retry settings are forwarded when due (the forwarder subscribes by pattern).
+        for queue in &self.options.queues {
+            let forwarder = retry::Forwarder {
+                spec: self.options.topics.clone(),
+                queue: queue.clone(),
+                group: format!("{}.retry", self.options.group_for(queue)),
+                session_timeout: self.options.session_timeout,
+                publish_timeout: self.options.publish_timeout,
+            };
+            self.forwarders
+                .push(tokio::spawn(forwarder.run(stop.clone())));
         }
         for queue in &self.options.queues {
             match self.subscribe(queue) {
@@ -761,6 +809,28 @@ impl Settle for KafkaSettle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_replication_is_at_most_three_copies_and_tolerates_one_broker_down() {
+        let auto = Replication::default();
+        assert_eq!(auto.resolve(1), Ok((1, 1)));
+        assert_eq!(auto.resolve(2), Ok((2, 1)));
+        assert_eq!(auto.resolve(3), Ok((3, 2)));
+        assert_eq!(auto.resolve(9), Ok((3, 2)));
+        // No metadata (zero brokers seen) still creates something valid.
+        assert_eq!(auto.resolve(0), Ok((1, 1)));
+        let given = Replication {
+            factor: Some(5),
+            min_insync: None,
+        };
+        assert_eq!(given.resolve(1), Ok((5, 4)));
+        let pinned = Replication {
+            factor: None,
+            min_insync: Some(3),
+        };
+        assert_eq!(pinned.resolve(3), Ok((3, 3)));
+        assert!(pinned.resolve(1).is_err(), "min ISR above the factor");
+    }
 
     #[test]
     fn librdkafka_gives_up_early_enough_to_report_within_the_publish_timeout() {

@@ -6,6 +6,10 @@
 //!
 //! Records of one tier all wait the same delay, so within a partition they become due
 //! in order: the head of a partition is always the next one due.
+//!
+//! The forwarder subscribes to the retry topics of its queue by pattern, not by today's
+//! tier list: after the retry settings change, records still waiting in a tier topic
+//! that is no longer configured are forwarded all the same.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{idempotent_producer, TopicSpec};
 use crate::job::{self, HEADER_DUE_AT};
-use crate::retry::retry_queue_name;
+use crate::retry::retry_topic_pattern;
 
 /// When forwarding a due record fails (broker away), try it again after this long.
 const FORWARD_RETRY: Duration = Duration::from_secs(1);
@@ -32,7 +36,6 @@ pub(super) struct Forwarder {
     /// The job queue whose retry tiers are served.
     pub queue: String,
     pub group: String,
-    pub tiers: Vec<Duration>,
     pub session_timeout: Duration,
     pub publish_timeout: Duration,
 }
@@ -91,17 +94,12 @@ impl Forwarder {
                 return;
             }
         };
-        let topics: Vec<String> = self
-            .tiers
-            .iter()
-            .map(|t| retry_queue_name(&self.queue, *t))
-            .collect();
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        if let Err(error) = consumer.subscribe(&names) {
+        let pattern = retry_topic_pattern(&self.queue);
+        if let Err(error) = consumer.subscribe(&[pattern.as_str()]) {
             tracing::error!(%error, queue = %self.queue, "cannot subscribe to the retry topics");
             return;
         }
-        tracing::debug!(queue = %self.queue, topics = ?topics, "retry forwarder subscribed");
+        tracing::debug!(queue = %self.queue, %pattern, "retry forwarder subscribed");
 
         self.forward(&consumer, &producer, &stop).await;
 
