@@ -442,3 +442,54 @@ async fn a_kafka_header_key_that_is_not_utf8_does_not_stop_the_consumer() {
         .find(|l| l["bytes"] == b"bad header key".len());
     assert!(junk_line.is_some(), "{}", consumer.process.dump());
 }
+
+/// Runs the `consumer` binary with `env` (and the backend's) until it exits, at most
+/// `limit`; returns its exit code and stderr.
+async fn consumer_exit(backend: Backend, env: &[(&str, &str)], limit: Duration) -> (i32, String) {
+    // target/<profile>/deps/it-<hash> -> target/<profile>/consumer
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("consumer");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("JOBGATE_RETRY_MAX_MS", "2000")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in backend.env() {
+        cmd.env(k, v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .expect("the consumer exits by itself")
+        .expect("run the consumer");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[tokio::test]
+async fn a_consumer_whose_job_source_dies_exits_non_zero() {
+    let backend = Backend::Kafka;
+    let _brokers = brokers_shared().await;
+    let queue = unique("srcdies");
+    let _cleanup = backend.cleanup(&[&queue]);
+    // With an empty consumer group librdkafka refuses the subscription: the Kafka source
+    // gives up and ends, the way any source that dies outside a shutdown does.
+    let (code, stderr) = consumer_exit(
+        backend,
+        &[("JOBGATE_QUEUE", &queue), ("JOBGATE_KAFKA_GROUP", "")],
+        LIMIT,
+    )
+    .await;
+    assert_ne!(
+        code, 0,
+        "a consumer that stopped consuming passed for a clean exit:\n{stderr}"
+    );
+    assert!(stderr.contains("job source"), "{stderr}");
+}

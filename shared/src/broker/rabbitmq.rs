@@ -374,17 +374,22 @@ impl RabbitPublisher {
             .map_err(broker)?
             .await
             .map_err(broker)?;
-        match confirm {
-            // An ack that carries a returned message: `mandatory` and no queue took it.
-            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Nack(_) => Err(PublishError::Nacked),
-            // Only a channel out of confirm mode answers this: nobody confirmed the
-            // message, so it must not count as taken.
-            Confirmation::NotRequested => Err(PublishError::Broker(
-                "the channel is not in confirm mode; the message was not confirmed".to_owned(),
-            )),
-        }
+        confirmed(confirm)
+    }
+}
+
+/// What a publisher confirm means for the job: only a plain ack is "taken".
+fn confirmed(confirm: Confirmation) -> Result<(), PublishError> {
+    match confirm {
+        // An ack that carries a returned message: `mandatory` and no queue took it.
+        Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+        // Only a channel out of confirm mode answers this: nobody confirmed the message,
+        // so it must not count as taken.
+        Confirmation::NotRequested => Err(PublishError::Broker(
+            "the channel is not in confirm mode; the message was not confirmed".to_owned(),
+        )),
     }
 }
 
@@ -661,5 +666,37 @@ impl Settle for RabbitSettle {
         let options = BasicRejectOptions { requeue: false };
         let r = tokio::time::timeout(OPERATION_TIMEOUT, self.acker.reject(options)).await;
         settle_result("basic.reject", r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_ack_confirms_a_publish() {
+        assert_eq!(confirmed(Confirmation::Ack(None)), Ok(()));
+        assert_eq!(
+            confirmed(Confirmation::Nack(None)),
+            Err(PublishError::Nacked)
+        );
+        assert!(matches!(
+            confirmed(Confirmation::NotRequested),
+            Err(PublishError::Broker(_))
+        ));
+    }
+
+    #[test]
+    fn a_settle_lapin_did_not_send_is_an_error() {
+        assert!(settle_result("basic.ack", Ok(Ok(true))).is_ok());
+        let error = settle_result("basic.ack", Ok(Ok(false))).unwrap_err();
+        assert!(error.0.contains("not sent"), "{error}");
+        assert!(settle_result("basic.nack", Ok(Ok(false))).is_err());
+    }
+
+    #[test]
+    fn a_consumer_tag_too_long_for_amqp_is_left_to_the_broker() {
+        assert!(consumer_tag("q").as_str().ends_with("-q"));
+        assert_eq!(consumer_tag(&"q".repeat(300)).as_str(), "");
     }
 }
