@@ -377,8 +377,62 @@ pub async fn dlq_tools_print_extreme_dead_jobs_escaped(backend: Backend) {
     let _: Vec<Value> = listed;
 }
 
+pub async fn junk_that_fails_is_dead_lettered_with_a_reason_and_the_consumer_goes_on(
+    backend: Backend,
+) {
+    let _brokers = brokers_shared().await;
+    let queue = unique("junkdead");
+    let _cleanup = backend.cleanup(&[&queue]);
+    let producer = Producer::start(backend, &[&queue], &[]).await;
+    // Every job fails: its retry copy (junk metadata and all) goes through a tier, then
+    // its dead-letter copy to `Q.dlq`.
+    let env = [
+        ("JOBGATE_HANDLER", "exec".to_owned()),
+        ("JOBGATE_EXEC_COMMAND", "false".to_owned()),
+        ("JOBGATE_MAX_ATTEMPTS", "2".to_owned()),
+    ];
+    let consumer = Consumer::start(backend, &queue, &env).await;
+    let normal = producer.post_many(&queue, 2).await;
+    let junk = publish_all_junk(backend, &queue).await;
+    let expected = normal.len() + junk;
+    let start = std::time::Instant::now();
+    let dead = loop {
+        let dead = crate::helpers::dlq::list(backend, &queue).await;
+        if dead.len() >= expected {
+            break dead;
+        }
+        assert!(
+            start.elapsed() < LIMIT * 2,
+            "{} of {expected} jobs dead-lettered in time: {dead:?}\n{}",
+            dead.len(),
+            consumer.process.dump()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(dead.len(), expected, "{dead:?}");
+    let ids: BTreeSet<&str> = dead.iter().filter_map(|d| d["job_id"].as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        expected,
+        "one dead letter per job, each its own id: {dead:?}"
+    );
+    for id in &normal {
+        assert!(ids.contains(id.as_str()), "{id} missing from {dead:?}");
+    }
+    for line in &dead {
+        let id = line["job_id"].as_str().unwrap_or_default();
+        assert!(is_safe_id(id), "unsafe job id {id:?}");
+        assert!(
+            line["reason"].as_str().is_some_and(|r| r.contains("exit")),
+            "{line}"
+        );
+    }
+    assert_still_running(&consumer);
+}
+
 on_both_backends!(
     junk_and_extreme_messages_among_normal_jobs_never_stop_a_consumer,
+    junk_that_fails_is_dead_lettered_with_a_reason_and_the_consumer_goes_on,
     a_content_type_longer_than_an_amqp_short_string_is_a_400_problem,
     dlq_tools_print_extreme_dead_jobs_escaped,
 );
