@@ -527,6 +527,45 @@ pub mod kafka {
             }
             out
         }
+
+        #[cfg(test)]
+        mod tests {
+            use rdkafka::bindings::rd_kafka_header_add;
+            use rdkafka::message::{Headers, OwnedHeaders};
+
+            use super::*;
+
+            #[test]
+            fn a_key_that_is_not_utf8_is_read_as_its_bytes() {
+                let list = OwnedHeaders::new();
+                let raw = std::ptr::from_ref(list.as_borrowed())
+                    .cast::<rd_kafka_headers_t>()
+                    .cast_mut();
+                let key = b"\xff\xfe-key";
+                // SAFETY: `raw` is the list `list` owns, unshared; librdkafka copies the
+                // key and value (explicit lengths) before returning.
+                let err = unsafe {
+                    rd_kafka_header_add(
+                        raw,
+                        key.as_ptr().cast(),
+                        key.len() as isize,
+                        b"v".as_ptr().cast(),
+                        1,
+                    )
+                };
+                assert_eq!(err, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+                assert_eq!(
+                    headers(list.as_borrowed()),
+                    vec![RawHeader {
+                        key: &key[..],
+                        value: Some(&b"v"[..])
+                    }]
+                );
+                // rdkafka's own accessor panics on this very list.
+                let panicked = std::panic::catch_unwind(|| list.try_get(0).map(|h| h.key.len()));
+                assert!(panicked.is_err());
+            }
+        }
     }
 
     /// Reads job metadata from a record of `queue` (for a retry tier's record, the job
