@@ -9,8 +9,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::helpers::{
     assert_problem, brokers_shared, unique, wait_until, Backend, Consumer, Producer, AMQP_URL,
     KAFKA_BROKERS,
@@ -220,11 +218,6 @@ mod hand_made {
     }
 }
 
-/// The ids of `consumer`'s "job processed" lines.
-fn processed_ids(consumer: &Consumer) -> Vec<String> {
-    consumer.processed()
-}
-
 /// True for an id that is safe in a file name, an environment variable and a log line:
 /// 1 to 128 ASCII letters, digits, `-`, `_`, `.`, `:`, and not `.` or `..`.
 fn is_safe_id(id: &str) -> bool {
@@ -291,7 +284,7 @@ pub async fn junk_and_extreme_messages_among_normal_jobs_never_stop_a_consumer(b
     normal.extend(producer.post_many(&queue, 3).await);
 
     wait_until(LIMIT, "every normal job to be processed", || {
-        let seen: BTreeSet<String> = processed_ids(&consumer).into_iter().collect();
+        let seen: BTreeSet<String> = consumer.processed().into_iter().collect();
         std::future::ready(
             normal.iter().all(|id| seen.contains(id)) || {
                 !consumer.process.lines("consumer stopped").is_empty()
@@ -303,7 +296,8 @@ pub async fn junk_and_extreme_messages_among_normal_jobs_never_stop_a_consumer(b
     let normal_ids: BTreeSet<&String> = normal.iter().collect();
     let dead = crate::helpers::dlq::list(backend, &queue).await;
     wait_until(LIMIT, "every junk message to be processed", || {
-        let junk_done = processed_ids(&consumer)
+        let junk_done = consumer
+            .processed()
             .iter()
             .filter(|id| !normal_ids.contains(id))
             .count();
@@ -374,7 +368,6 @@ pub async fn dlq_tools_print_extreme_dead_jobs_escaped(backend: Backend) {
             assert!(at.ends_with('Z'), "{line}");
         }
     }
-    let _: Vec<Value> = listed;
 }
 
 pub async fn junk_that_fails_is_dead_lettered_with_a_reason_and_the_consumer_goes_on(
