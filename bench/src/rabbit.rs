@@ -52,7 +52,9 @@ impl Rabbit {
 
     /// Declares `queue` (and its dead-letter queue) exactly as jobgate does.
     pub async fn declare(&self, queue: &str) -> Result<()> {
-        bounded("queue.declare", declare_topology(&self.admin, queue, &[])).await
+        declare_topology(&self.admin, queue, &[])
+            .await
+            .map_err(|e| anyhow!("{e}"))
     }
 
     /// Deletes queues (missing ones are fine). A failed delete closes the channel, so
@@ -115,6 +117,7 @@ impl Rabbit {
                 let (_conn, channels, next) = &*shared;
                 let channel = &channels[next.fetch_add(1, Ordering::Relaxed) % channels.len()];
                 let meta = JobMeta::new(queue.as_str(), Some("application/json".into()));
+                let properties = job::amqp::properties(&meta).map_err(|e| e.to_string())?;
                 let confirm = channel
                     .basic_publish(
                         ShortString::default(),
@@ -124,7 +127,7 @@ impl Rabbit {
                             ..BasicPublishOptions::default()
                         },
                         body.as_bytes(),
-                        job::amqp::properties(&meta),
+                        properties,
                     )
                     .await
                     .map_err(|e| e.to_string())?

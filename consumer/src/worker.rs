@@ -13,6 +13,11 @@
 //! deliveries (the subscription is cancelled), gives back the ones it had not started,
 //! waits for in-flight jobs up to the grace period, settles them, and closes the
 //! connection; jobs still running then are redelivered by the broker.
+//!
+//! A job source that ends by itself (a panic, say) is a crash, not a shutdown: the
+//! worker finishes what it runs the same way and then returns [`SourceDied`], so the
+//! process exits non-zero and its supervisor sees it, instead of a replica that
+//! quietly stopped consuming.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +37,13 @@ use crate::handler::{Handler, Outcome};
 use crate::metrics::WorkerMetrics;
 use crate::probes;
 use crate::settle;
+
+/// The job source ended while the worker was not shutting down (it panicked, or
+/// returned by itself): the worker stopped, and the process must not pass for one that
+/// was told to.
+#[derive(Debug, thiserror::Error)]
+#[error("the job source stopped unexpectedly: {0}")]
+pub struct SourceDied(pub String);
 
 /// What the worker loop needs besides a source, a publisher and a handler.
 #[derive(Debug, Clone)]
@@ -107,7 +119,7 @@ pub async fn run_boxed(
         }
     };
 
-    run_with_source_and_metrics(
+    let worked = run_with_source_and_metrics(
         source,
         Arc::clone(&outcomes),
         Arc::from(handler),
@@ -126,22 +138,31 @@ pub async fn run_boxed(
             tracing::warn!("the metrics listener did not stop in time");
         }
     }
-    tracing::info!("consumer stopped");
-    Ok(())
+    match worked {
+        Ok(()) => {
+            tracing::info!("consumer stopped");
+            Ok(())
+        }
+        Err(died) => {
+            tracing::error!(error = %died, "consumer stopped: its job source died");
+            Err(died.into())
+        }
+    }
 }
 
 /// The worker loop over any [`JobSource`] (unit tests use the in-memory one).
 /// `outcomes` publishes retries and dead letters. Its metrics are not exported; see
-/// [`run_with_source_and_metrics`].
+/// [`run_with_source_and_metrics`]. `Ok` after `shutdown`; [`SourceDied`] when the
+/// source ended first (its in-flight jobs were still finished and settled).
 pub async fn run_with_source(
     source: Box<dyn JobSource>,
     outcomes: SharedPublisher,
     handler: Arc<dyn Handler>,
     options: WorkerOptions,
     shutdown: impl Future<Output = ()>,
-) {
+) -> Result<(), SourceDied> {
     let metrics = WorkerMetrics::default();
-    run_with_source_and_metrics(source, outcomes, handler, options, metrics, shutdown).await;
+    run_with_source_and_metrics(source, outcomes, handler, options, metrics, shutdown).await
 }
 
 /// [`run_with_source`] that records every attempt in `metrics`.
@@ -152,7 +173,7 @@ pub async fn run_with_source_and_metrics(
     options: WorkerOptions,
     metrics: WorkerMetrics,
     shutdown: impl Future<Output = ()>,
-) {
+) -> Result<(), SourceDied> {
     let concurrency = options.concurrency.max(1);
     let (tx, mut rx) = mpsc::channel::<Delivery>(concurrency);
     let stop = CancellationToken::new();
@@ -167,6 +188,8 @@ pub async fn run_with_source_and_metrics(
     let permits = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
     let options = Arc::new(options);
+    // Set when the deliveries ran dry: the source ended (it runs until `stop`).
+    let mut source_ended = false;
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -179,7 +202,10 @@ pub async fn run_with_source_and_metrics(
             () = &mut shutdown => break,
             next = rx.recv() => match next {
                 Some(d) => d,
-                None => break,
+                None => {
+                    source_ended = true;
+                    break;
+                }
             },
         };
         let (handler, outcomes, options, metrics) = (
@@ -204,11 +230,20 @@ pub async fn run_with_source_and_metrics(
             tracing::debug!(%job_id, %queue, %error, "could not give back an unstarted job; the broker will redeliver it");
         }
     }
-    let mut source = match source_task.await {
-        Ok(source) => Some(source),
+    let (mut source, died) = match source_task.await {
+        Ok(source) if source_ended => (
+            Some(source),
+            Some(SourceDied("it ended by itself".to_owned())),
+        ),
+        Ok(source) => (Some(source), None),
         Err(error) => {
-            tracing::error!(%error, "job source task failed");
-            None
+            let why = if error.is_panic() {
+                format!("it panicked: {}", panic_message(error.into_panic()))
+            } else {
+                error.to_string()
+            };
+            tracing::error!(error = %why, "job source task failed");
+            (None, Some(SourceDied(why)))
         }
     };
 
@@ -229,6 +264,7 @@ pub async fn run_with_source_and_metrics(
     if let Some(source) = source.as_mut() {
         source.close().await;
     }
+    died.map_or(Ok(()), Err)
 }
 
 /// Runs one job and settles it by its outcome, inside the job's span (which continues
@@ -389,7 +425,8 @@ mod tests {
             options,
             until_settled,
         )
-        .await;
+        .await
+        .expect("the source runs until shutdown");
     }
 
     fn settled_of(broker: &MemoryBroker, j: &Job) -> Vec<Settlement> {
@@ -488,7 +525,8 @@ mod tests {
             metrics,
             until_settled,
         )
-        .await;
+        .await
+        .expect("the source runs until shutdown");
         jobgate_shared::metrics::render(&registry)
     }
 
@@ -570,7 +608,8 @@ mod tests {
             options(1),
             until_requeued,
         )
-        .await;
+        .await
+        .expect("the source runs until shutdown");
         assert_eq!(settled_of(&broker, &j)[0], Settlement::Requeued);
         assert!(copies_of(&broker, &j).is_empty());
     }
@@ -600,11 +639,93 @@ mod tests {
             opts,
             shutdown,
         )
-        .await;
+        .await
+        .expect("the source runs until shutdown");
         assert_eq!(
             broker.settled(),
             vec![(j.meta.id.clone(), Settlement::Acked)]
         );
+    }
+
+    /// A source that delivers `jobs`, then panics (`panic`) or returns.
+    struct DyingSource {
+        jobs: Vec<Job>,
+        panic: bool,
+        acked: Arc<AtomicUsize>,
+    }
+
+    struct CountingSettle(Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl jobgate_shared::broker::Settle for CountingSettle {
+        async fn ack(self: Box<Self>) -> Result<(), jobgate_shared::broker::SettleError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn requeue(self: Box<Self>) -> Result<(), jobgate_shared::broker::SettleError> {
+            Ok(())
+        }
+        async fn reject(self: Box<Self>) -> Result<(), jobgate_shared::broker::SettleError> {
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl JobSource for DyingSource {
+        async fn run(&mut self, tx: mpsc::Sender<Delivery>, _stop: CancellationToken) {
+            for job in self.jobs.drain(..) {
+                let settle = Box::new(CountingSettle(Arc::clone(&self.acked)));
+                let _ = tx.send(Delivery { job, settle }).await;
+            }
+            if self.panic {
+                panic!("timestamp overflow");
+            }
+        }
+
+        fn is_ready(&self) -> bool {
+            true
+        }
+
+        async fn close(&mut self) {}
+    }
+
+    /// Runs the worker over a source that delivers two jobs and dies, with no shutdown;
+    /// returns what the worker returned and how many jobs were acked.
+    async fn run_until_source_dies(panic: bool) -> (Result<(), SourceDied>, usize) {
+        let acked = Arc::new(AtomicUsize::new(0));
+        let source = DyingSource {
+            jobs: vec![job("ok"), job("ok")],
+            panic,
+            acked: Arc::clone(&acked),
+        };
+        let outcomes: SharedPublisher = Arc::new(MemoryBroker::new());
+        let handler = Arc::new(ScriptedHandler::default());
+        let never = std::future::pending::<()>();
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            run_with_source(Box::new(source), outcomes, handler, options(2), never),
+        )
+        .await
+        .expect("the worker stops when its source dies, without a shutdown");
+        (result, acked.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_source_that_panics_stops_the_worker_with_an_error() {
+        let (result, acked) = run_until_source_dies(true).await;
+        let died = result.expect_err("a dead source is an error");
+        assert!(died.to_string().contains("timestamp overflow"), "{died}");
+        assert_eq!(acked, 2, "the jobs it had delivered were still finished");
+    }
+
+    #[tokio::test]
+    async fn a_source_that_ends_by_itself_stops_the_worker_with_an_error() {
+        let (result, acked) = run_until_source_dies(false).await;
+        assert!(
+            result.is_err(),
+            "a source ending outside shutdown is an error"
+        );
+        assert_eq!(acked, 2);
     }
 
     #[tokio::test]
@@ -623,7 +744,8 @@ mod tests {
             opts,
             shutdown,
         )
-        .await;
+        .await
+        .expect("the source runs until shutdown");
         // Not acked: the real broker redelivers it when the connection closes.
         assert!(broker.settled().is_empty());
     }

@@ -59,7 +59,10 @@ impl ApiError {
             Self::UnknownQueue(_) | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadBody | Self::BadMetadata(_) | Self::Idempotency(_) => StatusCode::BAD_REQUEST,
+            Self::BadBody
+            | Self::BadMetadata(_)
+            | Self::Idempotency(_)
+            | Self::Publish(PublishError::Malformed(_)) => StatusCode::BAD_REQUEST,
             Self::Publish(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -72,7 +75,7 @@ impl ApiError {
             Self::MethodNotAllowed => "method-not-allowed",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "bad-body",
-            Self::BadMetadata(_) => "bad-metadata",
+            Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "bad-metadata",
             Self::Idempotency(_) => "idempotency",
             Self::Publish(PublishError::Overloaded) => "overloaded",
             Self::Publish(_) => "broker-unavailable",
@@ -87,7 +90,7 @@ impl ApiError {
             Self::MethodNotAllowed => "Method not allowed",
             Self::BodyTooLarge { .. } => "Job body too large",
             Self::BadBody => "Unreadable request body",
-            Self::BadMetadata(_) => "Bad job metadata",
+            Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "Bad job metadata",
             Self::Idempotency(_) => "Idempotency",
             Self::Publish(PublishError::Overloaded) => "Too many jobs in flight",
             Self::Publish(_) => "Broker unavailable",
@@ -97,6 +100,10 @@ impl ApiError {
 
     fn detail(&self) -> String {
         match self {
+            // Our own words about the job, not the broker's.
+            Self::Publish(PublishError::Malformed(why)) => {
+                format!("The job's metadata cannot be sent to the message broker: {why}. Nothing was queued.")
+            }
             // The broker's own words stay in the log: they may name hosts and users.
             Self::Publish(e) => format!(
                 "The job was not accepted ({}). Nothing was queued; retry later.",
@@ -107,6 +114,7 @@ impl ApiError {
                     PublishError::Unroutable => "the message broker has no queue for it",
                     PublishError::Broker(_) => "the message broker failed",
                     PublishError::Overloaded => "too many jobs are waiting for the message broker",
+                    PublishError::Malformed(_) => "its metadata cannot be sent",
                 }
             ),
             Self::BadMetadata(e) => format!("{e} Nothing was queued."),
@@ -120,6 +128,8 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
+            // The same job fails the same way: nothing to wait for.
+            Self::Publish(PublishError::Malformed(_)) => None,
             Self::Publish(e) => Some(e.retry_after()),
             Self::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,

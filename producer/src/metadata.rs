@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use jobgate_shared::job::MAX_SHORT_STRING_BYTES;
 
 use crate::error::ApiError;
 
@@ -47,6 +48,23 @@ pub fn valid_traceparent(value: &str) -> bool {
         && [(parts[1], 32), (parts[2], 16), (parts[3], 2)]
             .iter()
             .all(|(p, n)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The job's content type: the request's `Content-Type`, at most
+/// [`MAX_SHORT_STRING_BYTES`] bytes (what an AMQP property holds; Kafka jobs are held to
+/// it too, so a job means the same on both backends). A value that is not visible
+/// ASCII is left out, as the job's content type is optional.
+pub fn content_type(headers: &HeaderMap) -> Result<Option<String>, BadMetadata> {
+    let Some(value) = headers.get(axum::http::header::CONTENT_TYPE) else {
+        return Ok(None);
+    };
+    if value.len() > MAX_SHORT_STRING_BYTES {
+        return Err(BadMetadata(format!(
+            "Content-Type is {} bytes long; at most {MAX_SHORT_STRING_BYTES} are allowed.",
+            value.len()
+        )));
+    }
+    Ok(value.to_str().ok().map(str::to_owned))
 }
 
 /// The message headers a request's metadata becomes. An invalid `traceparent` is
@@ -279,5 +297,17 @@ mod tests {
             );
         }
         assert_eq!(broker.published().len(), 3);
+    }
+
+    #[test]
+    fn a_content_type_longer_than_an_amqp_short_string_is_bad_metadata() {
+        let mut headers = HeaderMap::new();
+        let long = format!("text/{}", "x".repeat(MAX_SHORT_STRING_BYTES - 4));
+        headers.insert("content-type", long.parse().unwrap());
+        let error = content_type(&headers).unwrap_err();
+        assert!(error.0.contains("Content-Type"), "{error}");
+        let fits = format!("text/{}", "x".repeat(MAX_SHORT_STRING_BYTES - 5));
+        headers.insert("content-type", fits.parse().unwrap());
+        assert_eq!(content_type(&headers).unwrap(), Some(fits));
     }
 }

@@ -15,12 +15,21 @@
 //! | other        | string headers           | headers (UTF-8 text)                   |
 //!
 //! A message that lacks our fields (published by hand in the management UI, say) is
-//! still a job: missing fields get defaults and nothing panics.
+//! still a job: missing fields get defaults and nothing panics. Reading is total: every
+//! property, header key and value, however huge, negative, overflowing or not UTF-8,
+//! becomes a field, a default or a replaced character (a property test holds both
+//! decoders to that). Writing is fallible: metadata that AMQP cannot carry (a content
+//! type longer than 255 bytes, say) is a [`WireError`], never a panic.
+//!
+//! A message without a usable id (none, or one that is not [safe](is_safe_id)) gets an
+//! id derived from the delivery, the same on every redelivery: on RabbitMQ from a hash
+//! of its body and properties, on Kafka from its topic, partition and offset.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 /// Header that carries the 1-based attempt number.
@@ -36,11 +45,60 @@ pub const HEADER_ORIGINAL_QUEUE: &str = "x-original-queue";
 /// On a retry, the reason the previous attempt failed.
 pub const HEADER_LAST_ERROR: &str = "x-last-error";
 
+/// Longest content type, id or header name that AMQP can carry (a short string). The
+/// producer holds jobs on both backends to it, so a job means the same on either.
+pub const MAX_SHORT_STRING_BYTES: usize = 255;
+/// Longest id taken from the wire as it is; a longer one is replaced by a derived id.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Job metadata that cannot be put on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("{field} is {len} bytes long; at most {MAX_SHORT_STRING_BYTES} fit")]
+    TooLong { field: String, len: usize },
+}
+
+/// True for an id that may be handed to handlers as it is (an environment variable, a
+/// file name, a header, a log field): 1 to [`MAX_ID_BYTES`] ASCII letters, digits and
+/// `-_.:`, and not `.` or `..`. UUIDs, our derived ids and most keys of other tools are.
+pub fn is_safe_id(id: &str) -> bool {
+    (1..=MAX_ID_BYTES).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && id != "."
+        && id != ".."
+}
+
+/// A UUID-shaped id (version 8: "custom") from the first 16 bytes of the SHA-256 of
+/// `parts`, each length-prefixed so that no two lists of parts collide by concatenation.
+fn hashed_id(parts: &[&[u8]]) -> String {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    let digest = hash.finalize();
+    let mut bytes = [0_u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+/// `UNIX_EPOCH + offset`, or `None` when the platform's clock cannot represent it (a
+/// timestamp of `u64::MAX` seconds, say).
+fn after_epoch(offset: Duration) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(offset)
+}
+
 /// Everything about a job except its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobMeta {
     /// The job id: a UUID v7 for jobs that came through the ingress; for a message
-    /// published by hand, its `message_id`, or a fresh UUID v7 when it has none.
+    /// published by hand, its `message_id` (RabbitMQ) or `job-id` header or key (Kafka)
+    /// when that is [safe](is_safe_id), else an id derived from the delivery that every
+    /// redelivery of it gets again.
     pub id: String,
     /// The queue the job was posted to.
     pub queue: String,
@@ -85,36 +143,46 @@ pub mod amqp {
     /// `delivery_mode` 2: the broker writes the message to disk.
     const PERSISTENT: u8 = 2;
 
-    /// The properties a job is published with: persistent, `message_id` = job id.
-    pub fn properties(meta: &JobMeta) -> BasicProperties {
+    /// The properties a job is published with: persistent, `message_id` = job id. A
+    /// field AMQP cannot carry (a short string over 255 bytes) is an error.
+    pub fn properties(meta: &JobMeta) -> Result<BasicProperties, WireError> {
         let mut headers = FieldTable::default();
         headers.insert(
-            ShortString::from(HEADER_ATTEMPT),
+            short("header name", HEADER_ATTEMPT)?,
             AMQPValue::LongLongInt(i64::from(meta.attempt)),
         );
         for (name, value) in &meta.headers {
             headers.insert(
-                ShortString::from(name.as_str()),
+                short("header name", name)?,
                 AMQPValue::LongString(LongString::from(value.as_bytes())),
             );
         }
         let mut props = BasicProperties::default()
-            .with_message_id(ShortString::from(meta.id.as_str()))
+            .with_message_id(short("the job id", &meta.id)?)
             .with_delivery_mode(PERSISTENT)
             .with_headers(headers);
         if let Some(ct) = &meta.content_type {
-            props = props.with_content_type(ShortString::from(ct.as_str()));
+            props = props.with_content_type(short("the content type", ct)?);
         }
         if let Some(at) = meta.enqueued_at {
             let secs = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
             props = props.with_timestamp(secs.as_secs());
         }
-        props
+        Ok(props)
+    }
+
+    /// `value` as an AMQP short string, or why it is none.
+    pub fn short(field: &str, value: &str) -> Result<ShortString, WireError> {
+        ShortString::try_new(value).map_err(|_| WireError::TooLong {
+            field: field.to_owned(),
+            len: value.len(),
+        })
     }
 
     /// Reads job metadata from a delivery's properties. Never fails: a missing or
-    /// malformed field gets its default (attempt 1, a fresh id).
-    pub fn meta_from(queue: &str, props: &BasicProperties) -> JobMeta {
+    /// malformed field gets its default (attempt 1, no timestamp, an id derived from
+    /// `body` and the properties).
+    pub fn meta_from(queue: &str, props: &BasicProperties, body: &[u8]) -> JobMeta {
         let mut attempt = 1;
         let mut headers = BTreeMap::new();
         if let Some(table) = props.headers() {
@@ -131,16 +199,39 @@ pub mod amqp {
                 .message_id()
                 .as_ref()
                 .map(|id| id.to_string())
-                .filter(|id| !id.is_empty())
-                .unwrap_or_else(|| Uuid::now_v7().to_string()),
+                .filter(|id| is_safe_id(id))
+                .unwrap_or_else(|| derived_id(props, body)),
             queue: queue.to_owned(),
             content_type: props.content_type().as_ref().map(|c| c.to_string()),
             enqueued_at: props
                 .timestamp()
-                .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
+                .and_then(|secs| after_epoch(Duration::from_secs(secs))),
             attempt,
             headers,
         }
+    }
+
+    /// Header in which RabbitMQ counts the redeliveries of a quorum queue's message: it
+    /// changes between deliveries, so the derived id leaves it out.
+    const DELIVERY_COUNT: &str = "x-delivery-count";
+
+    /// The id of a message that has no usable one: a hash of its body and properties
+    /// (without the delivery count), so every redelivery of it gets the same id. Two
+    /// messages alike in body and every property get the same id too: nothing tells
+    /// them apart, and handlers are idempotent on the id anyway.
+    fn derived_id(props: &BasicProperties, body: &[u8]) -> String {
+        let mut stable = props.clone();
+        if let Some(table) = props.headers() {
+            let kept: BTreeMap<ShortString, AMQPValue> = table
+                .inner()
+                .iter()
+                .filter(|(name, _)| name.as_str() != DELIVERY_COUNT)
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect();
+            stable = stable.with_headers(FieldTable::from(kept));
+        }
+        let described = format!("{stable:?}");
+        hashed_id(&[b"amqp", body, described.as_bytes()])
     }
 
     /// Any integer type (or a decimal string, as the management UI publishes headers)
@@ -177,9 +268,9 @@ pub mod amqp {
             let mut meta = JobMeta::new("emails", Some("application/json".into()));
             meta.attempt = 3;
             meta.headers.insert("x-job-tenant".into(), "acme".into());
-            let props = properties(&meta);
+            let props = properties(&meta).unwrap();
             assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
-            let back = meta_from("emails", &props);
+            let back = meta_from("emails", &props, b"body");
             assert_eq!(back.id, meta.id);
             assert_eq!(back.content_type.as_deref(), Some("application/json"));
             assert_eq!(back.attempt, 3);
@@ -203,11 +294,59 @@ pub mod amqp {
 
         #[test]
         fn a_hand_published_message_without_our_fields_gets_defaults() {
-            let meta = meta_from("q", &BasicProperties::default());
+            let meta = meta_from("q", &BasicProperties::default(), b"");
             assert_eq!(meta.attempt, 1);
             assert!(Uuid::parse_str(&meta.id).is_ok());
             assert_eq!(meta.content_type, None);
             assert_eq!(meta.queue, "q");
+        }
+
+        #[test]
+        fn a_message_without_an_id_gets_the_same_id_on_every_delivery() {
+            let mut table = FieldTable::default();
+            table.insert("x-job-tenant".into(), AMQPValue::LongString("acme".into()));
+            let props = BasicProperties::default().with_headers(table.clone());
+            let first = meta_from("q", &props, b"body").id;
+            // A quorum queue counts redeliveries in a header: the id stays.
+            table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+            let again = meta_from("q", &props.clone().with_headers(table), b"body").id;
+            assert_eq!(first, again);
+            assert!(is_safe_id(&first), "{first}");
+            assert_ne!(meta_from("q", &props, b"other body").id, first);
+        }
+
+        #[test]
+        fn an_unsafe_message_id_is_replaced_by_a_derived_one() {
+            for junk in ["../../etc/passwd", "a b", "x\n", "..", &"i".repeat(200)] {
+                let props = BasicProperties::default().with_message_id(short("id", junk).unwrap());
+                let meta = meta_from("q", &props, b"body");
+                assert!(is_safe_id(&meta.id), "{junk:?} -> {:?}", meta.id);
+                assert_eq!(meta.id, meta_from("q", &props, b"body").id);
+            }
+        }
+
+        #[test]
+        fn timestamps_past_what_a_clock_can_hold_are_no_timestamp() {
+            let props = BasicProperties::default().with_timestamp(u64::MAX);
+            assert_eq!(meta_from("q", &props, b"").enqueued_at, None);
+            // Year 10000 is representable: it is kept (printing it is the tools' job).
+            let props = BasicProperties::default().with_timestamp(253_402_300_800);
+            assert!(meta_from("q", &props, b"").enqueued_at.is_some());
+        }
+
+        #[test]
+        fn metadata_amqp_cannot_carry_is_an_error_not_a_panic() {
+            let mut meta = JobMeta::new("q", Some(format!("text/{}", "x".repeat(295))));
+            assert!(matches!(
+                properties(&meta),
+                Err(WireError::TooLong { len: 300, .. })
+            ));
+            meta.content_type = None;
+            meta.id = "i".repeat(256);
+            assert!(properties(&meta).is_err());
+            meta.id = "ok".into();
+            meta.headers.insert("h".repeat(256), "v".into());
+            assert!(properties(&meta).is_err());
         }
 
         #[test]
@@ -225,7 +364,7 @@ pub mod amqp {
             let props = BasicProperties::default()
                 .with_headers(table)
                 .with_message_id("hand-made".into());
-            let meta = meta_from("q", &props);
+            let meta = meta_from("q", &props, b"");
             assert_eq!(meta.attempt, 1);
             assert_eq!(meta.id, "hand-made");
             assert_eq!(
@@ -239,7 +378,7 @@ pub mod amqp {
         fn attempt_written_as_a_string_by_the_management_ui_is_read() {
             let mut table = FieldTable::default();
             table.insert("x-attempt".into(), AMQPValue::LongString("4".into()));
-            let meta = meta_from("q", &BasicProperties::default().with_headers(table));
+            let meta = meta_from("q", &BasicProperties::default().with_headers(table), b"");
             assert_eq!(meta.attempt, 4);
         }
     }
@@ -247,7 +386,9 @@ pub mod amqp {
 
 /// Mapping to and from Kafka records.
 pub mod kafka {
-    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::message::{
+        BorrowedHeaders, BorrowedMessage, Header, Message, OwnedHeaders, OwnedMessage,
+    };
 
     use super::*;
 
@@ -289,26 +430,164 @@ pub mod kafka {
         i64::try_from(at.as_millis()).ok()
     }
 
-    /// Reads job metadata from a record. Never fails: a record produced by another
-    /// tool gets defaults (the key, or a fresh UUID v7, as id; attempt 1).
-    pub fn meta_from<H: Headers + ?Sized>(
-        topic: &str,
-        key: Option<&[u8]>,
-        headers: Option<&H>,
-        timestamp_millis: Option<i64>,
-    ) -> JobMeta {
+    /// One record header as it is on the wire: Kafka header keys are bytes that other
+    /// producers need not make UTF-8.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct RawHeader<'a> {
+        pub key: &'a [u8],
+        pub value: Option<&'a [u8]>,
+    }
+
+    /// What the wire mapping reads from a Kafka record, borrowed from it.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct Record<'a> {
+        pub topic: &'a str,
+        pub partition: i32,
+        pub offset: i64,
+        pub key: Option<&'a [u8]>,
+        pub headers: Vec<RawHeader<'a>>,
+        pub timestamp_millis: Option<i64>,
+    }
+
+    impl<'a> Record<'a> {
+        /// A record as a consumer received it.
+        pub fn of(message: &'a BorrowedMessage<'_>) -> Self {
+            Self::read(message, message.headers())
+        }
+
+        /// A record detached from its consumer.
+        pub fn of_owned(message: &'a OwnedMessage) -> Self {
+            Self::read(message, message.headers().map(OwnedHeaders::as_borrowed))
+        }
+
+        fn read(message: &'a impl Message, headers: Option<&'a BorrowedHeaders>) -> Self {
+            Self {
+                topic: message.topic(),
+                partition: message.partition(),
+                offset: message.offset(),
+                key: message.key(),
+                headers: headers.map(raw::headers).unwrap_or_default(),
+                timestamp_millis: message.timestamp().to_millis(),
+            }
+        }
+
+        /// The value of the first header named `name`, if it has one.
+        pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+            self.headers
+                .iter()
+                .find(|h| h.key == name.as_bytes())
+                .and_then(|h| h.value)
+        }
+    }
+
+    /// Reading header keys without rdkafka's accessor, which turns each key into a
+    /// `&str` with an `unwrap`: a record whose key is not UTF-8 would panic the reader.
+    #[allow(unsafe_code)]
+    mod raw {
+        use std::ffi::CStr;
+        use std::os::raw::{c_char, c_void};
+
+        use rdkafka::bindings::{rd_kafka_header_cnt, rd_kafka_header_get_all, rd_kafka_headers_t};
+        use rdkafka::message::BorrowedHeaders;
+        use rdkafka::types::RDKafkaRespErr;
+
+        use super::RawHeader;
+
+        /// Every header of `headers`, in order, keys as the bytes they are.
+        pub fn headers(headers: &BorrowedHeaders) -> Vec<RawHeader<'_>> {
+            // rdkafka hands out a librdkafka header list as a reference to the
+            // zero-sized `BorrowedHeaders`: the reference IS the list's address (its own
+            // accessors cast it back the same way).
+            let list = std::ptr::from_ref(headers).cast::<rd_kafka_headers_t>();
+            // SAFETY: `list` is a live header list for as long as `headers` is borrowed.
+            let count = unsafe { rd_kafka_header_cnt(list) };
+            let mut out = Vec::with_capacity(count);
+            for idx in 0..count {
+                let mut name: *const c_char = std::ptr::null();
+                let mut value: *const c_void = std::ptr::null();
+                let mut size = 0_usize;
+                // SAFETY: as above; librdkafka fills the three out-pointers for an index
+                // below the count and leaves them alone otherwise.
+                let err =
+                    unsafe { rd_kafka_header_get_all(list, idx, &mut name, &mut value, &mut size) };
+                if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                    continue;
+                }
+                // SAFETY: librdkafka keeps each name NUL-terminated and each value
+                // `size` bytes long (or null: a header without a value) inside the list,
+                // which outlives the borrow of `headers` that the slices are tied to.
+                let (key, value) = unsafe {
+                    (
+                        CStr::from_ptr(name).to_bytes(),
+                        (!value.is_null())
+                            .then(|| std::slice::from_raw_parts(value.cast::<u8>(), size)),
+                    )
+                };
+                out.push(RawHeader { key, value });
+            }
+            out
+        }
+
+        #[cfg(test)]
+        mod tests {
+            use rdkafka::bindings::rd_kafka_header_add;
+            use rdkafka::message::{Headers, OwnedHeaders};
+
+            use super::*;
+
+            #[test]
+            fn a_key_that_is_not_utf8_is_read_as_its_bytes() {
+                let list = OwnedHeaders::new();
+                let raw = std::ptr::from_ref(list.as_borrowed())
+                    .cast::<rd_kafka_headers_t>()
+                    .cast_mut();
+                let key = b"\xff\xfe-key";
+                // SAFETY: `raw` is the list `list` owns, unshared; librdkafka copies the
+                // key and value (explicit lengths) before returning.
+                let err = unsafe {
+                    rd_kafka_header_add(
+                        raw,
+                        key.as_ptr().cast(),
+                        key.len() as isize,
+                        b"v".as_ptr().cast(),
+                        1,
+                    )
+                };
+                assert_eq!(err, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+                assert_eq!(
+                    headers(list.as_borrowed()),
+                    vec![RawHeader {
+                        key: &key[..],
+                        value: Some(&b"v"[..])
+                    }]
+                );
+                // rdkafka's own accessor panics on this very list.
+                let panicked = std::panic::catch_unwind(|| list.try_get(0).map(|h| h.key.len()));
+                assert!(panicked.is_err());
+            }
+        }
+    }
+
+    /// Reads job metadata from a record of `queue` (for a retry tier's record, the job
+    /// queue it returns to). Never fails: a record produced by another tool gets
+    /// defaults (attempt 1; as id its `job-id` header, else its key, when
+    /// [safe](is_safe_id), else `<topic>-<partition>-<offset>`, the same on every
+    /// redelivery); header keys and values that are not UTF-8 are read with
+    /// replacement characters.
+    pub fn meta_from(queue: &str, record: &Record<'_>) -> JobMeta {
         let mut id = None;
         let mut content_type = None;
         let mut attempt = 1;
         let mut extra = BTreeMap::new();
-        let all = headers.map_or(0, |h| h.count());
-        for header in (0..all).filter_map(|i| headers.and_then(|h| h.try_get(i))) {
+        for header in &record.headers {
             let Some(value) = header.value else { continue };
             let text = String::from_utf8_lossy(value).into_owned();
             match header.key {
-                HEADER_JOB_ID => id = Some(text).filter(|t| !t.is_empty()),
-                HEADER_CONTENT_TYPE => content_type = Some(text),
-                HEADER_ATTEMPT => {
+                k if k == HEADER_JOB_ID.as_bytes() => {
+                    id = Some(text).filter(|t| is_safe_id(t));
+                }
+                k if k == HEADER_CONTENT_TYPE.as_bytes() => content_type = Some(text),
+                k if k == HEADER_ATTEMPT.as_bytes() => {
                     attempt = text
                         .trim()
                         .parse::<u32>()
@@ -317,32 +596,63 @@ pub mod kafka {
                         .unwrap_or(1)
                 }
                 other => {
-                    extra.insert(other.to_owned(), text);
+                    extra.insert(String::from_utf8_lossy(other).into_owned(), text);
                 }
             }
         }
         let id = id
             .or_else(|| {
-                key.and_then(|k| std::str::from_utf8(k).ok())
+                record
+                    .key
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .filter(|k| is_safe_id(k))
                     .map(str::to_owned)
             })
-            .filter(|k| !k.is_empty())
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
+            .unwrap_or_else(|| derived_id(record));
         JobMeta {
             id,
-            queue: topic.to_owned(),
+            queue: queue.to_owned(),
             content_type,
-            enqueued_at: timestamp_millis
+            enqueued_at: record
+                .timestamp_millis
                 .and_then(|ms| u64::try_from(ms).ok())
-                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                .and_then(|ms| after_epoch(Duration::from_millis(ms))),
             attempt,
             headers: extra,
         }
     }
 
+    /// The id of a record without a usable one: where it is, which never changes.
+    /// Topic names are letters, digits, `.`, `_` and `-`, so the id is safe; a topic
+    /// name too long for that gets a hash of it instead.
+    fn derived_id(record: &Record<'_>) -> String {
+        let id = format!("{}-{}-{}", record.topic, record.partition, record.offset);
+        if is_safe_id(&id) {
+            id
+        } else {
+            hashed_id(&[b"kafka", id.as_bytes()])
+        }
+    }
+
     #[cfg(test)]
-    mod tests {
+    pub(crate) mod tests {
         use super::*;
+
+        /// The raw headers of `headers`, read the way records are.
+        pub(crate) fn raw(headers: &OwnedHeaders) -> Vec<RawHeader<'_>> {
+            raw::headers(headers.as_borrowed())
+        }
+
+        fn record<'a>(headers: Vec<RawHeader<'a>>, key: Option<&'a [u8]>) -> Record<'a> {
+            Record {
+                topic: "t",
+                partition: 2,
+                offset: 41,
+                key,
+                headers,
+                timestamp_millis: None,
+            }
+        }
 
         #[test]
         fn metadata_survives_a_round_trip() {
@@ -350,7 +660,9 @@ pub mod kafka {
             meta.attempt = 2;
             meta.headers.insert("x-job-tenant".into(), "acme".into());
             let headers = headers(&meta);
-            let back = meta_from("emails", None, Some(&headers), timestamp_millis(&meta));
+            let mut rec = record(raw(&headers), None);
+            rec.timestamp_millis = timestamp_millis(&meta);
+            let back = meta_from("emails", &rec);
             assert_eq!(back.id, meta.id);
             assert_eq!(back.content_type.as_deref(), Some("text/csv"));
             assert_eq!(back.attempt, 2);
@@ -364,30 +676,230 @@ pub mod kafka {
 
         #[test]
         fn a_foreign_record_gets_defaults_and_junk_headers_are_tolerated() {
-            let meta = meta_from::<OwnedHeaders>("t", Some(b"order-42"), None, None);
+            let meta = meta_from("t", &record(vec![], Some(b"order-42")));
             assert_eq!(meta.id, "order-42");
             assert_eq!(meta.attempt, 1);
-            let junk = OwnedHeaders::new()
-                .insert(Header {
-                    key: HEADER_ATTEMPT,
-                    value: Some(&b"-3"[..]),
-                })
-                .insert(Header {
-                    key: "bin",
-                    value: Some(&[0xff_u8, 0x00][..]),
-                })
-                .insert(Header::<&[u8]> {
-                    key: "null",
+            let junk = vec![
+                RawHeader {
+                    key: HEADER_ATTEMPT.as_bytes(),
+                    value: Some(b"-3"),
+                },
+                RawHeader {
+                    key: b"bin",
+                    value: Some(&[0xff, 0x00]),
+                },
+                RawHeader {
+                    key: b"null",
                     value: None,
-                });
-            let meta = meta_from("t", Some(&[0xff, 0xfe][..]), Some(&junk), Some(-1));
+                },
+                RawHeader {
+                    key: &[0xff, 0xfe, b'k'],
+                    value: Some(b"v"),
+                },
+            ];
+            let mut rec = record(junk, Some(&[0xff, 0xfe]));
+            rec.timestamp_millis = Some(-1);
+            let meta = meta_from("t", &rec);
             assert_eq!(meta.attempt, 1);
-            assert!(Uuid::parse_str(&meta.id).is_ok(), "non-UTF-8 key: fresh id");
+            assert_eq!(meta.id, "t-2-41", "non-UTF-8 key: the record's position");
             assert_eq!(
                 meta.headers.get("bin").map(String::as_str),
                 Some("\u{fffd}\0")
             );
+            assert_eq!(
+                meta.headers.get("\u{fffd}\u{fffd}k").map(String::as_str),
+                Some("v")
+            );
             assert!(meta.enqueued_at.is_none());
+        }
+
+        #[test]
+        fn unsafe_ids_and_keys_give_way_to_the_records_position() {
+            let headers = vec![RawHeader {
+                key: HEADER_JOB_ID.as_bytes(),
+                value: Some(b"../../etc/passwd"),
+            }];
+            let meta = meta_from("t", &record(headers, Some(b"a b")));
+            assert_eq!(meta.id, "t-2-41");
+        }
+
+        #[test]
+        fn the_raw_reader_sees_every_header_of_a_list() {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "a",
+                    value: Some(&b"1"[..]),
+                })
+                .insert(Header::<&[u8]> {
+                    key: "b",
+                    value: None,
+                });
+            assert_eq!(
+                raw(&headers),
+                vec![
+                    RawHeader {
+                        key: b"a",
+                        value: Some(b"1")
+                    },
+                    RawHeader {
+                        key: b"b",
+                        value: None
+                    },
+                ]
+            );
+        }
+    }
+}
+
+/// Both wire decoders are total: arbitrary properties, headers and timestamps give a job
+/// (with a safe id and an attempt of at least 1), never a panic.
+#[cfg(test)]
+mod decoders_never_panic {
+    use lapin::types::{
+        AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
+    };
+    use lapin::BasicProperties;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn short_string() -> impl Strategy<Value = ShortString> {
+        prop_oneof![
+            any::<String>(),
+            "[\\x00-\\x7f]{0,255}",
+            Just("x-attempt".to_owned()),
+            Just("x-delivery-count".to_owned()),
+        ]
+        .prop_map(|s| {
+            let cut = (0..=s.len().min(255))
+                .rev()
+                .find(|i| s.is_char_boundary(*i))
+                .unwrap_or(0);
+            ShortString::try_new(&s[..cut]).expect("cut to 255 bytes")
+        })
+    }
+
+    fn amqp_value() -> impl Strategy<Value = AMQPValue> {
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i8>().prop_map(AMQPValue::ShortShortInt),
+            any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+            any::<i16>().prop_map(AMQPValue::ShortInt),
+            any::<u16>().prop_map(AMQPValue::ShortUInt),
+            any::<i32>().prop_map(AMQPValue::LongInt),
+            any::<u32>().prop_map(AMQPValue::LongUInt),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            any::<f32>().prop_map(AMQPValue::Float),
+            any::<f64>().prop_map(AMQPValue::Double),
+            (any::<u8>(), any::<u32>())
+                .prop_map(|(scale, value)| AMQPValue::DecimalValue(DecimalValue { scale, value })),
+            short_string().prop_map(AMQPValue::ShortString),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+            "[0-9-]{0,30}".prop_map(|s| AMQPValue::LongString(s.into())),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            proptest::collection::vec(any::<u8>(), 0..16)
+                .prop_map(|b| AMQPValue::ByteArray(ByteArray::from(b))),
+            Just(AMQPValue::Void),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v))),
+                proptest::collection::vec((short_string(), inner), 0..4).prop_map(|kv| {
+                    let mut table = FieldTable::default();
+                    for (k, v) in kv {
+                        table.insert(k, v);
+                    }
+                    AMQPValue::FieldTable(table)
+                }),
+            ]
+        })
+    }
+
+    fn properties() -> impl Strategy<Value = BasicProperties> {
+        (
+            proptest::option::of(short_string()),
+            proptest::option::of(short_string()),
+            proptest::option::of(prop_oneof![
+                any::<u64>(),
+                Just(u64::MAX),
+                Just(253_402_300_800)
+            ]),
+            proptest::collection::vec((short_string(), amqp_value()), 0..6),
+            any::<u8>(),
+        )
+            .prop_map(|(id, ct, ts, headers, priority)| {
+                let mut props = BasicProperties::default().with_priority(priority);
+                if let Some(id) = id {
+                    props = props.with_message_id(id);
+                }
+                if let Some(ct) = ct {
+                    props = props.with_content_type(ct);
+                }
+                if let Some(ts) = ts {
+                    props = props.with_timestamp(ts);
+                }
+                let mut table = FieldTable::default();
+                for (k, v) in headers {
+                    table.insert(k, v);
+                }
+                props.with_headers(table)
+            })
+    }
+
+    fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..max)
+    }
+
+    fn header_key() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            bytes(24),
+            Just(kafka::HEADER_JOB_ID.as_bytes().to_vec()),
+            Just(kafka::HEADER_CONTENT_TYPE.as_bytes().to_vec()),
+            Just(HEADER_ATTEMPT.as_bytes().to_vec()),
+        ]
+    }
+
+    fn assert_usable(meta: &JobMeta) {
+        assert!(is_safe_id(&meta.id), "unsafe id {:?}", meta.id);
+        assert!(meta.attempt >= 1);
+    }
+
+    proptest! {
+        #[test]
+        fn amqp_properties_of_any_shape_become_a_job(props in properties(), body in bytes(32)) {
+            let meta = amqp::meta_from("q", &props, &body);
+            assert_usable(&meta);
+            prop_assert_eq!(&meta.id, &amqp::meta_from("q", &props, &body).id);
+            // And what was read can be written back (a retry or dead-letter copy).
+            prop_assert!(amqp::properties(&meta).is_ok());
+        }
+
+        #[test]
+        fn kafka_records_of_any_shape_become_a_job(
+            headers in proptest::collection::vec((header_key(), proptest::option::of(bytes(32))), 0..8),
+            key in proptest::option::of(bytes(24)),
+            timestamp in proptest::option::of(prop_oneof![any::<i64>(), Just(i64::MAX), Just(i64::MIN)]),
+            partition in any::<i32>(),
+            offset in any::<i64>(),
+        ) {
+            let record = kafka::Record {
+                topic: "t",
+                partition,
+                offset,
+                key: key.as_deref(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| kafka::RawHeader { key: k, value: v.as_deref() })
+                    .collect(),
+                timestamp_millis: timestamp,
+            };
+            let meta = kafka::meta_from("q", &record);
+            assert_usable(&meta);
+            // The headers a retry copy is produced with.
+            let _ = kafka::headers(&meta);
+            let _ = kafka::timestamp_millis(&meta);
         }
     }
 }

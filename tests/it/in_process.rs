@@ -163,7 +163,10 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    worker.await.unwrap();
+    worker
+        .await
+        .unwrap()
+        .expect("the source ran until the worker shut down");
 
     let order = finished.lock().unwrap().clone();
     let mut sorted = order.clone();

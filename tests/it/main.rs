@@ -6,7 +6,8 @@
 //! `<module>::rabbitmq::<name>` and `<module>::kafka::<name>`: `scenarios` (ingress and
 //! delivery), `retries` (job processing), `in_process` (the library with test handlers), `idempotency` (`Idempotency-Key`,
 //! memory and Redis stores).
-//! `rabbitmq_only` and `kafka_only` hold what only one broker has.
+//! `rabbitmq_only` and `kafka_only` hold what only one broker has; `junk` puts
+//! hand-made, extreme messages on the queues of both.
 //!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
@@ -21,6 +22,7 @@ mod faults;
 mod helpers;
 mod idempotency;
 mod in_process;
+mod junk;
 mod kafka_only;
 mod manifests;
 mod metadata;

@@ -266,12 +266,7 @@ fn find_ranges(consumer: &StreamConsumer, topic: &str, brokers: &str) -> Result<
 
 fn dead_job(topic: &str, message: &OwnedMessage) -> DeadJob {
     DeadJob {
-        meta: job::kafka::meta_from(
-            topic,
-            message.key(),
-            message.headers(),
-            message.timestamp().to_millis(),
-        ),
+        meta: job::kafka::meta_from(topic, &job::kafka::Record::of_owned(message)),
         body: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
         position: Some((message.partition(), message.offset())),
     }

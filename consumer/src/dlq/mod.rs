@@ -299,10 +299,12 @@ pub fn escape_preview(bytes: &[u8], max: usize) -> String {
     out
 }
 
-fn or_dash(value: Option<&str>) -> String {
+/// A table cell: the value escaped (headers of a hand-made message may hold control
+/// characters that would drive the operator's terminal) and cut, or `-` without one.
+fn or_dash(value: Option<&str>, max: usize) -> String {
     value
         .filter(|v| !v.is_empty())
-        .map_or_else(|| "-".to_owned(), str::to_owned)
+        .map_or_else(|| "-".to_owned(), |v| escape_preview(v.as_bytes(), max))
 }
 
 /// The human table of `list`: one row per dead job, columns aligned.
@@ -322,14 +324,10 @@ pub fn table(jobs: &[DeadJob]) -> String {
             [
                 escape_preview(job.meta.id.as_bytes(), PREVIEW_CHARS),
                 job.attempts().to_string(),
-                or_dash(job.failed_at()),
-                or_dash(job.meta.content_type.as_deref()),
+                or_dash(job.failed_at(), PREVIEW_CHARS),
+                or_dash(job.meta.content_type.as_deref(), PREVIEW_CHARS),
                 job.body.len().to_string(),
-                or_dash(
-                    job.reason()
-                        .map(|r| escape_preview(r.as_bytes(), TABLE_REASON_CHARS))
-                        .as_deref(),
-                ),
+                or_dash(job.reason(), TABLE_REASON_CHARS),
                 escape_preview(&job.body, PREVIEW_CHARS),
             ]
         })
@@ -372,9 +370,14 @@ fn summary(dlq: &str, shown: usize, total: Option<u64>) -> String {
     }
 }
 
+/// `at` in RFC 3339, or `None` outside what RFC 3339 writes (before the epoch or after
+/// year 9999: a hand-made timestamp), where `humantime`'s formatter would fail, and
+/// `to_string` panic with it.
 fn rfc3339(at: SystemTime) -> Option<String> {
-    at.duration_since(UNIX_EPOCH).ok()?;
-    Some(humantime::format_rfc3339_millis(at).to_string())
+    /// The first second of year 10000.
+    const YEAR_10000: Duration = Duration::from_secs(253_402_300_800);
+    let since_epoch = at.duration_since(UNIX_EPOCH).ok()?;
+    (since_epoch < YEAR_10000).then(|| humantime::format_rfc3339_millis(at).to_string())
 }
 
 /// One dead job as a JSON object (`list --json`).
@@ -641,6 +644,30 @@ mod tests {
         assert_eq!(job.attempts(), 3);
         assert_eq!(job.reason(), Some("rejected"));
         assert!(json_line(&job).get("partition").is_none());
+    }
+
+    #[test]
+    fn a_dead_job_with_extreme_metadata_prints_escaped_without_a_panic() {
+        let mut meta = dead_meta();
+        meta.enqueued_at = UNIX_EPOCH.checked_add(Duration::from_secs(253_402_300_800));
+        meta.content_type = Some("\u{1b}[31mred".into());
+        meta.headers
+            .insert(HEADER_ERROR.into(), "\u{1b}]0;pwned\u{7}\r\n".into());
+        meta.headers
+            .insert(HEADER_FAILED_AT.into(), "\u{9b}2J".into());
+        let job = DeadJob {
+            meta,
+            body: Bytes::from_static(b"\x1b[2J"),
+            position: None,
+        };
+        let json = json_line(&job);
+        assert!(json["enqueued_at"].is_null(), "year 10000 is not RFC 3339");
+        let table = table(std::slice::from_ref(&job));
+        assert!(
+            !table.chars().any(|c| c.is_control() && c != '\n'),
+            "{table:?}"
+        );
+        assert!(table.contains("\\x1b[31mred"), "{table}");
     }
 
     #[test]

@@ -35,6 +35,8 @@ struct Session {
     conn: Connection,
     channel: Channel,
     dlq: String,
+    /// `dlq` as AMQP carries it.
+    dlq_name: ShortString,
     /// Messages seen with a high `x-delivery-count`, and the highest count.
     often_returned: AtomicU64,
     max_returns: AtomicI64,
@@ -62,6 +64,10 @@ impl Session {
             .await
             .map_err(|e| DlqError::failed(format!("cannot connect to RabbitMQ at {url}: {e}")))?;
         let dlq = dlq_name(queue);
+        // Queue names are validated (at most 200 characters) before this: a name AMQP
+        // cannot carry is a usage error all the same, not a panic.
+        let dlq_short =
+            job::amqp::short("the queue name", &dlq).map_err(|e| DlqError::Usage(e.to_string()))?;
         let setup = async {
             let channel = bounded("channel.open", conn.create_channel()).await?;
             let passive = QueueDeclareOptions {
@@ -71,11 +77,7 @@ impl Session {
             };
             let declared = tokio::time::timeout(
                 OPERATION_TIMEOUT,
-                channel.queue_declare(
-                    ShortString::from(dlq.as_str()),
-                    passive,
-                    FieldTable::default(),
-                ),
+                channel.queue_declare(dlq_short.clone(), passive, FieldTable::default()),
             )
             .await;
             let ready = match declared {
@@ -104,6 +106,7 @@ impl Session {
                     conn,
                     channel,
                     dlq,
+                    dlq_name: dlq_short,
                     often_returned: AtomicU64::new(0),
                     max_returns: AtomicI64::new(0),
                 },
@@ -121,8 +124,7 @@ impl Session {
         let options = BasicGetOptions { no_ack: false };
         let got = bounded(
             "basic.get",
-            self.channel
-                .basic_get(ShortString::from(self.dlq.as_str()), options),
+            self.channel.basic_get(self.dlq_name.clone(), options),
         )
         .await?;
         Ok(got.map(|message| {
@@ -133,7 +135,7 @@ impl Session {
                 self.max_returns.fetch_max(count, Ordering::Relaxed);
             }
             let job = DeadJob {
-                meta: job::amqp::meta_from(&self.dlq, &delivery.properties),
+                meta: job::amqp::meta_from(&self.dlq, &delivery.properties, &delivery.data),
                 body: Bytes::from(delivery.data),
                 position: None,
             };
@@ -279,10 +281,9 @@ pub async fn purge(config: &ConsumerConfig, queue: &str) -> Result<u64> {
     let (session, _ready) = Session::open(config, queue).await?;
     let purged = bounded(
         "queue.purge",
-        session.channel.queue_purge(
-            ShortString::from(session.dlq.as_str()),
-            QueuePurgeOptions::default(),
-        ),
+        session
+            .channel
+            .queue_purge(session.dlq_name.clone(), QueuePurgeOptions::default()),
     )
     .await;
     session.close().await;

@@ -222,6 +222,7 @@ fn short_problem(error: &PublishError) -> &'static str {
         PublishError::Unroutable => "the message broker has no queue for it; retry later",
         PublishError::Broker(_) => "the message broker failed; retry later",
         PublishError::Overloaded => "too many jobs are waiting for the message broker; retry later",
+        PublishError::Malformed(_) => "its metadata cannot be sent to the message broker",
     }
 }
 

@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
@@ -171,10 +171,7 @@ async fn accept(
             ApiError::BadBody
         }
     })?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let content_type = crate::metadata::content_type(headers)?;
     let mut meta = JobMeta::new(queue, content_type);
     meta.headers = crate::metadata::extract(headers)?;
     // Idempotency-Key: replay a stored answer, or claim the key before publishing.

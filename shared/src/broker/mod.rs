@@ -30,8 +30,8 @@ pub fn dlq_name(queue: &str) -> String {
     format!("{queue}.dlq")
 }
 
-/// Why a publish did not end in a broker confirm. All of these are retryable by the
-/// client; none of them means the job was taken.
+/// Why a publish did not end in a broker confirm. None of them means the job was
+/// taken; all but [`PublishError::Malformed`] are worth retrying.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     #[error("the message broker is not connected")]
@@ -46,6 +46,10 @@ pub enum PublishError {
     Broker(String),
     #[error("too many jobs are waiting for the message broker")]
     Overloaded,
+    /// The job's metadata cannot be put on the wire (an AMQP short string over 255
+    /// bytes, say); nothing was sent, and sending it again will not help.
+    #[error("the job cannot be put on the wire: {0}")]
+    Malformed(String),
 }
 
 impl PublishError {
@@ -53,9 +57,11 @@ impl PublishError {
     pub fn retry_after(&self) -> Duration {
         match self {
             Self::Unavailable | Self::Timeout(_) => Duration::from_secs(5),
-            Self::Nacked | Self::Unroutable | Self::Broker(_) | Self::Overloaded => {
-                Duration::from_secs(1)
-            }
+            Self::Nacked
+            | Self::Unroutable
+            | Self::Broker(_)
+            | Self::Overloaded
+            | Self::Malformed(_) => Duration::from_secs(1),
         }
     }
 }

@@ -26,6 +26,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
+use lapin::Confirmation;
 use lapin::{Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -60,14 +61,20 @@ const ALARM_PROBE_KEY: &str = "amq.jobgate.alarm-probe";
 /// Both binaries call this at every (re)connect; the producer passes no tiers (the
 /// retry schedule is the consumer's). The arguments must never change for an existing
 /// queue (RabbitMQ refuses a redeclare with other arguments), so they live here only.
+/// Each declare is bounded by [`OPERATION_TIMEOUT`]; a name AMQP cannot carry is an
+/// error (queue names are validated long before, so that is a bug, not a panic).
 pub async fn declare_topology(
     channel: &Channel,
     queue: &str,
     retry_tiers: &[Duration],
-) -> lapin::Result<()> {
+) -> Result<(), String> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
+    };
+    let name = |q: &str| job::amqp::short("the queue name", q).map_err(|e| e.to_string());
+    let declare = |q: ShortString, args: FieldTable| {
+        bounded("queue.declare", channel.queue_declare(q, durable, args))
     };
     let text = |v: &str| AMQPValue::LongString(v.into());
     let quorum = || {
@@ -76,16 +83,12 @@ pub async fn declare_topology(
         args
     };
     let dlq = dlq_name(queue);
-    channel
-        .queue_declare(ShortString::from(dlq.as_str()), durable, quorum())
-        .await?;
+    declare(name(&dlq)?, quorum()).await?;
 
     let mut args = quorum();
     args.insert("x-dead-letter-exchange".into(), text(""));
     args.insert("x-dead-letter-routing-key".into(), text(&dlq));
-    channel
-        .queue_declare(ShortString::from(queue), durable, args)
-        .await?;
+    declare(name(queue)?, args).await?;
 
     for tier in retry_tiers {
         let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
@@ -95,10 +98,7 @@ pub async fn declare_topology(
         args.insert("x-dead-letter-routing-key".into(), text(queue));
         args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
         args.insert("x-overflow".into(), text("reject-publish"));
-        let name = retry_queue_name(queue, *tier);
-        channel
-            .queue_declare(ShortString::from(name.as_str()), durable, args)
-            .await?;
+        declare(name(&retry_queue_name(queue, *tier))?, args).await?;
     }
     Ok(())
 }
@@ -130,6 +130,13 @@ pub async fn connect(url: &SecretUrl, name: &str, timeout: Duration) -> Result<C
 pub fn connection_name(role: &str) -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
     format!("jobgate-{role}@{host}:{}", std::process::id())
+}
+
+/// The consumer tag of this process's subscription to `queue` (shown in the management
+/// UI). It holds `HOSTNAME`, which can be long: a tag over AMQP's 255 bytes is left
+/// empty, and the broker then makes one up.
+fn consumer_tag(queue: &str) -> ShortString {
+    ShortString::try_new(format!("{}-{queue}", connection_name("consumer"))).unwrap_or_default()
 }
 
 /// Runs `op` with [`OPERATION_TIMEOUT`], flattening the timeout into a string error.
@@ -316,11 +323,7 @@ impl RabbitPublisher {
                 channels.push(channel);
             }
             for queue in &o.queues {
-                bounded(
-                    "queue.declare",
-                    declare_topology(&channels[0], queue, &o.retry_tiers),
-                )
-                .await?;
+                declare_topology(&channels[0], queue, &o.retry_tiers).await?;
             }
             channels.push(bounded("channel.open", conn.create_channel()).await?);
             Ok::<_, String>(channels)
@@ -380,30 +383,41 @@ impl RabbitPublisher {
         body: &[u8],
     ) -> Result<(), PublishError> {
         let broker = |e: lapin::Error| PublishError::Broker(e.to_string());
+        let malformed = |e: job::WireError| PublishError::Malformed(e.to_string());
+        let properties = job::amqp::properties(meta).map_err(malformed)?;
+        let routing_key = job::amqp::short("the queue name", destination).map_err(malformed)?;
         let confirm = session
             .channel()
             .basic_publish(
                 ShortString::default(),
-                ShortString::from(destination),
+                routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
                 body,
-                job::amqp::properties(meta),
+                properties,
             )
             .await
             .map_err(broker)?
             .await
             .map_err(broker)?;
-        if confirm.is_nack() {
-            return Err(PublishError::Nacked);
-        }
+        confirmed(confirm)
+    }
+}
+
+/// What a publisher confirm means for the job: only a plain ack is "taken".
+fn confirmed(confirm: Confirmation) -> Result<(), PublishError> {
+    match confirm {
         // An ack that carries a returned message: `mandatory` and no queue took it.
-        if confirm.take_message().is_some() {
-            return Err(PublishError::Unroutable);
-        }
-        Ok(())
+        Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+        // Only a channel out of confirm mode answers this: nobody confirmed the message,
+        // so it must not count as taken.
+        Confirmation::NotRequested => Err(PublishError::Broker(
+            "the channel is not in confirm mode; the message was not confirmed".to_owned(),
+        )),
     }
 }
 
@@ -436,7 +450,7 @@ impl Publisher for RabbitPublisher {
             tokio::spawn(async move {
                 tracing::warn!(%queue, "queue missing on the broker; declaring it again");
                 let declare = declare_topology(&session.channels[0], &queue, &tiers);
-                if let Err(error) = bounded("queue.declare", declare).await {
+                if let Err(error) = declare.await {
                     tracing::warn!(%queue, %error, "could not declare the queue again");
                 }
             });
@@ -507,16 +521,13 @@ impl RabbitSource {
             .await?;
             let mut consumers = Vec::new();
             for queue in &o.queues {
-                bounded(
-                    "queue.declare",
-                    declare_topology(&channel, queue, &o.retry_tiers),
-                )
-                .await?;
+                declare_topology(&channel, queue, &o.retry_tiers).await?;
+                let name = job::amqp::short("the queue name", queue).map_err(|e| e.to_string())?;
                 let consumer = bounded(
                     "basic.consume",
                     channel.basic_consume(
-                        ShortString::from(queue.as_str()),
-                        ShortString::from(format!("{}-{queue}", connection_name("consumer"))),
+                        name,
+                        consumer_tag(queue),
                         BasicConsumeOptions::default(),
                         FieldTable::default(),
                     ),
@@ -569,7 +580,7 @@ impl RabbitSource {
                             self.options.queues.first().cloned().unwrap_or(queue)
                         };
                         let job = Job {
-                            meta: job::amqp::meta_from(&queue, &d.properties),
+                            meta: job::amqp::meta_from(&queue, &d.properties, &d.data),
                             body: Bytes::from(d.data),
                         };
                         let delivery = Delivery { job, settle: Box::new(RabbitSettle { acker: d.acker }) };
@@ -645,7 +656,13 @@ fn settle_result(
     r: Result<lapin::Result<bool>, tokio::time::error::Elapsed>,
 ) -> Result<(), SettleError> {
     match r {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(true)) => Ok(()),
+        // lapin answers `false` without sending anything when the channel of the
+        // delivery closed (or the delivery was settled already): nothing reached the
+        // broker, which will deliver the job again.
+        Ok(Ok(false)) => Err(SettleError(format!(
+            "{what}: not sent, the delivery's channel is closed"
+        ))),
         Ok(Err(e)) => Err(SettleError(format!("{what}: {e}"))),
         Err(_) => Err(SettleError(format!(
             "{what}: no answer within {OPERATION_TIMEOUT:?}"
@@ -677,5 +694,37 @@ impl Settle for RabbitSettle {
         let options = BasicRejectOptions { requeue: false };
         let r = tokio::time::timeout(OPERATION_TIMEOUT, self.acker.reject(options)).await;
         settle_result("basic.reject", r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_ack_confirms_a_publish() {
+        assert_eq!(confirmed(Confirmation::Ack(None)), Ok(()));
+        assert_eq!(
+            confirmed(Confirmation::Nack(None)),
+            Err(PublishError::Nacked)
+        );
+        assert!(matches!(
+            confirmed(Confirmation::NotRequested),
+            Err(PublishError::Broker(_))
+        ));
+    }
+
+    #[test]
+    fn a_settle_lapin_did_not_send_is_an_error() {
+        assert!(settle_result("basic.ack", Ok(Ok(true))).is_ok());
+        let error = settle_result("basic.ack", Ok(Ok(false))).unwrap_err();
+        assert!(error.0.contains("not sent"), "{error}");
+        assert!(settle_result("basic.nack", Ok(Ok(false))).is_err());
+    }
+
+    #[test]
+    fn a_consumer_tag_too_long_for_amqp_is_left_to_the_broker() {
+        assert!(consumer_tag("q").as_str().ends_with("-q"));
+        assert_eq!(consumer_tag(&"q".repeat(300)).as_str(), "");
     }
 }

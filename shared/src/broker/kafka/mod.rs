@@ -621,12 +621,7 @@ impl KafkaSource {
             message.offset(),
         );
         let generation = self.ledger.fetched(&topic, partition, offset);
-        let meta = job::kafka::meta_from(
-            &topic,
-            message.key(),
-            message.headers(),
-            message.timestamp().to_millis(),
-        );
+        let meta = job::kafka::meta_from(&topic, &job::kafka::Record::of(message));
         let body = Bytes::copy_from_slice(message.payload().unwrap_or_default());
         Delivery {
             job: Job { meta, body },

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
@@ -46,15 +46,11 @@ fn now_millis() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The due time of a retry record; a record without one is due now.
+/// The due time of a retry record; a record without one (or with junk) is due now.
 fn due_at(message: &BorrowedMessage<'_>) -> i64 {
-    let Some(headers) = message.headers() else {
-        return 0;
-    };
-    (0..headers.count())
-        .filter_map(|i| headers.try_get(i))
-        .find(|h| h.key == HEADER_DUE_AT)
-        .and_then(|h| std::str::from_utf8(h.value?).ok()?.trim().parse().ok())
+    job::kafka::Record::of(message)
+        .header(HEADER_DUE_AT)
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
         .unwrap_or(0)
 }
 
@@ -190,12 +186,7 @@ impl Forwarder {
         producer: &rdkafka::producer::FutureProducer,
         message: &BorrowedMessage<'_>,
     ) -> bool {
-        let mut meta = job::kafka::meta_from(
-            &self.queue,
-            message.key(),
-            message.headers(),
-            message.timestamp().to_millis(),
-        );
+        let mut meta = job::kafka::meta_from(&self.queue, &job::kafka::Record::of(message));
         meta.headers.remove(HEADER_DUE_AT);
         let mut record = FutureRecord::to(&self.queue)
             .key(meta.id.as_bytes())
