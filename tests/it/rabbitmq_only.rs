@@ -123,3 +123,56 @@ async fn prefetch_above_concurrency_holds_jobs_and_gives_back_the_unstarted_at_s
     let fresh = Consumer::start(BACKEND, &queue, &vars(&[("JOBGATE_CONCURRENCY", "8")])).await;
     assert_processed_exactly_once(&[&first, &fresh], &ids, Duration::from_secs(60)).await;
 }
+
+/// At SIGTERM the prefetched jobs a consumer had not started go back to the queue AT
+/// ONCE (nack with requeue right after the cancel), not when its channel closes at the
+/// end of the grace: while its one running job still runs, the other nine are ready.
+#[tokio::test]
+async fn prefetched_jobs_go_back_right_after_sigterm_not_after_the_grace() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("giveback");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let producer = Producer::start(BACKEND, &[&queue], &[]).await;
+    let ids = producer.post_many(&queue, 10).await;
+    let mut first = Consumer::start(
+        BACKEND,
+        &queue,
+        &vars(&[
+            ("JOBGATE_CONCURRENCY", "1"),
+            ("JOBGATE_PREFETCH", "10"),
+            ("JOBGATE_LOG_DELAY_MS", "20000"),
+            ("JOBGATE_SHUTDOWN_GRACE_MS", "60000"),
+        ]),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(20),
+        "all ten jobs delivered",
+        || async { rabbit::ready_count(&queue).await == 0 },
+    )
+    .await;
+    wait_until(Duration::from_secs(20), "one job started", || {
+        std::future::ready(first.started().len() == 1)
+    })
+    .await;
+
+    first.process.terminate();
+    wait_until(
+        Duration::from_secs(10),
+        "the nine unstarted jobs to be ready again while the running one runs",
+        || async { rabbit::ready_count(&queue).await == 9 },
+    )
+    .await;
+    assert!(
+        first.processed().is_empty(),
+        "the running job is still running (20 s): the nine came back before the grace \
+         ended\n{}",
+        first.process.dump()
+    );
+    let fresh = Consumer::start(BACKEND, &queue, &vars(&[("JOBGATE_CONCURRENCY", "8")])).await;
+    assert_processed_exactly_once(&[&first, &fresh], &ids, Duration::from_secs(60)).await;
+    assert_eq!(
+        first.process.wait_exit(Duration::from_secs(40)).await,
+        Some(0)
+    );
+}

@@ -564,10 +564,9 @@ impl RabbitSource {
         tokio::pin!(watch);
         loop {
             tokio::select! {
+                biased;
                 () = stop.cancelled() => {
-                    for tag in tags {
-                        let _ = bounded("basic.cancel", channel.basic_cancel(tag, BasicCancelOptions::default())).await;
-                    }
+                    stop_consuming(channel, &tags, &mut deliveries).await;
                     return true;
                 }
                 () = &mut watch => return false,
@@ -583,10 +582,22 @@ impl RabbitSource {
                             meta: job::amqp::meta_from(&queue, &d.properties, &d.data),
                             body: Bytes::from(d.data),
                         };
-                        let delivery = Delivery { job, settle: Box::new(RabbitSettle { acker: d.acker }) };
-                        tokio::select! {
-                            () = stop.cancelled() => continue,
-                            sent = tx.send(delivery) => if sent.is_err() { return true },
+                        let settle = Box::new(RabbitSettle { acker: d.acker });
+                        let delivery = Delivery { job, settle };
+                        // A slot first, so that the delivery is still ours to give
+                        // back when shutdown comes (or the worker is gone) meanwhile.
+                        let slot = tokio::select! {
+                            biased;
+                            () = stop.cancelled() => None,
+                            slot = tx.reserve() => slot.ok(),
+                        };
+                        match slot {
+                            Some(slot) => slot.send(delivery),
+                            None => {
+                                give_back(delivery.settle).await;
+                                stop_consuming(channel, &tags, &mut deliveries).await;
+                                return true;
+                            }
                         }
                     }
                     Some(Err(error)) => {
@@ -600,6 +611,45 @@ impl RabbitSource {
                 },
             }
         }
+    }
+}
+
+/// How long, after the subscriptions are cancelled, to wait for the next delivery lapin
+/// already holds for them before taking the buffer as empty.
+const PREFETCHED_DRAIN_WAIT: Duration = Duration::from_millis(200);
+
+/// Gives a delivery that was never started back to the queue (nack with requeue), at
+/// once: another replica can take it now rather than when this one's channel closes.
+async fn give_back(settle: Box<dyn Settle>) {
+    if let Err(error) = settle.requeue().await {
+        tracing::debug!(%error, "could not give back an unstarted delivery; the broker will redeliver it when the channel closes");
+    }
+}
+
+/// At shutdown: cancels the subscriptions, then gives back every delivery the broker had
+/// already sent for them (prefetched, up to `JOBGATE_PREFETCH`) that was never handed
+/// to the worker. Without this they would stay unacked, locked to this replica, for the
+/// whole shutdown grace. The channel stays open for the jobs still running.
+async fn stop_consuming(
+    channel: &Channel,
+    tags: &[ShortString],
+    deliveries: &mut futures::stream::SelectAll<lapin::Consumer>,
+) {
+    for tag in tags {
+        let cancel = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
+        let _ = bounded("basic.cancel", cancel).await;
+    }
+    let mut given_back = 0usize;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(PREFETCHED_DRAIN_WAIT, deliveries.next()).await
+    {
+        give_back(Box::new(RabbitSettle { acker: d.acker })).await;
+        given_back += 1;
+    }
+    if given_back > 0 {
+        tracing::info!(
+            given_back,
+            "gave back prefetched jobs that were not started"
+        );
     }
 }
 
