@@ -647,11 +647,28 @@ pub async fn brokers_sh(args: &[&str]) {
 pub mod kafka {
     use super::*;
 
+    use jobgate_shared::broker::kafka::{ensure_topics, Replication, TopicSpec};
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
     use rdkafka::error::{KafkaError, KafkaResult};
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Topics of `partitions` partitions on the test broker, created as jobgate
+    /// creates them (auto replication); `tiers` adds `Q.retry.<tier>` topics.
+    pub async fn create_topics(queue: &str, partitions: i32, tiers: &[Duration]) -> TopicSpec {
+        let spec = TopicSpec {
+            brokers: KAFKA_BROKERS.into(),
+            partitions,
+            replication: Replication::default(),
+            timeout: Duration::from_secs(10),
+            linger: Duration::ZERO,
+        };
+        ensure_topics(&spec, &[queue.to_owned()], tiers)
+            .await
+            .expect("topics created");
+        spec
+    }
 
     /// The consumer group jobgate uses for `queue`.
     pub fn group(queue: &str) -> String {

@@ -10,9 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use clap::Parser;
 use consumer::{run_with_source, ConsumerConfig, Handler, Job, JobMeta, Outcome, WorkerOptions};
-use jobgate_shared::broker::kafka::{
-    self as kafka_backend, KafkaPublisher, KafkaSource, Replication, TopicSpec,
-};
+use jobgate_shared::broker::kafka::{self as kafka_backend, KafkaPublisher, KafkaSource};
 use jobgate_shared::broker::Publisher;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -65,16 +63,7 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
     let topic = unique("order");
     let _cleanup = Backend::Kafka.cleanup(&[&topic]);
     let group = format!("jobgate.{topic}");
-    let spec = TopicSpec {
-        brokers: BROKERS.into(),
-        partitions: 1,
-        replication: Replication::default(),
-        timeout: Duration::from_secs(10),
-        linger: Duration::ZERO,
-    };
-    kafka_backend::ensure_topics(&spec, std::slice::from_ref(&topic), &[])
-        .await
-        .expect("topics created");
+    let spec = crate::helpers::kafka::create_topics(&topic, 1, &[]).await;
 
     // Publish sequentially: job n is at offset n of the single partition.
     let publisher = KafkaPublisher::start(kafka_backend::PublisherOptions {

@@ -440,21 +440,8 @@ async fn a_rabbitmq_timestamp_of_u64_max_does_not_stop_the_consumer() {
     let consumer = Consumer::start(backend, &queue, &[]).await;
     let props = lapin::BasicProperties::default().with_timestamp(u64::MAX);
     hand_made::rabbitmq(&queue, vec![(b"the end of time".to_vec(), props)]).await;
-    let id = producer.post_ok(&queue, "a normal job behind it").await;
-    wait_until(LIMIT, "the normal job behind it to be processed", || {
-        std::future::ready(
-            consumer.processed().contains(&id)
-                || !consumer.process.lines("consumer stopped").is_empty(),
-        )
-    })
-    .await;
-    assert_still_running(&consumer);
-    let extreme = consumer
-        .process
-        .lines("job processed")
-        .into_iter()
-        .find(|l| l["bytes"] == b"the end of time".len());
-    assert!(extreme.is_some(), "{}", consumer.process.dump());
+    assert_junk_and_the_job_behind_it_processed(&producer, &consumer, &queue, b"the end of time")
+        .await;
 }
 
 #[tokio::test]
@@ -473,7 +460,20 @@ async fn a_kafka_header_key_that_is_not_utf8_does_not_stop_the_consumer() {
         ..Default::default()
     };
     hand_made::kafka(&queue, vec![(b"bad header key".to_vec(), junk)]).await;
-    let id = producer.post_ok(&queue, "a normal job behind it").await;
+    assert_junk_and_the_job_behind_it_processed(&producer, &consumer, &queue, b"bad header key")
+        .await;
+}
+
+/// Posts a normal job behind the junk already on `queue` and waits until the consumer
+/// processed it (or stopped); then the consumer must still run and have processed the
+/// junk too (found by its body's length).
+async fn assert_junk_and_the_job_behind_it_processed(
+    producer: &Producer,
+    consumer: &Consumer,
+    queue: &str,
+    junk_body: &[u8],
+) {
+    let id = producer.post_ok(queue, "a normal job behind it").await;
     wait_until(LIMIT, "the normal job behind it to be processed", || {
         std::future::ready(
             consumer.processed().contains(&id)
@@ -481,12 +481,12 @@ async fn a_kafka_header_key_that_is_not_utf8_does_not_stop_the_consumer() {
         )
     })
     .await;
-    assert_still_running(&consumer);
+    assert_still_running(consumer);
     let junk_line = consumer
         .process
         .lines("job processed")
         .into_iter()
-        .find(|l| l["bytes"] == b"bad header key".len());
+        .find(|l| l["bytes"] == junk_body.len());
     assert!(junk_line.is_some(), "{}", consumer.process.dump());
 }
 

@@ -193,7 +193,6 @@ async fn consumer_killed_mid_batch_loses_no_job() {
 /// when due and processed: the forwarder subscribes by pattern, not by today's tiers.
 #[tokio::test]
 async fn a_retry_waiting_in_a_tier_no_longer_configured_is_still_processed() {
-    use jobgate_shared::broker::kafka::{ensure_topics, Replication, TopicSpec};
     use jobgate_shared::job::{self, JobMeta, HEADER_DUE_AT};
     use jobgate_shared::retry::retry_queue_name;
     use rdkafka::message::Header;
@@ -204,16 +203,7 @@ async fn a_retry_waiting_in_a_tier_no_longer_configured_is_still_processed() {
     let _cleanup = BACKEND.cleanup(&[&queue]);
     // Topics as an earlier consumer with a 7 s tier left them.
     let old_tier = Duration::from_secs(7);
-    let spec = TopicSpec {
-        brokers: crate::helpers::KAFKA_BROKERS.into(),
-        partitions: 2,
-        replication: Replication::default(),
-        timeout: Duration::from_secs(10),
-        linger: Duration::ZERO,
-    };
-    ensure_topics(&spec, std::slice::from_ref(&queue), &[old_tier])
-        .await
-        .expect("topics created");
+    kafka::create_topics(&queue, 2, &[old_tier]).await;
 
     // Its retry record, due now (attempt 2 of a job that failed once).
     let mut meta = JobMeta::new(queue.clone(), Some("text/plain".into()));

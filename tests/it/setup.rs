@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use jobgate_shared::broker::kafka::{self as kafka_backend, Replication, TopicSpec};
-
-use crate::helpers::{brokers_exclusive, brokers_sh, unique, wait_until, Backend, KAFKA_BROKERS};
+use crate::helpers::{
+    brokers_exclusive, brokers_sh, kafka, unique, wait_until, Backend, KAFKA_BROKERS,
+};
 
 /// Whether something accepts TCP connections on the Kafka port.
 async fn kafka_port_open() -> bool {
@@ -22,16 +22,7 @@ async fn kafka_helpers_wait_for_a_broker_that_is_still_starting() {
     let _brokers = brokers_exclusive().await;
     let topic = unique("starting");
     let _cleanup = Backend::Kafka.cleanup(&[&topic]);
-    let spec = TopicSpec {
-        brokers: KAFKA_BROKERS.into(),
-        partitions: 3,
-        replication: Replication::default(),
-        timeout: Duration::from_secs(10),
-        linger: Duration::ZERO,
-    };
-    kafka_backend::ensure_topics(&spec, std::slice::from_ref(&topic), &[])
-        .await
-        .expect("topics created");
+    kafka::create_topics(&topic, 3, &[]).await;
 
     brokers_sh(&["kill", "kafka"]).await;
     assert!(!kafka_port_open().await, "Kafka is down after the kill");
