@@ -52,7 +52,7 @@ impl Rabbit {
 
     /// Declares `queue` (and its dead-letter queue) exactly as jobgate does.
     pub async fn declare(&self, queue: &str) -> Result<()> {
-        declare_topology(&self.admin, queue, &[])
+        declare_topology(&self.conn, queue, &[])
             .await
             .map_err(|e| anyhow!("{e}"))
     }

@@ -9,12 +9,16 @@
 //! | `jobgate_jobs_in_flight` | `queue` | attempts running or being settled |
 //! | `jobgate_job_attempts_total` | `queue` | handler runs, first attempts included |
 //! | `jobgate_dlq_publishes_total` | `queue` | dead-letter copies the broker confirmed |
+//! | `jobgate_outcome_publish_failures_total` | `queue` | tries of a retry or dead-letter copy the broker did not confirm (each is tried again) |
 //! | `jobgate_kafka_consumer_lag` | `queue`, `partition` | Kafka: messages behind the high watermark |
 //! | `jobgate_last_success_timestamp_seconds` | `queue` | unix time of the last done job |
 //! | `jobgate_broker_up` | | 1 while subscribed and the outcome publisher is connected |
 //!
-//! An attempt whose retry or dead-letter copy could not be published is given back to
-//! the broker: it counts as an attempt but has no outcome (it comes again).
+//! A retry or dead-letter copy that the broker does not confirm is published again until
+//! it is; an attempt whose copy was still unconfirmed when the worker shut down counts
+//! as an attempt but has no outcome (the broker delivers the job again). A job
+//! dead-lettered because its earlier deliveries ended without an outcome (the consumer
+//! crashed while running it) has an outcome (`dead`) but no handler run.
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
@@ -56,6 +60,7 @@ pub struct WorkerMetrics {
     in_flight: Family<QueueLabels, Gauge>,
     attempts: Family<QueueLabels, Counter>,
     dlq_publishes: Family<QueueLabels, Counter>,
+    outcome_publish_failures: Family<QueueLabels, Counter>,
     kafka_lag: Family<PartitionLabels, Gauge>,
     last_success: Family<QueueLabels, Gauge<f64, AtomicU64>>,
     broker_up: Gauge,
@@ -70,6 +75,7 @@ impl Default for WorkerMetrics {
             in_flight: Family::default(),
             attempts: Family::default(),
             dlq_publishes: Family::default(),
+            outcome_publish_failures: Family::default(),
             kafka_lag: Family::default(),
             last_success: Family::default(),
             broker_up: Gauge::default(),
@@ -108,6 +114,11 @@ impl WorkerMetrics {
             m.dlq_publishes.clone(),
         );
         registry.register(
+            "outcome_publish_failures",
+            "Tries of a retry or dead-letter copy that the broker did not confirm (each is tried again)",
+            m.outcome_publish_failures.clone(),
+        );
+        registry.register(
             "kafka_consumer_lag",
             "Kafka: messages of an owned partition behind its high watermark",
             m.kafka_lag.clone(),
@@ -135,6 +146,16 @@ impl WorkerMetrics {
         InFlight::enter(&self.in_flight.get_or_create(&labels))
     }
 
+    /// An outcome is settled without a handler run (a job dead-lettered because its
+    /// earlier deliveries ended without an outcome): in flight until the returned guard
+    /// is dropped, not an attempt.
+    pub fn job_settling(&self, queue: &str) -> InFlight {
+        let labels = QueueLabels {
+            queue: queue.to_owned(),
+        };
+        InFlight::enter(&self.in_flight.get_or_create(&labels))
+    }
+
     /// The handler returned (or was cancelled) after `duration`.
     pub fn handler_finished(&self, queue: &str, duration: Duration) {
         let labels = QueueLabels {
@@ -152,7 +173,7 @@ impl WorkerMetrics {
             Settled::Retried => "retried",
             Settled::Dead => "dead",
             // Not settled: the broker delivers the job again, with its own outcome.
-            Settled::GivenBack => return,
+            Settled::Unsettled => return,
         };
         let labels = QueueLabels {
             queue: queue.to_owned(),
@@ -167,7 +188,7 @@ impl WorkerMetrics {
             Settled::Dead => {
                 self.dlq_publishes.get_or_create(&labels).inc();
             }
-            Settled::Retried | Settled::GivenBack => {}
+            Settled::Retried | Settled::Unsettled => {}
         }
         self.jobs
             .get_or_create(&OutcomeLabels {
@@ -175,6 +196,14 @@ impl WorkerMetrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// A try of a retry or dead-letter copy of a job of `queue` was not confirmed.
+    pub fn outcome_publish_failed(&self, queue: &str) {
+        let labels = QueueLabels {
+            queue: queue.to_owned(),
+        };
+        self.outcome_publish_failures.get_or_create(&labels).inc();
     }
 
     /// Sets `jobgate_broker_up`.
@@ -213,9 +242,11 @@ mod tests {
             metrics.job_settled("mail", settled);
             drop(in_flight);
         }
-        let given_back = metrics.job_started("mail");
-        metrics.job_settled("mail", Settled::GivenBack);
-        drop(given_back);
+        let unsettled = metrics.job_started("mail");
+        metrics.outcome_publish_failed("mail");
+        metrics.outcome_publish_failed("mail");
+        metrics.job_settled("mail", Settled::Unsettled);
+        drop(unsettled);
 
         let text = render(&registry);
         for line in [
@@ -224,6 +255,7 @@ mod tests {
             "jobgate_jobs_total{queue=\"mail\",outcome=\"dead\"} 1",
             "jobgate_job_attempts_total{queue=\"mail\"} 4",
             "jobgate_dlq_publishes_total{queue=\"mail\"} 1",
+            "jobgate_outcome_publish_failures_total{queue=\"mail\"} 2",
             "jobgate_jobs_in_flight{queue=\"mail\"} 0",
             "jobgate_job_duration_seconds_count{queue=\"mail\"} 3",
         ] {

@@ -3,9 +3,17 @@
 //! Delivery guarantee, in plain words: a delivery is settled only after the handler
 //! finished with it and its outcome is durable: for done, the ack itself; for a retry or
 //! a dead job, the broker confirmed the copy in the retry tier or the dead-letter queue
-//! before the original is acked (see [`crate::settle`]). If the process crashes, is
+//! before the original is acked (see [`crate::settle`]; a copy the broker does not take
+//! is tried again, the job keeping its slot, until it does). If the process crashes, is
 //! killed, or loses the broker before that, the broker delivers the job again. So every
 //! job is processed at least once; handlers must be idempotent on the job id.
+//!
+//! Such a redelivery counts as an attempt: a job source tells how many earlier
+//! deliveries of a message ended without an outcome ([`JobMeta::redeliveries`]), the
+//! handler sees the attempt number with them counted, and a job past the attempt limit
+//! that way is dead-lettered with the reason, without running the handler again. So a
+//! job that kills its consumer every time (a poison message) ends in `Q.dlq` instead of
+//! taking the fleet down forever.
 //!
 //! Concurrency is bounded by a semaphore; each job runs in its own task, so a panic in
 //! a handler is a failed attempt, not a dead worker, and a job past the job timeout is
@@ -24,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jobgate_shared::broker::{Delivery, JobSource, SharedPublisher};
-use jobgate_shared::job::Job;
+use jobgate_shared::job::{Job, JobMeta};
 use jobgate_shared::retry::RetryPolicy;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -187,6 +195,9 @@ pub async fn run_with_source_and_metrics(
 
     let permits = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
+    // Cancelled when the worker stops waiting for its in-flight jobs (the shutdown
+    // grace ran out): copies not confirmed by then are no longer tried again.
+    let abandon = CancellationToken::new();
     let options = Arc::new(options);
     // Set when the deliveries ran dry: the source ended (it runs until `stop`).
     let mut source_ended = false;
@@ -208,14 +219,21 @@ pub async fn run_with_source_and_metrics(
                 }
             },
         };
-        let (handler, outcomes, options, metrics) = (
+        let (handler, outcomes, options, metrics, abandon) = (
             Arc::clone(&handler),
             Arc::clone(&outcomes),
             Arc::clone(&options),
             metrics.clone(),
+            abandon.clone(),
         );
         tracker.spawn(async move {
-            process(handler, &outcomes, &options, &metrics, delivery).await;
+            let context = Context {
+                outcomes: &outcomes,
+                options: &options,
+                metrics: &metrics,
+                abandon: &abandon,
+            };
+            process(handler, &context, delivery).await;
             drop(permit);
         });
     }
@@ -260,6 +278,7 @@ pub async fn run_with_source_and_metrics(
             unfinished = tracker.len(),
             "grace period over; unfinished jobs go back to the broker"
         );
+        abandon.cancel();
     }
     if let Some(source) = source.as_mut() {
         source.close().await;
@@ -267,34 +286,88 @@ pub async fn run_with_source_and_metrics(
     died.map_or(Ok(()), Err)
 }
 
+/// What every job task shares.
+struct Context<'a> {
+    outcomes: &'a SharedPublisher,
+    options: &'a WorkerOptions,
+    metrics: &'a WorkerMetrics,
+    abandon: &'a CancellationToken,
+}
+
 /// Runs one job and settles it by its outcome, inside the job's span (which continues
 /// the trace the job's headers carry), recording the attempt in `metrics`.
-async fn process(
-    handler: Arc<dyn Handler>,
-    outcomes: &SharedPublisher,
-    options: &WorkerOptions,
-    metrics: &WorkerMetrics,
-    delivery: Delivery,
-) {
-    let Delivery { job, settle } = delivery;
+///
+/// Earlier deliveries of the message that ended without an outcome count as attempts:
+/// the handler sees the attempt with them counted, and a job they take past the attempt
+/// limit is dead-lettered without running the handler again.
+async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Delivery) {
+    let Delivery { mut job, settle } = delivery;
+    let exhausted = count_redeliveries(&mut job.meta, &context.options.retry);
     let meta = &job.meta;
     let span =
         tracing::info_span!("job", job_id = %meta.id, queue = %meta.queue, attempt = meta.attempt);
     jobgate_shared::telemetry::continue_trace(&span, &meta.headers);
     async {
         let (job_id, queue, attempt) = (&meta.id, &meta.queue, meta.attempt);
-        tracing::debug!(%job_id, %queue, attempt, "job started");
-        let in_flight = metrics.job_started(queue);
-        let started = Instant::now();
-        let outcome = run_handler(handler, job.clone(), options.job_timeout).await;
-        metrics.handler_finished(queue, started.elapsed());
-        let settled =
-            settle::settle(outcomes.as_ref(), &options.retry, &job, settle, outcome).await;
+        let metrics = context.metrics;
+        // In flight while the handler runs and the outcome is settled.
+        let (outcome, in_flight) = match exhausted {
+            Some(reason) => {
+                tracing::warn!(%job_id, %queue, redeliveries = meta.redeliveries, %reason, "job not run again");
+                (Outcome::Dead { reason }, metrics.job_settling(queue))
+            }
+            None => {
+                if let Err(error) = settle.started().await {
+                    // Counting is a protection, not a condition of the work: the job runs.
+                    tracing::warn!(%job_id, %queue, %error, "could not record the start of the job; a crash now would not count as an attempt");
+                }
+                if meta.redeliveries > 0 {
+                    tracing::info!(%job_id, %queue, attempt, redeliveries = meta.redeliveries, "job delivered again after deliveries without an outcome");
+                }
+                tracing::debug!(%job_id, %queue, attempt, "job started");
+                let in_flight = metrics.job_started(queue);
+                let started = Instant::now();
+                let outcome = run_handler(handler, job.clone(), context.options.job_timeout).await;
+                metrics.handler_finished(queue, started.elapsed());
+                (outcome, in_flight)
+            }
+        };
+        let report = || metrics.outcome_publish_failed(queue);
+        let settler = settle::Settler {
+            outcomes: context.outcomes.as_ref(),
+            policy: &context.options.retry,
+            abandon: context.abandon,
+            backoff: settle::Settler::copy_backoff(),
+            on_publish_failure: &report,
+        };
+        let settled = settle::settle(&settler, &job, settle, outcome).await;
         metrics.job_settled(queue, settled);
         drop(in_flight);
     }
     .instrument(span)
     .await;
+}
+
+/// Counts the earlier deliveries of `meta`'s message that ended without an outcome as
+/// attempts: `meta.attempt` becomes the effective attempt. When they take the job past
+/// the attempt limit, `meta.attempt` is the number of attempts that started and the
+/// reason to dead-letter the job without running it again is returned.
+fn count_redeliveries(meta: &mut JobMeta, policy: &RetryPolicy) -> Option<String> {
+    let effective = meta.effective_attempt();
+    if meta.redeliveries == 0 || effective <= policy.max_attempts {
+        meta.attempt = effective;
+        return None;
+    }
+    meta.attempt = effective - 1;
+    let times = match meta.redeliveries {
+        1 => "once".to_owned(),
+        n => format!("{n} times"),
+    };
+    Some(format!(
+        "delivered {times} without an outcome (the consumer crashed, was killed or lost its \
+         broker connection while running it); {} of {} attempts used",
+        meta.attempt, policy.max_attempts
+    ))
 }
 
 /// Runs the handler in its own task: a panic becomes a failed attempt, and a job past
@@ -555,20 +628,178 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_outcome_that_could_not_be_published_is_an_attempt_without_an_outcome() {
+    async fn a_copy_that_fails_keeps_the_job_until_it_is_published_then_acks_it_once() {
         let broker = MemoryBroker::new();
-        broker.enqueue(job("dead"));
-        broker.fail_publishes(usize::MAX, PublishError::Unavailable);
-        // Until the job is given back (settled by a requeue).
+        let j = job("dead");
+        broker.enqueue(j.clone());
+        broker.fail_publishes(3, PublishError::Unavailable);
+        // Until settled: 200, 400 and 800 ms of backoff (with jitter) pass first.
         let text = metrics_after(&broker, 1, 1).await;
-        // The job given back may be delivered (and attempted) again before the worker
-        // stops; none of its attempts has an outcome.
+        assert_eq!(
+            settled_of(&broker, &j),
+            vec![Settlement::Acked],
+            "never given back"
+        );
+        assert_eq!(copies_of(&broker, &j).len(), 1);
+        for line in [
+            "jobgate_outcome_publish_failures_total{queue=\"q\"} 3",
+            "jobgate_jobs_total{queue=\"q\",outcome=\"dead\"} 1",
+            "jobgate_job_attempts_total{queue=\"q\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_copy_still_failing_at_the_end_of_the_grace_leaves_the_job_unsettled() {
+        let broker = MemoryBroker::new();
+        let j = job("dead");
+        broker.enqueue(j.clone());
+        broker.fail_publishes(usize::MAX, PublishError::Unavailable);
+        let mut registry = jobgate_shared::metrics::registry();
+        let metrics = WorkerMetrics::register(&mut registry);
+        let mut opts = options(1);
+        opts.shutdown_grace = Duration::from_millis(500);
+        let outcomes: SharedPublisher = Arc::new(broker.clone());
+        let started = Instant::now();
+        run_with_source_and_metrics(
+            Box::new(broker.clone()),
+            outcomes,
+            Arc::new(ScriptedHandler::default()),
+            opts,
+            metrics,
+            tokio::time::sleep(Duration::from_millis(300)),
+        )
+        .await
+        .expect("the source runs until shutdown");
         assert!(
-            text.contains("jobgate_job_attempts_total{queue=\"q\"} "),
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // Neither acked nor handed back: the real broker redelivers it after the close.
+        assert!(broker.settled().is_empty(), "{:?}", broker.settled());
+        assert!(copies_of(&broker, &j).is_empty());
+        // Give the abandoned task a moment to report.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let text = jobgate_shared::metrics::render(&registry);
+        assert!(
+            text.contains("jobgate_job_attempts_total{queue=\"q\"} 1"),
             "{text}"
         );
-        assert!(!text.contains("jobgate_jobs_total{"), "{text}");
-        assert!(!text.contains("jobgate_dlq_publishes_total{"), "{text}");
+        assert!(!text.contains("jobgate_jobs_total{"), "no outcome: {text}");
+        assert!(
+            text.contains("jobgate_outcome_publish_failures_total{queue=\"q\"} "),
+            "{text}"
+        );
+    }
+
+    /// Records the attempt number each run of the handler saw.
+    #[derive(Default)]
+    struct AttemptRecorder {
+        seen: std::sync::Mutex<Vec<u32>>,
+    }
+
+    #[async_trait]
+    impl Handler for AttemptRecorder {
+        async fn handle(&self, job: &Job) -> Outcome {
+            self.seen.lock().unwrap().push(job.meta.attempt);
+            Outcome::Retry {
+                reason: "still failing".into(),
+                delay: None,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn deliveries_without_an_outcome_count_as_attempts() {
+        let broker = MemoryBroker::new();
+        // Attempt 1 on the wire, delivered once before without an outcome: attempt 2.
+        let mut j = job("x");
+        j.meta.redeliveries = 1;
+        broker.enqueue(j.clone());
+        let handler = Arc::new(AttemptRecorder::default());
+        run_jobs(&broker, handler.clone(), options(1), 1).await;
+        assert_eq!(*handler.seen.lock().unwrap(), vec![2]);
+        let copies = copies_of(&broker, &j);
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].0, "q.retry.2s", "the second attempt's delay");
+        assert_eq!(copies[0].1.attempt, 3);
+        assert_eq!(copies[0].1.redeliveries, 0);
+
+        // Two earlier deliveries on attempt 1 with 3 attempts allowed: this is the last.
+        let mut last = job("x");
+        last.meta.redeliveries = 2;
+        broker.enqueue(last.clone());
+        run_jobs(&broker, handler.clone(), options(1), 2).await;
+        assert_eq!(*handler.seen.lock().unwrap(), vec![2, 3]);
+        let copies = copies_of(&broker, &last);
+        assert_eq!(copies[0].0, "q.dlq");
+        assert_eq!(copies[0].1.headers["x-attempts"], "3");
+        assert_eq!(copies[0].1.headers["x-error"], "still failing");
+    }
+
+    #[tokio::test]
+    async fn a_job_past_its_attempts_by_deliveries_without_an_outcome_is_dead_lettered_unrun() {
+        let broker = MemoryBroker::new();
+        let mut poison = job("x");
+        poison.meta.attempt = 2;
+        poison.meta.redeliveries = 2;
+        broker.enqueue(poison.clone());
+        let handler = Arc::new(AttemptRecorder::default());
+        let text = {
+            let mut registry = jobgate_shared::metrics::registry();
+            let metrics = WorkerMetrics::register(&mut registry);
+            let until_settled = {
+                let broker = broker.clone();
+                async move {
+                    while broker.settled().is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            let outcomes: SharedPublisher = Arc::new(broker.clone());
+            run_with_source_and_metrics(
+                Box::new(broker.clone()),
+                outcomes,
+                handler.clone(),
+                options(1),
+                metrics,
+                until_settled,
+            )
+            .await
+            .expect("the source runs until shutdown");
+            jobgate_shared::metrics::render(&registry)
+        };
+        assert!(handler.seen.lock().unwrap().is_empty(), "not run again");
+        assert_eq!(settled_of(&broker, &poison), vec![Settlement::Acked]);
+        let copies = copies_of(&broker, &poison);
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].0, "q.dlq");
+        let h = &copies[0].1.headers;
+        assert_eq!(h["x-attempts"], "3", "attempts that started");
+        assert!(
+            h["x-error"].starts_with("delivered 2 times without an outcome (the consumer crashed"),
+            "{}",
+            h["x-error"]
+        );
+        assert!(
+            h["x-error"].ends_with("3 of 3 attempts used"),
+            "{}",
+            h["x-error"]
+        );
+        assert!(
+            text.contains("jobgate_jobs_total{queue=\"q\",outcome=\"dead\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("jobgate_job_attempts_total{"),
+            "no handler run: {text}"
+        );
+        assert!(
+            text.contains("jobgate_jobs_in_flight{queue=\"q\"} 0"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -584,34 +815,6 @@ mod tests {
         assert_eq!(copies[0].1.headers["x-attempts"], "3");
         assert_eq!(copies[0].1.headers["x-error"], "try again");
         assert!(!copies[0].1.headers.contains_key("x-due-at"));
-    }
-
-    #[tokio::test]
-    async fn a_copy_that_cannot_be_published_gives_the_job_back_instead_of_acking() {
-        let broker = MemoryBroker::new();
-        let j = job("dead");
-        broker.enqueue(j.clone());
-        broker.fail_publishes(usize::MAX, PublishError::Unavailable);
-        let until_requeued = {
-            let broker = broker.clone();
-            async move {
-                while broker.settled().is_empty() {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        let outcomes: SharedPublisher = Arc::new(broker.clone());
-        run_with_source(
-            Box::new(broker.clone()),
-            outcomes,
-            Arc::new(ScriptedHandler::default()),
-            options(1),
-            until_requeued,
-        )
-        .await
-        .expect("the source runs until shutdown");
-        assert_eq!(settled_of(&broker, &j)[0], Settlement::Requeued);
-        assert!(copies_of(&broker, &j).is_empty());
     }
 
     #[tokio::test]

@@ -106,10 +106,18 @@ pub struct JobMeta {
     pub content_type: Option<String>,
     /// When the ingress accepted the job.
     pub enqueued_at: Option<SystemTime>,
-    /// 1-based attempt number.
+    /// 1-based attempt number, as the message carries it (`x-attempt`).
     pub attempt: u32,
     /// Further string headers (sorted by name).
     pub headers: BTreeMap<String, String>,
+    /// Earlier deliveries of this very message that ended without an outcome: the
+    /// consumer crashed, was killed or lost its broker connection while it held the job
+    /// (RabbitMQ: the quorum queue's `x-delivery-count`, else 1 when the delivery is
+    /// flagged `redelivered`; Kafka: the replay count the consumer group's committed
+    /// offset metadata holds). Set by the job sources, never written to the wire: the
+    /// broker (or the group's offsets) keeps it. The worker counts it toward the
+    /// attempt limit.
+    pub redeliveries: u32,
 }
 
 impl JobMeta {
@@ -122,7 +130,15 @@ impl JobMeta {
             enqueued_at: Some(SystemTime::now()),
             attempt: 1,
             headers: BTreeMap::new(),
+            redeliveries: 0,
         }
+    }
+
+    /// The attempt this delivery is: [`JobMeta::attempt`] plus the earlier deliveries
+    /// of the message that ended without an outcome (each of them was an attempt that
+    /// started and never finished).
+    pub fn effective_attempt(&self) -> u32 {
+        self.attempt.saturating_add(self.redeliveries)
     }
 }
 
@@ -208,12 +224,33 @@ pub mod amqp {
                 .and_then(|secs| after_epoch(Duration::from_secs(secs))),
             attempt,
             headers,
+            redeliveries: 0,
         }
     }
 
-    /// Header in which RabbitMQ counts the redeliveries of a quorum queue's message: it
-    /// changes between deliveries, so the derived id leaves it out.
+    /// Header in which a quorum queue counts the earlier deliveries of a message that
+    /// came back without an ack (RabbitMQ 3.8 to 4.2: every return, a `basic.nack` with
+    /// requeue included; 4.3 and later: failed deliveries only, which a closed channel
+    /// or connection is and jobgate's `basic.nack` is not).
     const DELIVERY_COUNT: &str = "x-delivery-count";
+    /// Header in which RabbitMQ 4.3 and later count every acquisition of a message.
+    const ACQUIRED_COUNT: &str = "x-acquired-count";
+    /// Headers the broker changes between deliveries of one message: the derived id
+    /// leaves them out.
+    const BROKER_COUNTERS: [&str; 2] = [DELIVERY_COUNT, ACQUIRED_COUNT];
+
+    /// How many earlier deliveries of a message ended without an outcome: the quorum
+    /// queue's `x-delivery-count` when the message has one (a classic queue has none),
+    /// else 1 for a delivery flagged `redelivered`, else 0. A junk count (negative, not
+    /// a number) is taken as absent.
+    pub fn earlier_deliveries(props: &BasicProperties, redelivered: bool) -> u32 {
+        let counted = props
+            .headers()
+            .as_ref()
+            .and_then(|table| table.inner().get(DELIVERY_COUNT))
+            .and_then(as_count);
+        counted.unwrap_or(u32::from(redelivered))
+    }
 
     /// The id of a message that has no usable one: a hash of its body and properties
     /// (without the delivery count), so every redelivery of it gets the same id. Two
@@ -225,7 +262,7 @@ pub mod amqp {
             let kept: BTreeMap<ShortString, AMQPValue> = table
                 .inner()
                 .iter()
-                .filter(|(name, _)| name.as_str() != DELIVERY_COUNT)
+                .filter(|(name, _)| !BROKER_COUNTERS.contains(&name.as_str()))
                 .map(|(name, value)| (name.clone(), value.clone()))
                 .collect();
             stable = stable.with_headers(FieldTable::from(kept));
@@ -237,6 +274,12 @@ pub mod amqp {
     /// Any integer type (or a decimal string, as the management UI publishes headers)
     /// counts; zero or negative means "unknown".
     fn as_attempt(value: &AMQPValue) -> Option<u32> {
+        as_count(value).filter(|n| *n >= 1)
+    }
+
+    /// A non-negative count of any integer type or as a decimal string; `None` for a
+    /// negative one, one past `u32::MAX` or anything else.
+    fn as_count(value: &AMQPValue) -> Option<u32> {
         let n: i64 = match value {
             AMQPValue::ShortShortInt(v) => (*v).into(),
             AMQPValue::ShortShortUInt(v) => (*v).into(),
@@ -247,7 +290,7 @@ pub mod amqp {
             AMQPValue::LongLongInt(v) => *v,
             other => as_text(other)?.trim().parse().ok()?,
         };
-        u32::try_from(n).ok().filter(|n| *n >= 1)
+        u32::try_from(n).ok()
     }
 
     /// String-like header values; bytes that are not UTF-8 are replaced, not rejected.
@@ -309,10 +352,46 @@ pub mod amqp {
             let first = meta_from("q", &props, b"body").id;
             // A quorum queue counts redeliveries in a header: the id stays.
             table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
-            let again = meta_from("q", &props.clone().with_headers(table), b"body").id;
+            let again = meta_from("q", &props.clone().with_headers(table.clone()), b"body").id;
             assert_eq!(first, again);
+            // RabbitMQ 4.3 adds a second counter.
+            table.insert("x-acquired-count".into(), AMQPValue::LongLongInt(5));
+            let later = meta_from("q", &props.clone().with_headers(table), b"body").id;
+            assert_eq!(first, later);
             assert!(is_safe_id(&first), "{first}");
             assert_ne!(meta_from("q", &props, b"other body").id, first);
+        }
+
+        #[test]
+        fn earlier_deliveries_are_the_delivery_count_else_the_redelivered_flag() {
+            let with = |value: AMQPValue| {
+                let mut table = FieldTable::default();
+                table.insert("x-delivery-count".into(), value);
+                BasicProperties::default().with_headers(table)
+            };
+            let none = BasicProperties::default();
+            assert_eq!(earlier_deliveries(&none, false), 0);
+            assert_eq!(earlier_deliveries(&none, true), 1, "a classic queue");
+            // A quorum queue's first delivery carries 0 (RabbitMQ 3.10), later ones more.
+            assert_eq!(
+                earlier_deliveries(&with(AMQPValue::LongLongInt(0)), false),
+                0
+            );
+            assert_eq!(
+                earlier_deliveries(&with(AMQPValue::LongLongInt(4)), true),
+                4
+            );
+            assert_eq!(earlier_deliveries(&with(AMQPValue::LongInt(2)), true), 2);
+            // Junk counts are no counts.
+            assert_eq!(
+                earlier_deliveries(&with(AMQPValue::LongLongInt(-3)), true),
+                1
+            );
+            assert_eq!(
+                earlier_deliveries(&with(AMQPValue::LongLongInt(i64::MAX)), false),
+                0
+            );
+            assert_eq!(earlier_deliveries(&with(AMQPValue::Boolean(true)), true), 1);
         }
 
         #[test]
@@ -619,6 +698,7 @@ pub mod kafka {
                 .and_then(|ms| after_epoch(Duration::from_millis(ms))),
             attempt,
             headers: extra,
+            redeliveries: 0,
         }
     }
 
@@ -769,6 +849,7 @@ mod decoders_never_panic {
             "[\\x00-\\x7f]{0,255}",
             Just("x-attempt".to_owned()),
             Just("x-delivery-count".to_owned()),
+            Just("x-acquired-count".to_owned()),
         ]
         .prop_map(|s| {
             let cut = (0..=s.len().min(255))
@@ -871,6 +952,7 @@ mod decoders_never_panic {
         fn amqp_properties_of_any_shape_become_a_job(props in properties(), body in bytes(32)) {
             let meta = amqp::meta_from("q", &props, &body);
             assert_usable(&meta);
+            let _ = amqp::earlier_deliveries(&props, true);
             prop_assert_eq!(&meta.id, &amqp::meta_from("q", &props, &body).id);
             // And what was read can be written back (a retry or dead-letter copy).
             prop_assert!(amqp::properties(&meta).is_ok());

@@ -253,6 +253,11 @@ impl Process {
         status.code()
     }
 
+    /// True once the process has exited (killed, say), without waiting.
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     /// Every log line so far, for failure messages.
     pub fn dump(&self) -> String {
         let logs = self.logs.lock().unwrap();

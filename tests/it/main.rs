@@ -7,7 +7,9 @@
 //! delivery), `retries` (job processing), `in_process` (the library with test handlers), `idempotency` (`Idempotency-Key`,
 //! memory and Redis stores).
 //! `rabbitmq_only` and `kafka_only` hold what only one broker has; `junk` puts
-//! hand-made, extreme messages on the queues of both.
+//! hand-made, extreme messages on the queues of both; `give_back` and `redelivery`
+//! hold what becomes of a job whose outcome cannot be published, or whose consumer
+//! dies while running it.
 //!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
@@ -19,6 +21,7 @@ mod auth;
 mod batch;
 mod consumer_metrics;
 mod faults;
+mod give_back;
 mod helpers;
 mod idempotency;
 mod in_process;
@@ -28,6 +31,7 @@ mod manifests;
 mod metadata;
 mod observability;
 mod rabbitmq_only;
+mod redelivery;
 mod retries;
 mod scenarios;
 mod setup;

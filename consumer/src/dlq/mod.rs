@@ -239,6 +239,7 @@ pub fn replay_meta(dead: &JobMeta, queue: &str) -> JobMeta {
     let mut meta = dead.clone();
     meta.queue = queue.to_owned();
     meta.attempt = 1;
+    meta.redeliveries = 0;
     meta.headers.retain(|name, _| {
         !DEAD_LETTER_HEADERS.contains(&name.as_str())
             && !BROKER_DEATH_PREFIXES.iter().any(|p| name.starts_with(p))
@@ -592,6 +593,7 @@ mod tests {
             enqueued_at: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             attempt: 5,
             headers,
+            redeliveries: 0,
         }
     }
 

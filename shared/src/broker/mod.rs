@@ -101,9 +101,18 @@ pub struct SettleError(pub String);
 /// How a worker tells the broker what became of one delivery.
 #[async_trait]
 pub trait Settle: Send + Sync + 'static {
+    /// The worker is about to run the handler. A source that counts the deliveries
+    /// that end without an outcome (Kafka, which has no such count of its own) records
+    /// durably here that this one started, so a crash while it runs counts as an
+    /// attempt. The default records nothing (RabbitMQ counts by itself).
+    async fn started(&self) -> Result<(), SettleError> {
+        Ok(())
+    }
     /// The job's outcome is durable: remove the delivery for good.
     async fn ack(self: Box<Self>) -> Result<(), SettleError>;
-    /// Give the delivery back to the broker for immediate redelivery.
+    /// Give the delivery back to the broker for immediate redelivery (only for
+    /// deliveries that were never started: a job given back after an attempt would come
+    /// straight back).
     async fn requeue(self: Box<Self>) -> Result<(), SettleError>;
     /// Refuse the delivery: the broker dead-letters it to `Q.dlq`.
     async fn reject(self: Box<Self>) -> Result<(), SettleError>;

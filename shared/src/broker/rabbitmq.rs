@@ -51,9 +51,21 @@ const ALARM_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// have it and the broker drops the message (it is not `mandatory`).
 const ALARM_PROBE_KEY: &str = "amq.jobgate.alarm-probe";
 
-/// Declares, idempotently, the queues of job queue `queue`:
+/// `x-delivery-limit` of `Q.dlq`: how often a dead job may be handed out and come back
+/// before RabbitMQ drops it. RabbitMQ 4.0 and later give a quorum queue a limit of 20
+/// when it has none, and every `consumer dlq list` hands each listed job out once: a
+/// dead job would vanish after some twenty listings. This is as good as no limit on
+/// every version. Not -1, RabbitMQ 4's "no limit": RabbitMQ 3.10 takes -1 as a limit
+/// every return exceeds and drops the message at its first return (checked on 3.10.8).
+pub const DLQ_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
+/// Declares, idempotently, the queues of job queue `queue`, on a channel of its own
+/// (closed again), so a refused declare never closes a channel that publishes or
+/// consumes:
+/// - `queue.dlq`: durable quorum queue that keeps dead jobs until an operator acts, with
+///   the delivery limit [`DLQ_DELIVERY_LIMIT`] (see [`declare_dead_letter_queue`] for
+///   one declared before jobgate set it);
 /// - `queue`: durable quorum queue whose rejected messages go to `queue.dlq`;
-/// - `queue.dlq`: durable quorum queue that keeps dead jobs until an operator acts;
 /// - `queue.retry.<tier>` for each of `retry_tiers`: durable quorum queues whose
 ///   messages expire after the tier's delay and are dead-lettered back to `queue`
 ///   (at-least-once dead-lettering, so an expiring retry is never dropped).
@@ -64,41 +76,128 @@ const ALARM_PROBE_KEY: &str = "amq.jobgate.alarm-probe";
 /// Each declare is bounded by [`OPERATION_TIMEOUT`]; a name AMQP cannot carry is an
 /// error (queue names are validated long before, so that is a bug, not a panic).
 pub async fn declare_topology(
+    conn: &Connection,
+    queue: &str,
+    retry_tiers: &[Duration],
+) -> Result<(), String> {
+    let channel = bounded("channel.open", conn.create_channel()).await?;
+    let (channel, declared) = match declare_dead_letter_queue(conn, channel, queue).await {
+        Ok(channel) => {
+            let rest = declare_queue_and_tiers(&channel, queue, retry_tiers).await;
+            (Some(channel), rest)
+        }
+        Err(error) => (None, Err(error)),
+    };
+    if let Some(channel) = channel {
+        let close = channel.close(200, ShortString::from("declared"));
+        let _ = tokio::time::timeout(OPERATION_TIMEOUT, close).await;
+    }
+    declared
+}
+
+/// The arguments every jobgate queue has.
+fn quorum_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+fn queue_name(queue: &str) -> Result<ShortString, String> {
+    job::amqp::short("the queue name", queue).map_err(|e| e.to_string())
+}
+
+/// Declares `queue.dlq` with [`DLQ_DELIVERY_LIMIT`] on `channel`; returns the channel to
+/// go on with. A `Q.dlq` declared by an earlier jobgate has no delivery limit argument,
+/// and RabbitMQ refuses to redeclare it with one (closing the channel): it is then
+/// declared again as it is, on a new channel, with a warning that on RabbitMQ 4 the
+/// broker's default limit applies to it, so existing deployments keep starting.
+pub async fn declare_dead_letter_queue(
+    conn: &Connection,
+    channel: Channel,
+    queue: &str,
+) -> Result<Channel, String> {
+    let dlq = dlq_name(queue);
+    let mut args = quorum_arguments();
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT),
+    );
+    let declare = channel.queue_declare(queue_name(&dlq)?, durable(), args);
+    match tokio::time::timeout(OPERATION_TIMEOUT, declare).await {
+        Ok(Ok(_)) => return Ok(channel),
+        Ok(Err(error)) if declared_without_delivery_limit(&error) => {}
+        Ok(Err(error)) => return Err(format!("queue.declare {dlq}: {error}")),
+        Err(_) => {
+            return Err(format!(
+                "queue.declare {dlq}: no answer within {OPERATION_TIMEOUT:?}"
+            ))
+        }
+    }
+    tracing::warn!(
+        queue = %dlq,
+        "the dead-letter queue was declared by an earlier jobgate without a delivery limit; \
+         on RabbitMQ 4.0 and later the broker's default (20) applies to it and a dead job \
+         handed out that often (each `consumer dlq list` counts) is dropped: set a policy \
+         with `delivery-limit` {DLQ_DELIVERY_LIMIT} on it, or delete the empty queue and \
+         let jobgate declare it again"
+    );
+    let channel = bounded("channel.open", conn.create_channel()).await?;
+    bounded(
+        "queue.declare",
+        channel.queue_declare(queue_name(&dlq)?, durable(), quorum_arguments()),
+    )
+    .await?;
+    Ok(channel)
+}
+
+/// RabbitMQ's answer to a declare whose `x-delivery-limit` differs from the existing
+/// queue's (which has none).
+fn declared_without_delivery_limit(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => {
+            *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                && e.get_message().as_str().contains("x-delivery-limit")
+        }
+        _ => false,
+    }
+}
+
+/// Declares `queue` and its retry tiers (see [`declare_topology`]).
+async fn declare_queue_and_tiers(
     channel: &Channel,
     queue: &str,
     retry_tiers: &[Duration],
 ) -> Result<(), String> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    let name = |q: &str| job::amqp::short("the queue name", q).map_err(|e| e.to_string());
     let declare = |q: ShortString, args: FieldTable| {
-        bounded("queue.declare", channel.queue_declare(q, durable, args))
+        bounded("queue.declare", channel.queue_declare(q, durable(), args))
     };
     let text = |v: &str| AMQPValue::LongString(v.into());
-    let quorum = || {
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), text("quorum"));
-        args
-    };
     let dlq = dlq_name(queue);
-    declare(name(&dlq)?, quorum()).await?;
-
-    let mut args = quorum();
+    let mut args = quorum_arguments();
     args.insert("x-dead-letter-exchange".into(), text(""));
     args.insert("x-dead-letter-routing-key".into(), text(&dlq));
-    declare(name(queue)?, args).await?;
+    declare(queue_name(queue)?, args).await?;
 
     for tier in retry_tiers {
         let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
-        let mut args = quorum();
+        let mut args = quorum_arguments();
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
         args.insert("x-dead-letter-exchange".into(), text(""));
         args.insert("x-dead-letter-routing-key".into(), text(queue));
         args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
         args.insert("x-overflow".into(), text("reject-publish"));
-        declare(name(&retry_queue_name(queue, *tier))?, args).await?;
+        declare(queue_name(&retry_queue_name(queue, *tier))?, args).await?;
     }
     Ok(())
 }
@@ -323,7 +422,7 @@ impl RabbitPublisher {
                 channels.push(channel);
             }
             for queue in &o.queues {
-                declare_topology(&channels[0], queue, &o.retry_tiers).await?;
+                declare_topology(&conn, queue, &o.retry_tiers).await?;
             }
             channels.push(bounded("channel.open", conn.create_channel()).await?);
             Ok::<_, String>(channels)
@@ -449,7 +548,7 @@ impl Publisher for RabbitPublisher {
             let tiers = self.options.retry_tiers.clone();
             tokio::spawn(async move {
                 tracing::warn!(%queue, "queue missing on the broker; declaring it again");
-                let declare = declare_topology(&session.channels[0], &queue, &tiers);
+                let declare = declare_topology(&session.conn, &queue, &tiers);
                 if let Err(error) = declare.await {
                     tracing::warn!(%queue, %error, "could not declare the queue again");
                 }
@@ -521,7 +620,7 @@ impl RabbitSource {
             .await?;
             let mut consumers = Vec::new();
             for queue in &o.queues {
-                declare_topology(&channel, queue, &o.retry_tiers).await?;
+                declare_topology(&conn, queue, &o.retry_tiers).await?;
                 let name = job::amqp::short("the queue name", queue).map_err(|e| e.to_string())?;
                 let consumer = bounded(
                     "basic.consume",
@@ -578,8 +677,10 @@ impl RabbitSource {
                             // queue name; fall back to the only queue when there is one.
                             self.options.queues.first().cloned().unwrap_or(queue)
                         };
+                        let mut meta = job::amqp::meta_from(&queue, &d.properties, &d.data);
+                        meta.redeliveries = job::amqp::earlier_deliveries(&d.properties, d.redelivered);
                         let job = Job {
-                            meta: job::amqp::meta_from(&queue, &d.properties, &d.data),
+                            meta,
                             body: Bytes::from(d.data),
                         };
                         let settle = Box::new(RabbitSettle { acker: d.acker });

@@ -13,15 +13,22 @@
 //! - Rebalances: on revoke, the partition's bookkeeping is dropped; jobs of that
 //!   partition still running finish, but their offsets are not stored (the new owner
 //!   processes them again from the committed offset). Duplicates, never loss.
+//! - Replays count: Kafka keeps no delivery count, so the consumer counts the starts of
+//!   the jobs it has not finished in the metadata of the offsets it commits, and the
+//!   next owner of a partition reads them back ([`ledger`]): a job replayed after its
+//!   consumer died comes as its next attempt, and a job that kills every consumer ends
+//!   in `Q.dlq` once its attempts are used up. A first start is committed in the
+//!   background (a consumer dying within milliseconds of it may leave it uncounted); a
+//!   start of a job started before is committed before it runs.
 //!
 //! Topics (`Q`, `Q.dlq`, `Q.retry.<tier>`) are created through the admin API, never by
 //! broker auto-creation; existing topics are left alone. Retries wait in the tier
 //! topics until due and are forwarded back to `Q` by [`retry`].
 
+mod ledger;
 mod retry;
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,6 +54,7 @@ use super::{
 use crate::backoff::Backoff;
 use crate::job::{self, Job, JobMeta};
 use crate::retry::retry_queue_name;
+use ledger::{Ledger, Position};
 
 /// How often the publisher checks that the cluster answers (readiness).
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -376,95 +384,11 @@ impl SourceOptions {
     }
 }
 
-/// Per-partition bookkeeping of fetched and finished offsets.
-#[derive(Debug)]
-struct PartitionLedger {
-    /// Bumped at each assignment, so completions from an earlier ownership are ignored.
-    generation: u64,
-    /// Offsets fetched and not yet finished.
-    pending: BTreeSet<i64>,
-    /// One past the highest offset fetched.
-    next: i64,
-    /// The last offset stored for commit (the next offset to consume).
-    stored: Option<i64>,
-}
-
-/// Tracks, for every owned partition, which offsets are in flight, and computes the
-/// highest offset that may be committed: never past an unfinished job.
-#[derive(Debug, Default)]
-pub struct Ledger {
-    partitions: Mutex<HashMap<(String, i32), PartitionLedger>>,
-    generations: AtomicU64,
-}
-
-impl Ledger {
-    fn lock(&self) -> MutexGuard<'_, HashMap<(String, i32), PartitionLedger>> {
-        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Records a fetched offset; returns the ownership generation it belongs to.
-    pub fn fetched(&self, topic: &str, partition: i32, offset: i64) -> u64 {
-        let mut parts = self.lock();
-        let entry = parts
-            .entry((topic.to_owned(), partition))
-            .or_insert_with(|| PartitionLedger {
-                generation: self.generations.fetch_add(1, Ordering::SeqCst),
-                pending: BTreeSet::new(),
-                next: offset,
-                stored: None,
-            });
-        entry.pending.insert(offset);
-        entry.next = entry.next.max(offset + 1);
-        entry.generation
-    }
-
-    /// Records a finished offset. Returns the offset to store for commit (the first
-    /// unfinished offset, or one past the highest fetched), or `None` when the
-    /// partition was revoked since the job was fetched or nothing new can be committed.
-    pub fn finished(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        generation: u64,
-    ) -> Option<i64> {
-        let mut parts = self.lock();
-        let entry = parts.get_mut(&(topic.to_owned(), partition))?;
-        if entry.generation != generation {
-            return None;
-        }
-        entry.pending.remove(&offset);
-        let commit = entry.pending.first().copied().unwrap_or(entry.next);
-        if entry.stored.is_some_and(|s| s >= commit) {
-            return None;
-        }
-        entry.stored = Some(commit);
-        Some(commit)
-    }
-
-    /// Forgets revoked partitions.
-    pub fn revoke(&self, partitions: &[(String, i32)]) {
-        let mut parts = self.lock();
-        for key in partitions {
-            parts.remove(key);
-        }
-    }
-
-    /// The stored offsets of every owned partition, for the final commit.
-    fn stored_offsets(&self) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), entry) in self.lock().iter() {
-            if let Some(offset) = entry.stored {
-                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
-            }
-        }
-        tpl
-    }
-}
-
-/// Consumer callbacks: rebalance bookkeeping, logs and the consumer lag.
+/// Consumer callbacks: rebalance bookkeeping, logs and the consumer lag; and the
+/// commits that make job starts durable.
 struct JobConsumerContext {
     ledger: Arc<Ledger>,
+    starts: StartCommits,
     group: String,
     /// The job queue (topic) this consumer drains.
     queue: String,
@@ -578,6 +502,7 @@ impl KafkaSource {
         let group = self.options.group_for(queue);
         let context = JobConsumerContext {
             ledger: Arc::clone(&self.ledger),
+            starts: StartCommits::default(),
             group: group.clone(),
             queue: queue.to_owned(),
             status: self.status.clone(),
@@ -610,19 +535,27 @@ impl KafkaSource {
         Ok(consumer)
     }
 
-    fn delivery(
-        &self,
-        consumer: &Arc<JobConsumer>,
-        message: &rdkafka::message::BorrowedMessage<'_>,
-    ) -> Delivery {
-        let (topic, partition, offset) = (
-            message.topic().to_owned(),
-            message.partition(),
-            message.offset(),
-        );
-        let generation = self.ledger.fetched(&topic, partition, offset);
-        let meta = job::kafka::meta_from(&topic, &job::kafka::Record::of(message));
-        let body = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+    /// The delivery of a record just fetched. The first record of a partition's
+    /// ownership first reads the group's committed offset of the partition, whose
+    /// metadata counts the earlier starts of the records still to do (see [`ledger`]).
+    async fn delivery(&self, consumer: &Arc<JobConsumer>, record: FetchedRecord) -> Delivery {
+        let FetchedRecord {
+            topic,
+            partition,
+            offset,
+            mut meta,
+            body,
+        } = record;
+        let fetched = self.ledger.fetched(&topic, partition, offset);
+        if fetched.needs_counts {
+            let committed = committed_position(consumer, &topic, partition).await;
+            let committed = committed.as_ref().map(|(o, m)| (*o, m.as_str()));
+            self.ledger
+                .load_counts(&topic, partition, fetched.generation, committed);
+        }
+        meta.redeliveries =
+            self.ledger
+                .earlier_starts(&topic, partition, offset, fetched.generation);
         Delivery {
             job: Job { meta, body },
             settle: Box::new(KafkaSettle {
@@ -631,8 +564,70 @@ impl KafkaSource {
                 topic,
                 partition,
                 offset,
-                generation,
+                generation: fetched.generation,
             }),
+        }
+    }
+}
+
+/// What the source takes from a record before it lets go of the consumer's buffer.
+struct FetchedRecord {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    meta: JobMeta,
+    body: Bytes,
+}
+
+impl FetchedRecord {
+    fn of(message: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        let topic = message.topic().to_owned();
+        Self {
+            meta: job::kafka::meta_from(&topic, &job::kafka::Record::of(message)),
+            body: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+            topic,
+            partition: message.partition(),
+            offset: message.offset(),
+        }
+    }
+}
+
+/// How long reading a partition's committed offset may take before its counts of
+/// earlier starts are taken as none.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The group's committed offset of one partition and its metadata (`None` when nothing
+/// is committed, or the broker did not answer: then no earlier starts are known and the
+/// records count from zero). A blocking call, so on tokio's blocking pool. rdkafka's
+/// metadata accessor panics on metadata that is not UTF-8 (another client of the group
+/// could commit such): the panic stays in the blocking task and counts as none too.
+async fn committed_position(
+    consumer: &Arc<JobConsumer>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, String)> {
+    let consumer = Arc::clone(consumer);
+    let (topic, what) = (topic.to_owned(), format!("{topic}/{partition}"));
+    let read = tokio::task::spawn_blocking(move || {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, partition);
+        let committed = consumer.committed_offsets(tpl, COMMITTED_TIMEOUT)?;
+        let element = committed.find_partition(&topic, partition);
+        Ok::<_, KafkaError>(element.and_then(|e| match e.offset() {
+            Offset::Offset(offset) => Some((offset, e.metadata().to_owned())),
+            _ => None,
+        }))
+    })
+    .await;
+    match read {
+        Ok(Ok(position)) => position,
+        Ok(Err(error)) => {
+            tracing::warn!(partition = %what, %error, "cannot read the committed offset; earlier starts of its jobs are not counted");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(partition = %what, %error, "the committed offset's metadata is unreadable; earlier starts of its jobs are not counted");
+            None
         }
     }
 }
@@ -689,8 +684,9 @@ impl JobSource for KafkaSource {
                 () = stop.cancelled() => break,
                 next = streams.next() => match next {
                     Some((consumer, Ok(message))) => {
-                        let delivery = self.delivery(&consumer, &message);
+                        let record = FetchedRecord::of(&message);
                         drop(message);
+                        let delivery = self.delivery(&consumer, record).await;
                         tokio::select! {
                             () = stop.cancelled() => break,
                             sent = tx.send(delivery) => if sent.is_err() { break },
@@ -725,23 +721,20 @@ impl JobSource for KafkaSource {
         let consumers = std::mem::take(&mut self.consumers);
         let ledger = Arc::clone(&self.ledger);
         let done = tokio::task::spawn_blocking(move || {
-            let offsets = ledger.stored_offsets();
+            let positions = ledger.positions(None);
             for consumer in consumers {
-                let mine: Vec<_> = offsets
-                    .elements()
-                    .into_iter()
-                    .filter(|e| {
-                        consumer
-                            .assignment()
-                            .is_ok_and(|a| a.find_partition(e.topic(), e.partition()).is_some())
-                    })
-                    .map(|e| (e.topic().to_owned(), e.partition(), e.offset()))
-                    .collect();
-                if !mine.is_empty() {
-                    let mut tpl = TopicPartitionList::new();
-                    for (topic, partition, offset) in mine {
-                        let _ = tpl.add_partition_offset(&topic, partition, offset);
+                let owned = |topic: &str, partition: i32| {
+                    consumer
+                        .assignment()
+                        .is_ok_and(|a| a.find_partition(topic, partition).is_some())
+                };
+                let mut tpl = TopicPartitionList::new();
+                for (topic, partition, position) in &positions {
+                    if owned(topic, *partition) {
+                        let _ = add_position(&mut tpl, topic, *partition, position);
                     }
+                }
+                if tpl.count() > 0 {
                     if let Err(error) = consumer.commit(&tpl, CommitMode::Sync) {
                         tracing::warn!(%error, "final commit failed; finished jobs may be redelivered");
                     }
@@ -762,6 +755,115 @@ impl JobSource for KafkaSource {
     }
 }
 
+/// Adds `position` (offset and metadata) of `topic`/`partition` to `tpl`.
+fn add_position(
+    tpl: &mut TopicPartitionList,
+    topic: &str,
+    partition: i32,
+    position: &Position,
+) -> Result<(), KafkaError> {
+    tpl.add_partition_offset(topic, partition, Offset::Offset(position.offset))?;
+    if let Some(mut element) = tpl.find_partition(topic, partition) {
+        element.set_metadata(&position.metadata);
+    }
+    Ok(())
+}
+
+/// How long the worker waits for the start of a job to be committed before it runs the
+/// job all the same (a crash during it then goes uncounted).
+const START_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The commits that make job starts durable, for one consumer (one queue). Each start
+/// asks for a commit of the partitions' positions with their start counts; one commit
+/// is in flight at a time, and the starts that come meanwhile ride on the next one. So
+/// the commit rate stays at about one per round trip to the group coordinator however
+/// many jobs start, and a start waits at most two commits.
+#[derive(Default)]
+struct StartCommits {
+    state: Mutex<StartState>,
+    /// The last start request a finished commit carried, and that commit's error.
+    done: tokio::sync::watch::Sender<(u64, Option<String>)>,
+}
+
+#[derive(Default)]
+struct StartState {
+    /// Start requests so far (a sequence number).
+    requested: u64,
+    /// Whether a committer task runs.
+    committing: bool,
+}
+
+impl StartCommits {
+    fn state(&self) -> MutexGuard<'_, StartState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for a commit carrying the starts recorded so far in `ledger` for `topic`;
+    /// returns the request's sequence number, for [`StartCommits::wait`].
+    fn request(consumer: &Arc<JobConsumer>, ledger: &Arc<Ledger>, topic: &str) -> u64 {
+        let this = &consumer.context().starts;
+        let mut state = this.state();
+        state.requested += 1;
+        let seq = state.requested;
+        if !state.committing {
+            state.committing = true;
+            let (consumer, ledger, topic) =
+                (Arc::clone(consumer), Arc::clone(ledger), topic.to_owned());
+            tokio::spawn(async move { Self::commit_until_current(consumer, ledger, topic).await });
+        }
+        seq
+    }
+
+    /// Commits the current positions of `topic`'s partitions until no start request
+    /// came in during the last commit.
+    async fn commit_until_current(consumer: Arc<JobConsumer>, ledger: Arc<Ledger>, topic: String) {
+        loop {
+            let carried = consumer.context().starts.state().requested;
+            let mut tpl = TopicPartitionList::new();
+            for (topic, partition, position) in ledger.positions(Some(&topic)) {
+                let _ = add_position(&mut tpl, &topic, partition, &position);
+            }
+            let committer = Arc::clone(&consumer);
+            let commit =
+                tokio::task::spawn_blocking(move || committer.commit(&tpl, CommitMode::Sync));
+            let error = match tokio::time::timeout(START_COMMIT_TIMEOUT, commit).await {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(e))) => Some(e.to_string()),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {START_COMMIT_TIMEOUT:?}")),
+            };
+            let this = &consumer.context().starts;
+            this.done.send_replace((carried, error));
+            let mut state = this.state();
+            if state.requested == carried {
+                state.committing = false;
+                return;
+            }
+        }
+    }
+
+    /// Waits until a commit carried start request `seq` (at most
+    /// [`START_COMMIT_TIMEOUT`] beyond one commit already under way).
+    async fn wait(consumer: &JobConsumer, seq: u64) -> Result<(), SettleError> {
+        let mut done = consumer.context().starts.done.subscribe();
+        let carried = async {
+            let result = done.wait_for(|(carried, _)| *carried >= seq).await;
+            result.map(|r| r.1.clone())
+        };
+        match tokio::time::timeout(START_COMMIT_TIMEOUT * 2, carried).await {
+            Ok(Ok(error)) => match error {
+                None => Ok(()),
+                Some(error) => Err(SettleError(format!("commit the start: {error}"))),
+            },
+            Ok(Err(_)) => Err(SettleError("commit the start: the consumer is gone".into())),
+            Err(_) => Err(SettleError(format!(
+                "commit the start: no answer within {:?}",
+                START_COMMIT_TIMEOUT * 2
+            ))),
+        }
+    }
+}
+
 struct KafkaSettle {
     consumer: Arc<JobConsumer>,
     ledger: Arc<Ledger>,
@@ -771,33 +873,75 @@ struct KafkaSettle {
     generation: u64,
 }
 
+impl KafkaSettle {
+    fn position_list(&self, position: &Position) -> Result<TopicPartitionList, SettleError> {
+        let mut tpl = TopicPartitionList::new();
+        add_position(&mut tpl, &self.topic, self.partition, position)
+            .map_err(|e| SettleError(e.to_string()))?;
+        Ok(tpl)
+    }
+}
+
 #[async_trait]
 impl Settle for KafkaSettle {
+    /// Counts the start in the partition's commit metadata (stored, so that the
+    /// periodic auto-commit carries the counts too) and has it committed. A record that
+    /// was started before without an outcome waits for that commit: from then on a
+    /// crash counts, so a job that takes its consumer down every time reaches its
+    /// attempt limit. A first start does not wait (most jobs are first starts, and a
+    /// commit round trip before each would cost fast jobs most of their throughput):
+    /// its commit goes out at once, and only a consumer that dies within the few
+    /// milliseconds before it reaches the broker leaves that start uncounted.
+    async fn started(&self) -> Result<(), SettleError> {
+        let Some((position, starts)) =
+            self.ledger
+                .started(&self.topic, self.partition, self.offset, self.generation)
+        else {
+            // Revoked since the fetch: the new owner replays it and counts for itself.
+            return Ok(());
+        };
+        let tpl = self.position_list(&position)?;
+        self.consumer
+            .store_offsets(&tpl)
+            .map_err(|e| SettleError(format!("store offset: {e}")))?;
+        let seq = StartCommits::request(&self.consumer, &self.ledger, &self.topic);
+        if starts > 1 {
+            StartCommits::wait(&self.consumer, seq).await?;
+        }
+        Ok(())
+    }
+
     async fn ack(self: Box<Self>) -> Result<(), SettleError> {
-        let Some(commit) =
+        let Some(position) =
             self.ledger
                 .finished(&self.topic, self.partition, self.offset, self.generation)
         else {
             return Ok(());
         };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(commit))
-            .map_err(|e| SettleError(e.to_string()))?;
+        let tpl = self.position_list(&position)?;
         self.consumer
             .store_offsets(&tpl)
             .map_err(|e| SettleError(format!("store offset: {e}")))
     }
 
-    /// Kafka cannot give one record back: leaving its offset unstored makes the group
-    /// replay it (and everything after it in its partition) after a restart or a
-    /// rebalance. Used for jobs fetched but not started at shutdown.
+    /// Kafka cannot hand one record back for an immediate redelivery: the group
+    /// replays from the committed offset, and only after a restart or a rebalance. So
+    /// this is an error that says so, not a silent success. Its offset simply stays
+    /// unfinished (the commit never passes it), which is right for what the worker calls
+    /// it for: jobs fetched but not started at shutdown, replayed by the next owner.
     async fn requeue(self: Box<Self>) -> Result<(), SettleError> {
-        Ok(())
+        Err(SettleError(
+            "Kafka cannot give one record back; it stays uncommitted and the group delivers it again after a restart or rebalance".to_owned(),
+        ))
     }
 
-    /// As `requeue` until dead-letter publishing lands for Kafka.
+    /// Kafka has no broker-side dead-lettering: jobgate publishes dead jobs to `Q.dlq`
+    /// itself (see the consumer's settling). Refusing a record here would do nothing,
+    /// so it is an error.
     async fn reject(self: Box<Self>) -> Result<(), SettleError> {
-        Ok(())
+        Err(SettleError(
+            "Kafka cannot dead-letter a record by itself; publish a copy to the dead-letter topic instead".to_owned(),
+        ))
     }
 }
 
@@ -834,57 +978,5 @@ mod tests {
         assert_eq!(message_timeout(ms(2000)), ms(1000));
         assert_eq!(message_timeout(ms(1500)), ms(750));
         assert_eq!(message_timeout(ms(1)), ms(1));
-    }
-
-    #[test]
-    fn commit_never_passes_an_unfinished_offset() {
-        let ledger = Ledger::default();
-        let g = (0..5).map(|o| ledger.fetched("t", 0, o)).last().unwrap();
-        // Finish out of order: 3, 1, 4 -> nothing past 0 may be committed.
-        assert_eq!(ledger.finished("t", 0, 3, g), Some(0));
-        assert_eq!(ledger.finished("t", 0, 1, g), None);
-        assert_eq!(ledger.finished("t", 0, 4, g), None);
-        // 0 finishes: 0 and 1 are done, 2 is not -> commit 2.
-        assert_eq!(ledger.finished("t", 0, 0, g), Some(2));
-        // 2 finishes: everything up to 4 is done -> commit 5.
-        assert_eq!(ledger.finished("t", 0, 2, g), Some(5));
-    }
-
-    #[test]
-    fn partitions_are_tracked_separately() {
-        let ledger = Ledger::default();
-        let a = ledger.fetched("t", 0, 10);
-        let b = ledger.fetched("t", 1, 7);
-        ledger.fetched("t", 1, 8);
-        assert_eq!(ledger.finished("t", 0, 10, a), Some(11));
-        assert_eq!(ledger.finished("t", 1, 8, b), Some(7));
-        assert_eq!(ledger.finished("t", 1, 7, b), Some(9));
-    }
-
-    #[test]
-    fn completions_from_before_a_revoke_are_ignored() {
-        let ledger = Ledger::default();
-        let old = ledger.fetched("t", 0, 0);
-        ledger.revoke(&[("t".into(), 0)]);
-        assert_eq!(ledger.finished("t", 0, 0, old), None);
-        // Re-assigned later: a new generation starts from what is fetched then.
-        let new = ledger.fetched("t", 0, 0);
-        assert_ne!(old, new);
-        assert_eq!(ledger.finished("t", 0, 0, old), None);
-        assert_eq!(ledger.finished("t", 0, 0, new), Some(1));
-    }
-
-    #[test]
-    fn the_final_commit_lists_stored_offsets_only() {
-        let ledger = Ledger::default();
-        let g = ledger.fetched("t", 0, 4);
-        ledger.fetched("t", 1, 9);
-        ledger.finished("t", 0, 4, g);
-        let tpl = ledger.stored_offsets();
-        assert_eq!(tpl.count(), 1);
-        assert_eq!(
-            tpl.find_partition("t", 0).unwrap().offset(),
-            Offset::Offset(5)
-        );
     }
 }

@@ -1,0 +1,430 @@
+//! Per-partition bookkeeping of a Kafka job consumer: which offsets are in flight, how
+//! far the group may commit, and how often each in-flight record was started without
+//! an outcome.
+//!
+//! Commit position: the first offset not yet finished, even when jobs of one partition
+//! finish out of order, so a crash replays every unfinished job (at least once).
+//!
+//! Deliveries without an outcome: Kafka keeps no delivery count, and a record replayed
+//! after a crash looks like any other. So the consumer keeps the count itself, in the
+//! metadata string of the offset it commits for the partition: for each record at or
+//! after the commit position that was started and has not finished, how many times it
+//! was started ([`encode`]). The worker makes a start durable before it runs the handler
+//! (an offset commit, see `KafkaSettle::started`); the next owner of the partition reads
+//! the committed metadata when it first fetches from it ([`Ledger::load_counts`]) and
+//! hands each replayed record the count of its earlier starts.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// What an offset commit of one partition carries: the offset (the next one to
+/// consume) and the counts of started records at or after it, as metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub offset: i64,
+    pub metadata: String,
+}
+
+/// What the ledger says about a record just fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    /// The ownership generation it belongs to.
+    pub generation: u64,
+    /// True for the first record of this ownership: the counts of earlier starts must
+    /// be loaded from the group's committed offset before it is delivered.
+    pub needs_counts: bool,
+}
+
+/// Marks metadata written by this scheme (other tools commit other metadata, or none).
+const METADATA_PREFIX: &str = "jobgate-starts-v1:";
+/// Longest metadata written: below Kafka's default `offset.metadata.max.bytes` (4096),
+/// over which the broker refuses the commit. Counts that do not fit (the highest
+/// offsets, with thousands of jobs of one partition in flight) are left out.
+pub const MAX_METADATA_BYTES: usize = 3800;
+
+/// The metadata of a commit at `offset` listing `counts` (offset -> starts): offsets
+/// relative to `offset`, so that it stays short (`jobgate-starts-v1:0=1,3=2`).
+pub fn encode(offset: i64, counts: &BTreeMap<i64, u32>) -> String {
+    let mut metadata = METADATA_PREFIX.to_owned();
+    let mut first = true;
+    for (at, starts) in counts.range(offset..) {
+        let entry = format!("{}{}={starts}", if first { "" } else { "," }, at - offset);
+        if metadata.len() + entry.len() > MAX_METADATA_BYTES {
+            break;
+        }
+        metadata.push_str(&entry);
+        first = false;
+    }
+    metadata
+}
+
+/// The counts a commit at `offset` with `metadata` carries; anything that is not ours,
+/// or not well formed, counts nothing.
+pub fn decode(offset: i64, metadata: &str) -> BTreeMap<i64, u32> {
+    let Some(entries) = metadata.strip_prefix(METADATA_PREFIX) else {
+        return BTreeMap::new();
+    };
+    entries
+        .split(',')
+        .filter_map(|entry| {
+            let (delta, starts) = entry.split_once('=')?;
+            let delta: i64 = delta.parse().ok().filter(|d| *d >= 0)?;
+            let starts: u32 = starts.parse().ok().filter(|s| *s >= 1)?;
+            Some((offset.checked_add(delta)?, starts))
+        })
+        .collect()
+}
+
+/// Bookkeeping of one owned partition.
+#[derive(Debug)]
+struct PartitionLedger {
+    /// Bumped at each assignment, so completions from an earlier ownership are ignored.
+    generation: u64,
+    /// Offsets fetched and not yet finished.
+    pending: BTreeSet<i64>,
+    /// One past the highest offset fetched.
+    next: i64,
+    /// The last offset stored for commit (the next offset to consume).
+    stored: Option<i64>,
+    /// Starts without an outcome so far, by offset: loaded from the committed metadata,
+    /// one more at each start, dropped when the record finishes.
+    counts: BTreeMap<i64, u32>,
+    /// Whether `counts` were loaded from the group's committed offset.
+    loaded: bool,
+}
+
+impl PartitionLedger {
+    /// The first unfinished offset, or one past the highest fetched.
+    fn commit_offset(&self) -> i64 {
+        self.pending.first().copied().unwrap_or(self.next)
+    }
+
+    fn position(&self) -> Position {
+        let offset = self.commit_offset();
+        Position {
+            offset,
+            metadata: encode(offset, &self.counts),
+        }
+    }
+}
+
+/// Tracks, for every owned partition, which offsets are in flight, and computes the
+/// highest offset that may be committed: never past an unfinished job.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    partitions: Mutex<HashMap<(String, i32), PartitionLedger>>,
+    generations: AtomicU64,
+}
+
+impl Ledger {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, i32), PartitionLedger>> {
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The partition's ledger when it is still the ownership `generation`.
+    fn owned<'a>(
+        parts: &'a mut HashMap<(String, i32), PartitionLedger>,
+        topic: &str,
+        partition: i32,
+        generation: u64,
+    ) -> Option<&'a mut PartitionLedger> {
+        parts
+            .get_mut(&(topic.to_owned(), partition))
+            .filter(|entry| entry.generation == generation)
+    }
+
+    /// Records a fetched offset.
+    pub fn fetched(&self, topic: &str, partition: i32, offset: i64) -> Fetched {
+        let mut parts = self.lock();
+        let entry = parts
+            .entry((topic.to_owned(), partition))
+            .or_insert_with(|| PartitionLedger {
+                generation: self.generations.fetch_add(1, Ordering::SeqCst),
+                pending: BTreeSet::new(),
+                next: offset,
+                stored: None,
+                counts: BTreeMap::new(),
+                loaded: false,
+            });
+        entry.pending.insert(offset);
+        entry.next = entry.next.max(offset + 1);
+        Fetched {
+            generation: entry.generation,
+            needs_counts: !entry.loaded,
+        }
+    }
+
+    /// Takes the counts of earlier starts from the group's committed position of the
+    /// partition (`None`, or metadata that is not ours: no earlier starts).
+    pub fn load_counts(
+        &self,
+        topic: &str,
+        partition: i32,
+        generation: u64,
+        committed: Option<(i64, &str)>,
+    ) {
+        let mut parts = self.lock();
+        let Some(entry) = Self::owned(&mut parts, topic, partition, generation) else {
+            return;
+        };
+        if let Some((offset, metadata)) = committed {
+            for (at, starts) in decode(offset, metadata) {
+                let count = entry.counts.entry(at).or_insert(0);
+                *count = (*count).max(starts);
+            }
+        }
+        entry.loaded = true;
+    }
+
+    /// How many times `offset` was started before without an outcome.
+    pub fn earlier_starts(&self, topic: &str, partition: i32, offset: i64, generation: u64) -> u32 {
+        let mut parts = self.lock();
+        Self::owned(&mut parts, topic, partition, generation)
+            .and_then(|entry| entry.counts.get(&offset).copied())
+            .unwrap_or(0)
+    }
+
+    /// Records that the job at `offset` starts; returns the position to commit so the
+    /// start is durable and how many times the job was started in all (this one
+    /// included), or `None` when the partition was revoked since the fetch.
+    pub fn started(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+    ) -> Option<(Position, u32)> {
+        let mut parts = self.lock();
+        let entry = Self::owned(&mut parts, topic, partition, generation)?;
+        let starts = entry.counts.entry(offset).or_insert(0);
+        *starts = starts.saturating_add(1);
+        let starts = *starts;
+        Some((entry.position(), starts))
+    }
+
+    /// Records a finished offset. Returns the position to store for commit, or `None`
+    /// when the partition was revoked since the job was fetched or the commit offset
+    /// did not move (the next move carries the counts as they are then).
+    pub fn finished(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+    ) -> Option<Position> {
+        let mut parts = self.lock();
+        let entry = Self::owned(&mut parts, topic, partition, generation)?;
+        entry.pending.remove(&offset);
+        entry.counts.remove(&offset);
+        let position = entry.position();
+        if entry.stored.is_some_and(|s| s >= position.offset) {
+            return None;
+        }
+        entry.stored = Some(position.offset);
+        Some(position)
+    }
+
+    /// Forgets revoked partitions.
+    pub fn revoke(&self, partitions: &[(String, i32)]) {
+        let mut parts = self.lock();
+        for key in partitions {
+            parts.remove(key);
+        }
+    }
+
+    /// The position of every owned partition of `topic` (every topic: `None`) from
+    /// which something was fetched, to commit: what finished moves the offset, what
+    /// started and did not finish stays counted in the metadata.
+    pub fn positions(&self, topic: Option<&str>) -> Vec<(String, i32, Position)> {
+        self.lock()
+            .iter()
+            .filter(|((t, _), _)| topic.is_none_or(|topic| t == topic))
+            .filter(|(_, entry)| entry.stored.is_some() || !entry.counts.is_empty())
+            .map(|((topic, partition), entry)| (topic.clone(), *partition, entry.position()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offset(p: Option<Position>) -> Option<i64> {
+        p.map(|p| p.offset)
+    }
+
+    #[test]
+    fn commit_never_passes_an_unfinished_offset() {
+        let ledger = Ledger::default();
+        let g = (0..5)
+            .map(|o| ledger.fetched("t", 0, o).generation)
+            .last()
+            .unwrap();
+        // Finish out of order: 3, 1, 4 -> nothing past 0 may be committed.
+        assert_eq!(offset(ledger.finished("t", 0, 3, g)), Some(0));
+        assert_eq!(offset(ledger.finished("t", 0, 1, g)), None);
+        assert_eq!(offset(ledger.finished("t", 0, 4, g)), None);
+        // 0 finishes: 0 and 1 are done, 2 is not -> commit 2.
+        assert_eq!(offset(ledger.finished("t", 0, 0, g)), Some(2));
+        // 2 finishes: everything up to 4 is done -> commit 5.
+        assert_eq!(offset(ledger.finished("t", 0, 2, g)), Some(5));
+    }
+
+    #[test]
+    fn partitions_are_tracked_separately() {
+        let ledger = Ledger::default();
+        let a = ledger.fetched("t", 0, 10).generation;
+        let b = ledger.fetched("t", 1, 7).generation;
+        ledger.fetched("t", 1, 8);
+        assert_eq!(offset(ledger.finished("t", 0, 10, a)), Some(11));
+        assert_eq!(offset(ledger.finished("t", 1, 8, b)), Some(7));
+        assert_eq!(offset(ledger.finished("t", 1, 7, b)), Some(9));
+    }
+
+    #[test]
+    fn completions_from_before_a_revoke_are_ignored() {
+        let ledger = Ledger::default();
+        let old = ledger.fetched("t", 0, 0).generation;
+        ledger.revoke(&[("t".into(), 0)]);
+        assert_eq!(ledger.finished("t", 0, 0, old), None);
+        assert_eq!(ledger.started("t", 0, 0, old), None);
+        // Re-assigned later: a new generation starts from what is fetched then.
+        let new = ledger.fetched("t", 0, 0);
+        assert_ne!(old, new.generation);
+        assert!(
+            new.needs_counts,
+            "a new ownership reads the committed counts"
+        );
+        assert_eq!(ledger.finished("t", 0, 0, old), None);
+        assert_eq!(offset(ledger.finished("t", 0, 0, new.generation)), Some(1));
+    }
+
+    #[test]
+    fn the_final_commit_lists_finished_and_started_partitions_only() {
+        let ledger = Ledger::default();
+        let g = ledger.fetched("t", 0, 4).generation;
+        ledger.fetched("t", 1, 9);
+        let h = ledger.fetched("t", 2, 20).generation;
+        ledger.finished("t", 0, 4, g);
+        ledger.started("t", 2, 20, h);
+        ledger.fetched("u", 0, 1);
+        ledger.started("u", 0, 1, ledger.fetched("u", 0, 2).generation);
+        assert_eq!(ledger.positions(None).len(), 3);
+        let mut positions = ledger.positions(Some("t"));
+        positions.sort_by_key(|(_, p, _)| *p);
+        assert_eq!(
+            positions,
+            vec![
+                (
+                    "t".into(),
+                    0,
+                    Position {
+                        offset: 5,
+                        metadata: encode(5, &BTreeMap::new())
+                    }
+                ),
+                (
+                    "t".into(),
+                    2,
+                    Position {
+                        offset: 20,
+                        metadata: "jobgate-starts-v1:0=1".into()
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn starts_are_counted_in_the_commit_metadata_until_the_job_finishes() {
+        let ledger = Ledger::default();
+        let f = ledger.fetched("t", 0, 100);
+        ledger.fetched("t", 0, 101);
+        ledger.fetched("t", 0, 102);
+        ledger.load_counts("t", 0, f.generation, None);
+        let g = f.generation;
+        let at = |p: Option<(Position, u32)>| p.expect("owned").0;
+        assert_eq!(
+            at(ledger.started("t", 0, 100, g)).metadata,
+            "jobgate-starts-v1:0=1"
+        );
+        assert_eq!(
+            at(ledger.started("t", 0, 102, g)).metadata,
+            "jobgate-starts-v1:0=1,2=1"
+        );
+        // 100 finishes: the commit moves to 101 and 102 stays counted (relative to 101).
+        let moved = ledger.finished("t", 0, 100, g).expect("owned");
+        assert_eq!(
+            moved,
+            Position {
+                offset: 101,
+                metadata: "jobgate-starts-v1:1=1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn the_next_owner_reads_the_earlier_starts_and_counts_on() {
+        // The first owner started 7 twice (it crashed once before) and 9 once, then died.
+        let committed = Position {
+            offset: 7,
+            metadata: encode(7, &BTreeMap::from([(7, 2), (9, 1)])),
+        };
+        let ledger = Ledger::default();
+        let f = ledger.fetched("t", 3, 7);
+        assert!(f.needs_counts);
+        ledger.load_counts("t", 3, f.generation, Some((7, &committed.metadata)));
+        assert!(!ledger.fetched("t", 3, 8).needs_counts, "loaded once");
+        ledger.fetched("t", 3, 9);
+        let g = f.generation;
+        assert_eq!(ledger.earlier_starts("t", 3, 7, g), 2);
+        assert_eq!(ledger.earlier_starts("t", 3, 8, g), 0);
+        assert_eq!(ledger.earlier_starts("t", 3, 9, g), 1);
+        // Not yet started again here, still counted: a crash now loses no count.
+        let (p, starts) = ledger.started("t", 3, 8, g).unwrap();
+        assert_eq!(
+            (p.metadata.as_str(), starts),
+            ("jobgate-starts-v1:0=2,1=1,2=1", 1)
+        );
+        let (p, starts) = ledger.started("t", 3, 7, g).unwrap();
+        assert_eq!(
+            (p.metadata.as_str(), starts),
+            ("jobgate-starts-v1:0=3,1=1,2=1", 3)
+        );
+    }
+
+    #[test]
+    fn metadata_of_others_and_junk_count_nothing() {
+        for junk in [
+            "",
+            "some other tool",
+            "jobgate-starts-v1:",
+            "jobgate-starts-v1:x=1,-1=2,3=0,4=,=5,9999999999999999999=1",
+        ] {
+            assert!(decode(10, junk).is_empty(), "{junk:?}");
+        }
+        assert!(
+            decode(i64::MAX, "jobgate-starts-v1:1=1").is_empty(),
+            "overflow"
+        );
+        assert_eq!(
+            decode(10, "jobgate-starts-v1:0=1,junk,2=3"),
+            BTreeMap::from([(10, 1), (12, 3)])
+        );
+    }
+
+    #[test]
+    fn metadata_stays_below_what_the_broker_takes() {
+        let counts: BTreeMap<i64, u32> = (0..5000).map(|o| (o, 1_000)).collect();
+        let metadata = encode(0, &counts);
+        assert!(metadata.len() <= MAX_METADATA_BYTES, "{}", metadata.len());
+        let kept = decode(0, &metadata);
+        assert!(
+            kept.len() > 300,
+            "the lowest offsets are kept: {}",
+            kept.len()
+        );
+        assert_eq!(kept.keys().next(), Some(&0));
+    }
+}
