@@ -102,6 +102,17 @@ pub struct Args {
     /// the notes, say).
     #[arg(long)]
     pub render_only: bool,
+    /// Run only the soak, for this many seconds per backend: a producer and a consumer
+    /// under steady traffic, their resident memory sampled every 15 s; writes
+    /// `--soak-report` and exits 1 when a process's memory grows.
+    #[arg(long, value_parser = positive_secs)]
+    pub soak: Option<f64>,
+    /// Requests per second of the soak's traffic.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_secs)]
+    pub soak_rate: f64,
+    /// The soak's report [default: bench/soak.md].
+    #[arg(long)]
+    pub soak_report: Option<PathBuf>,
     /// The whole run is abandoned (exit 1) after this many seconds.
     #[arg(long, default_value_t = 1200)]
     pub max_seconds: u64,

@@ -27,6 +27,7 @@ mod kafka_only;
 mod manifests;
 mod metadata;
 mod observability;
+mod publisher;
 mod rabbitmq_only;
 mod retries;
 mod scenarios;
