@@ -47,6 +47,9 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the supervisor checks the health of a session besides listening to events.
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// A publisher connection that lived this long was healthy: when it is lost, the next
+/// one is opened at once and the reconnect backoff starts over.
+const STABLE_SESSION: Duration = Duration::from_secs(5);
 /// How often a publisher connection sends its alarm probe (see [`probe_for_alarm`]).
 const ALARM_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Routing key of the alarm probe: `amq.` queue names are reserved, so no queue can
@@ -420,7 +423,7 @@ impl PublishPath {
         while !self.cancel.is_cancelled() {
             match self.open_session().await {
                 Ok(session) => {
-                    backoff.reset();
+                    let opened = Instant::now();
                     let session = Arc::new(session);
                     self.set_current(Some(Arc::clone(&session)));
                     tracing::info!(url = %self.options.url, "publisher connected to RabbitMQ; topology declared");
@@ -437,9 +440,13 @@ impl PublishPath {
                     if self.cancel.is_cancelled() {
                         break;
                     }
-                    // A lost connection is usually back at once (a broker-side error
-                    // closed it, or a node restarted): try again without waiting first.
-                    continue;
+                    // A connection lost after a good while is usually back at once (a
+                    // broker-side error closed it, or a node restarted): try again
+                    // without waiting. One that keeps dying young backs off.
+                    if opened.elapsed() >= STABLE_SESSION {
+                        backoff.reset();
+                        continue;
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(url = %self.options.url, %error, "cannot connect to RabbitMQ");
