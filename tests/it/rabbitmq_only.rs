@@ -317,3 +317,57 @@ async fn a_neighbours_deleted_queue_costs_the_healthy_queue_nothing() {
     )
     .await;
 }
+
+/// The `exec` command runs what jobs say: it must not see the consumer's broker URL (or
+/// any `JOBGATE_*` setting), only the variables `JOBGATE_EXEC_ENV` names, and a job id
+/// published by hand as a path (`../../tmp/x`) reaches it as a safe, derived id.
+#[tokio::test]
+async fn the_exec_command_gets_no_broker_url_and_no_path_as_job_id() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("execenv");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let seen = std::env::temp_dir().join(format!("{queue}.seen"));
+    let script = r#"printf "%s|%s|%s\n" "${JOBGATE_AMQP_URL-withheld}" "$SEEN_FILE" "$JOB_ID" >> "$SEEN_FILE""#;
+    let consumer = Consumer::start(
+        BACKEND,
+        &queue,
+        &vars(&[
+            ("JOBGATE_HANDLER", "exec"),
+            ("JOBGATE_EXEC_COMMAND", &format!("sh -c '{script}'")),
+            ("SEEN_FILE", seen.to_str().unwrap()),
+            ("JOBGATE_EXEC_ENV", "PATH,SEEN_FILE"),
+        ]),
+    )
+    .await;
+    // A message published by hand whose message_id is a path.
+    let channel = rabbit::connect().await.create_channel().await.unwrap();
+    let properties = lapin::BasicProperties::default().with_message_id("../../tmp/x".into());
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"{}",
+            properties,
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the command to run", || async {
+        std::fs::read_to_string(&seen).is_ok_and(|s| !s.is_empty())
+    })
+    .await;
+    drop(consumer);
+    let line = std::fs::read_to_string(&seen).unwrap();
+    let _ = std::fs::remove_file(&seen);
+    let fields: Vec<&str> = line.trim_end().split('|').collect();
+    assert_eq!(
+        fields[0], "withheld",
+        "the command saw the broker URL: {line}"
+    );
+    assert_eq!(fields[1], seen.to_str().unwrap());
+    assert!(
+        jobgate_shared::job::is_safe_id(fields[2]) && !fields[2].contains('/'),
+        "JOB_ID {:?} is not a safe id",
+        fields[2]
+    );
+}
