@@ -113,7 +113,8 @@ pub struct Args {
     /// The soak's report [default: bench/soak.md].
     #[arg(long)]
     pub soak_report: Option<PathBuf>,
-    /// The whole run is abandoned (exit 1) after this many seconds.
+    /// The whole run is abandoned (exit 1) after this many seconds (a soak gets at least
+    /// its own length plus 5 minutes).
     #[arg(long, default_value_t = 1200)]
     pub max_seconds: u64,
 }
@@ -187,7 +188,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let limit = Duration::from_secs(args.max_seconds);
+    // A soak lasts what it was asked to, plus start-up and shutdown.
+    let soak_limit = args.soak.map_or(0.0, |seconds| seconds + 300.0);
+    let limit = Duration::from_secs(args.max_seconds).max(Duration::from_secs_f64(soak_limit));
     let leftovers = run::Leftovers::default();
     let outcome = tokio::select! {
         r = tokio::time::timeout(limit, run::run(&args, workspace_root(), &leftovers)) => match r {
