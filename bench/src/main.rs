@@ -102,7 +102,19 @@ pub struct Args {
     /// the notes, say).
     #[arg(long)]
     pub render_only: bool,
-    /// The whole run is abandoned (exit 1) after this many seconds.
+    /// Run only the soak, for this many seconds per backend: a producer and a consumer
+    /// under steady traffic, their resident memory sampled every 15 s; writes
+    /// `--soak-report` and exits 1 when a process's memory grows.
+    #[arg(long, value_parser = positive_secs)]
+    pub soak: Option<f64>,
+    /// Requests per second of the soak's traffic.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_secs)]
+    pub soak_rate: f64,
+    /// The soak's report [default: bench/soak.md].
+    #[arg(long)]
+    pub soak_report: Option<PathBuf>,
+    /// The whole run is abandoned (exit 1) after this many seconds (a soak gets at least
+    /// its own length plus 5 minutes).
     #[arg(long, default_value_t = 1200)]
     pub max_seconds: u64,
 }
@@ -176,7 +188,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let limit = Duration::from_secs(args.max_seconds);
+    // A soak lasts what it was asked to, plus start-up and shutdown.
+    let soak_limit = args.soak.map_or(0.0, |seconds| seconds + 300.0);
+    let limit = Duration::from_secs(args.max_seconds).max(Duration::from_secs_f64(soak_limit));
     let leftovers = run::Leftovers::default();
     let outcome = tokio::select! {
         r = tokio::time::timeout(limit, run::run(&args, workspace_root(), &leftovers)) => match r {

@@ -86,6 +86,13 @@ impl Running {
         parse_vm_hwm(&status).with_context(|| format!("no VmHWM line in {path}"))
     }
 
+    /// Resident memory now (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        let path = format!("/proc/{}/status", self.pid);
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        parse_status_kib(&status, "VmRSS").with_context(|| format!("no VmRSS line in {path}"))
+    }
+
     /// CPU time (user + system) the process has used so far, in seconds.
     pub fn cpu_seconds(&self) -> Result<f64> {
         let path = format!("/proc/{}/stat", self.pid);
@@ -136,9 +143,14 @@ impl Running {
 
 /// The `VmHWM` figure (KiB) of a `/proc/<pid>/status` text.
 pub fn parse_vm_hwm(status: &str) -> Option<u64> {
+    parse_status_kib(status, "VmHWM")
+}
+
+/// The figure (KiB) of line `field` of a `/proc/<pid>/status` text.
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
 }

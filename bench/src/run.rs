@@ -15,6 +15,8 @@ use crate::report::{
 };
 use crate::{Args, Which};
 
+mod soak;
+
 /// The job body every phase sends: a small JSON document, as a typical job.
 const BODY: &str = r#"{"task":"send-welcome-email","to":"someone@example.com","template":"welcome-v2","locale":"en","attempt_hint":1}"#;
 
@@ -792,8 +794,41 @@ fn machine(root: &PathBuf) -> Machine {
 /// Runs every phase of every backend asked for, then writes the report. The caller
 /// deletes what `leftovers` recorded, whatever happened.
 pub async fn run(args: &Args, root: PathBuf, leftovers: &Leftovers) -> Result<()> {
+    if let Some(seconds) = args.soak {
+        return soak_all(args, &root, leftovers, Duration::from_secs_f64(seconds)).await;
+    }
     let report = measure_all(args, &root, leftovers).await?;
     write_report(args, &root, &report)
+}
+
+/// `--soak`: the soak of each backend asked for, and its report.
+async fn soak_all(
+    args: &Args,
+    root: &PathBuf,
+    leftovers: &Leftovers,
+    duration: Duration,
+) -> Result<()> {
+    let machine = machine(root);
+    let mut soaks = Vec::new();
+    for bench in benches(args, root, leftovers).await? {
+        let soaked = bench.soak(duration, args.soak_rate).await;
+        bench.close().await;
+        soaks.push(soaked.with_context(|| format!("{} soak", bench.backend))?);
+    }
+    let path = args
+        .soak_report
+        .clone()
+        .unwrap_or_else(|| root.join("bench/soak.md"));
+    let summary = format!(
+        "{}, {} cores, commit {}",
+        machine.cpu_model, machine.nproc, machine.git_commit
+    );
+    soak::write(&path, &soak::render(&soaks, &summary))?;
+    say(format!("soak report: {}", path.display()));
+    if !soak::all_flat(&soaks) {
+        bail!("memory grows over uptime: see {}", path.display());
+    }
+    Ok(())
 }
 
 /// `--render-only`: the Markdown again from the JSON of the last run and the notes.
@@ -836,8 +871,12 @@ fn write_report(args: &Args, root: &Path, report: &Report) -> Result<()> {
     Ok(())
 }
 
-async fn measure_all(args: &Args, root: &PathBuf, leftovers: &Leftovers) -> Result<Report> {
-    let mut machine = machine(root);
+/// The context of each backend asked for, connected, with the binaries and their logs.
+async fn benches<'a>(
+    args: &'a Args,
+    root: &Path,
+    leftovers: &'a Leftovers,
+) -> Result<Vec<Bench<'a>>> {
     let uuid = uuid::Uuid::now_v7().simple().to_string();
     let run_id = uuid[uuid.len() - 8..].to_owned();
     let bin_dir = match &args.bin_dir {
@@ -862,13 +901,13 @@ async fn measure_all(args: &Args, root: &PathBuf, leftovers: &Leftovers) -> Resu
         Which::Kafka => &["kafka"],
         Which::All => &["rabbitmq", "kafka"],
     };
-    let mut results = Vec::new();
+    let mut benches = Vec::new();
     for &backend in backends {
         let broker = match backend {
             "rabbitmq" => Broker::Rabbit(Box::new(Rabbit::connect(&args.amqp_url).await?)),
             _ => Broker::Kafka(Kafka::new(&args.kafka_brokers, args.kafka_partitions)?),
         };
-        let bench = Bench {
+        benches.push(Bench {
             args,
             bins: bins.clone(),
             http: http.clone(),
@@ -882,12 +921,27 @@ async fn measure_all(args: &Args, root: &PathBuf, leftovers: &Leftovers) -> Resu
             jobs: args
                 .jobs
                 .unwrap_or(if backend == "kafka" { 500_000 } else { 50_000 }),
-        };
-        let measured = bench.measure().await;
-        if let Broker::Rabbit(r) = &bench.broker {
+        });
+    }
+    Ok(benches)
+}
+
+impl Bench<'_> {
+    /// Closes the raw client's connection.
+    async fn close(&self) {
+        if let Broker::Rabbit(r) = &self.broker {
             r.close().await;
         }
-        results.push(measured.with_context(|| format!("{backend} phases"))?);
+    }
+}
+
+async fn measure_all(args: &Args, root: &PathBuf, leftovers: &Leftovers) -> Result<Report> {
+    let mut machine = machine(root);
+    let mut results = Vec::new();
+    for bench in benches(args, root, leftovers).await? {
+        let measured = bench.measure().await;
+        bench.close().await;
+        results.push(measured.with_context(|| format!("{} phases", bench.backend))?);
     }
     machine.load_after = load_average();
     Ok(Report {

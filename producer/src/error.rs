@@ -105,17 +105,13 @@ impl ApiError {
                 format!("The job's metadata cannot be sent to the message broker: {why}. Nothing was queued.")
             }
             // The broker's own words stay in the log: they may name hosts and users.
+            Self::Publish(e) if e.may_have_been_queued() => format!(
+                "The job was sent but not confirmed ({}): it may have been queued. A retry may queue it twice.",
+                publish_failure(e)
+            ),
             Self::Publish(e) => format!(
                 "The job was not accepted ({}). Nothing was queued; retry later.",
-                match e {
-                    PublishError::Unavailable => "the message broker is not reachable",
-                    PublishError::Timeout(_) => "the message broker did not confirm in time",
-                    PublishError::Nacked => "the message broker refused it",
-                    PublishError::Unroutable => "the message broker has no queue for it",
-                    PublishError::Broker(_) => "the message broker failed",
-                    PublishError::Overloaded => "too many jobs are waiting for the message broker",
-                    PublishError::Malformed(_) => "its metadata cannot be sent",
-                }
+                publish_failure(e)
             ),
             Self::BadMetadata(e) => format!("{e} Nothing was queued."),
             Self::ShuttingDown => {
@@ -134,6 +130,23 @@ impl ApiError {
             Self::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         }
+    }
+}
+
+/// What went wrong with a publish, in words for the client (the broker's own words
+/// stay in the log).
+fn publish_failure(e: &PublishError) -> &'static str {
+    match e {
+        PublishError::Unavailable => "the message broker is not reachable",
+        PublishError::Timeout(_) => "the message broker did not confirm in time",
+        PublishError::Unconfirmed(_) => {
+            "the connection to the message broker was lost before it confirmed"
+        }
+        PublishError::Nacked => "the message broker refused it",
+        PublishError::Unroutable => "the message broker has no queue for it",
+        PublishError::Broker(_) => "the message broker failed",
+        PublishError::Overloaded => "too many jobs are waiting for the message broker",
+        PublishError::Malformed(_) => "its metadata cannot be sent",
     }
 }
 
@@ -185,5 +198,30 @@ impl IntoResponse for ApiError {
             this.detail(),
             this.retry_after(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publish_whose_fate_is_unknown_says_the_job_may_have_been_queued() {
+        for unknown in [
+            PublishError::Timeout(Duration::from_secs(5)),
+            PublishError::Unconfirmed("connection reset".into()),
+        ] {
+            let detail = ApiError::Publish(unknown).detail();
+            assert!(detail.contains("may have been queued"), "{detail}");
+            assert!(!detail.contains("Nothing was queued"), "{detail}");
+        }
+        for refused in [
+            PublishError::Unavailable,
+            PublishError::Nacked,
+            PublishError::Unroutable,
+        ] {
+            let detail = ApiError::Publish(refused).detail();
+            assert!(detail.contains("Nothing was queued"), "{detail}");
+        }
     }
 }

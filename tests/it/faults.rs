@@ -478,8 +478,9 @@ impl Ledger {
             ("JOBGATE_HANDLER", "exec".to_owned()),
             // `sh -c <script>`: the handler splits words like a shell, runs no shell.
             ("JOBGATE_EXEC_COMMAND", format!("sh -c '{script}'")),
-            // The command inherits the consumer's environment.
+            // The command gets only the consumer's variables named in JOBGATE_EXEC_ENV.
             ("LEDGER_TRACE", self.trace.display().to_string()),
+            ("JOBGATE_EXEC_ENV", "PATH,LEDGER_TRACE".to_owned()),
             ("JOBGATE_CONCURRENCY", concurrency.to_string()),
             // Probes on a port of its own, to see readiness while the broker is away.
             ("JOBGATE_METRICS_LISTEN", "127.0.0.1:0".to_owned()),

@@ -30,6 +30,7 @@ mod kafka_only;
 mod manifests;
 mod metadata;
 mod observability;
+mod publisher;
 mod rabbitmq_only;
 mod redelivery;
 mod retries;

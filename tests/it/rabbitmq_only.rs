@@ -176,3 +176,198 @@ async fn prefetched_jobs_go_back_right_after_sigterm_not_after_the_grace() {
         Some(0)
     );
 }
+
+/// How one request of [`a_neighbours_deleted_queue_costs_the_healthy_queue_nothing`]
+/// ended, by queue.
+#[derive(Debug, Default)]
+struct Tally {
+    accepted: Vec<String>,
+    /// When each accepted request was sent.
+    accepted_at: Vec<tokio::time::Instant>,
+    /// 503s whose text says the job may have been queued (sent, confirm lost).
+    ambiguous: usize,
+    /// Every other answer, with what it was.
+    refused: Vec<String>,
+}
+
+/// Two queues on one producer, clients posting to both, and the second deleted by hand
+/// again and again (RabbitMQ 3.10 may close the whole connection for it: 541
+/// INTERNAL_ERROR). The healthy queue must not pay for it: a job that had not left the
+/// process when the connection closed goes out on the next one within the publish
+/// timeout, and each queue has a connection of its own, so no confirm of the healthy
+/// queue is lost with the victim's connection: the healthy queue gets no 503 at all,
+/// not even the ambiguous one ("may have been queued"). Every 202'd job of the healthy
+/// queue is in it afterwards, as is every victim job posted after the last deletion,
+/// and every request of both is answered (202 or 503), none hangs.
+#[tokio::test]
+async fn a_neighbours_deleted_queue_costs_the_healthy_queue_nothing() {
+    use std::sync::{Arc, Mutex};
+    let _brokers = brokers_shared().await;
+    let healthy = unique("healthy");
+    let victim = unique("victim");
+    let _cleanup = BACKEND.cleanup(&[&healthy, &victim]);
+    let producer = Producer::start(BACKEND, &[&healthy, &victim], &[]).await;
+    let tallies: Arc<Mutex<[Tally; 2]>> = Arc::default();
+    // Posting goes on for a few seconds after the last deletion (at about 11 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut clients = Vec::new();
+    for client in 0..32 {
+        let which = client % 2;
+        let queue = [&healthy, &victim][which].clone();
+        let (http, url) = (
+            producer.http.clone(),
+            producer.url(&format!("/jobs/{queue}")),
+        );
+        let tallies = Arc::clone(&tallies);
+        clients.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                let started = tokio::time::Instant::now();
+                let sent = http
+                    .post(&url)
+                    .timeout(Duration::from_secs(30))
+                    .body("{}")
+                    .send()
+                    .await;
+                let (status, body) = match sent {
+                    Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                    Err(e) => (0, format!("{e:?}")),
+                };
+                let mut tallies = tallies.lock().unwrap();
+                let tally = &mut tallies[which];
+                match status {
+                    202 => {
+                        let v: Value = serde_json::from_str(&body).unwrap();
+                        tally
+                            .accepted
+                            .push(v["job_id"].as_str().unwrap().to_owned());
+                        tally.accepted_at.push(started);
+                    }
+                    503 if body.contains("may have been queued") => tally.ambiguous += 1,
+                    _ => tally.refused.push(format!("{status} {body}")),
+                }
+            }
+        }));
+    }
+    // Delete the victim 8 times while the clients post (a 404 means it was gone already).
+    let http = reqwest::Client::new();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(1_400)).await;
+        let response = http
+            .delete(format!(
+                "{}/api/queues/%2f/{victim}",
+                crate::helpers::MANAGEMENT_URL
+            ))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success() || response.status() == 404,
+            "delete the victim queue: {}",
+            response.status()
+        );
+    }
+    let last_deletion = tokio::time::Instant::now();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let tallies = std::mem::take(&mut *tallies.lock().unwrap());
+    let [healthy_tally, victim_tally] = tallies;
+    let summary = format!(
+        "healthy: {} accepted, {} ambiguous, {} other; victim: {} accepted, {} ambiguous, {} other",
+        healthy_tally.accepted.len(),
+        healthy_tally.ambiguous,
+        healthy_tally.refused.len(),
+        victim_tally.accepted.len(),
+        victim_tally.ambiguous,
+        victim_tally.refused.len(),
+    );
+    eprintln!("{summary}");
+    assert!(
+        healthy_tally.refused.is_empty() && healthy_tally.ambiguous == 0,
+        "the healthy queue paid for its neighbour ({summary}): {:?}",
+        &healthy_tally.refused[..healthy_tally.refused.len().min(3)]
+    );
+    assert!(healthy_tally.accepted.len() > 100, "{summary}");
+    // The victim's answers: 202, the ambiguous 503, or 503 broker-unavailable; no hang.
+    for answer in &victim_tally.refused {
+        assert!(
+            answer.starts_with("503 ") && answer.contains("broker-unavailable"),
+            "the victim queue answered {answer} ({summary})"
+        );
+    }
+    // Every 202 of the healthy queue is in it, and every victim 202 the deletions could
+    // not have removed.
+    let victim_kept = victim_tally
+        .accepted_at
+        .iter()
+        .filter(|at| **at > last_deletion)
+        .count();
+    assert!(
+        victim_kept > 0,
+        "the victim queue took jobs again after the last deletion ({summary})"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "each queue to hold its 202s",
+        || async {
+            rabbit::ready_count(&healthy).await as usize == healthy_tally.accepted.len()
+                && rabbit::ready_count(&victim).await as usize >= victim_kept
+        },
+    )
+    .await;
+}
+
+/// The `exec` command runs what jobs say: it must not see the consumer's broker URL (or
+/// any `JOBGATE_*` setting), only the variables `JOBGATE_EXEC_ENV` names, and a job id
+/// published by hand as a path (`../../tmp/x`) reaches it as a safe, derived id.
+#[tokio::test]
+async fn the_exec_command_gets_no_broker_url_and_no_path_as_job_id() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("execenv");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let seen = std::env::temp_dir().join(format!("{queue}.seen"));
+    let script = r#"printf "%s|%s|%s\n" "${JOBGATE_AMQP_URL-withheld}" "$SEEN_FILE" "$JOB_ID" >> "$SEEN_FILE""#;
+    let consumer = Consumer::start(
+        BACKEND,
+        &queue,
+        &vars(&[
+            ("JOBGATE_HANDLER", "exec"),
+            ("JOBGATE_EXEC_COMMAND", &format!("sh -c '{script}'")),
+            ("SEEN_FILE", seen.to_str().unwrap()),
+            ("JOBGATE_EXEC_ENV", "PATH,SEEN_FILE"),
+        ]),
+    )
+    .await;
+    // A message published by hand whose message_id is a path.
+    let channel = rabbit::connect().await.create_channel().await.unwrap();
+    let properties = lapin::BasicProperties::default().with_message_id("../../tmp/x".into());
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"{}",
+            properties,
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the command to run", || async {
+        std::fs::read_to_string(&seen).is_ok_and(|s| !s.is_empty())
+    })
+    .await;
+    drop(consumer);
+    let line = std::fs::read_to_string(&seen).unwrap();
+    let _ = std::fs::remove_file(&seen);
+    let fields: Vec<&str> = line.trim_end().split('|').collect();
+    assert_eq!(
+        fields[0], "withheld",
+        "the command saw the broker URL: {line}"
+    );
+    assert_eq!(fields[1], seen.to_str().unwrap());
+    assert!(
+        jobgate_shared::job::is_safe_id(fields[2]) && !fields[2].contains('/'),
+        "JOB_ID {:?} is not a safe id",
+        fields[2]
+    );
+}

@@ -1,5 +1,6 @@
 //! The `exec` handler: runs a command for each job, with the body on stdin.
 
+use std::ffi::OsString;
 use std::io;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -33,8 +34,13 @@ const EX_TEMPFAIL: i32 = 75;
 ///
 /// - **stdin**: the job's body, byte for byte, then end of file. A command that does not
 ///   read it (or stops early) is fine: its exit status alone decides.
-/// - **environment**: the consumer's, plus `JOB_ID`, `JOB_QUEUE`, `JOB_ATTEMPT`
-///   (1-based) and `JOB_CONTENT_TYPE` (empty when the job has none).
+/// - **environment**: only the consumer's variables named in `JOBGATE_EXEC_ENV`
+///   ([`DEFAULT_ENV_ALLOW`] by default), plus `JOB_ID`, `JOB_QUEUE`, `JOB_ATTEMPT`
+///   (1-based) and `JOB_CONTENT_TYPE` (empty when the job has none). The command runs
+///   what jobs say: it never gets the broker URLs or any other `JOBGATE_*` setting.
+///   `JOB_ID` is always made of ASCII letters, digits and `-_.:` and is never `.` or
+///   `..` (an unsafe id published by hand is replaced by a derived one), so
+///   `"/data/$JOB_ID"` stays in `/data`.
 /// - **stdout, stderr**: the last 4 KiB of each are kept and logged at `debug` (target
 ///   `consumer::handlers::exec`); the end of stderr (at most 200 characters) is part of
 ///   the failure reason.
@@ -59,6 +65,26 @@ const EX_TEMPFAIL: i32 = 75;
 pub struct ExecHandler {
     program: String,
     args: Vec<String>,
+    /// The variables the command gets from the consumer's environment, read once at
+    /// start-up.
+    env: Vec<(String, OsString)>,
+}
+
+/// The consumer's variables an `exec` command gets unless `JOBGATE_EXEC_ENV` says
+/// otherwise: what programs need to run, nothing of jobgate's.
+pub const DEFAULT_ENV_ALLOW: &str = "PATH,HOME,LANG,LC_ALL,TZ,TMPDIR";
+
+/// Why a name cannot be in `JOBGATE_EXEC_ENV`, if it cannot.
+fn refused_env_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.contains('=') || name.contains('\0') {
+        Some("is not a variable name")
+    } else if name.starts_with("JOBGATE_") {
+        Some("is a jobgate setting (broker URLs and credentials never reach the command)")
+    } else if name.starts_with("JOB_") {
+        Some("is set by jobgate for each job")
+    } else {
+        None
+    }
 }
 
 /// What one run of the command left.
@@ -79,10 +105,30 @@ impl ExecHandler {
             .next()
             .filter(|program| !program.is_empty())
             .context("JOBGATE_EXEC_COMMAND names no program")?;
-        Ok(Self {
+        let handler = Self {
             program,
             args: words.collect(),
-        })
+            env: Vec::new(),
+        };
+        let default: Vec<String> = DEFAULT_ENV_ALLOW.split(',').map(str::to_owned).collect();
+        handler.passing_env(&default)
+    }
+
+    /// The same handler, passing the consumer's variables `names` (those that are set)
+    /// to the command instead of the default ones. An error for a name that is not a
+    /// variable name, a `JOBGATE_*` setting or a `JOB_*` variable of jobgate's own.
+    pub fn passing_env(mut self, names: &[String]) -> anyhow::Result<Self> {
+        let mut env = Vec::new();
+        for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+            if let Some(why) = refused_env_name(name) {
+                anyhow::bail!("JOBGATE_EXEC_ENV: {name:?} {why}");
+            }
+            if let Some(value) = std::env::var_os(name) {
+                env.push((name.to_owned(), value));
+            }
+        }
+        self.env = env;
+        Ok(self)
     }
 
     /// The program that runs.
@@ -101,6 +147,8 @@ impl ExecHandler {
         let mut command = Command::new(&self.program);
         command
             .args(&self.args)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("JOB_ID", &job.meta.id)
             .env("JOB_QUEUE", &job.meta.queue)
             .env("JOB_ATTEMPT", job.meta.attempt.to_string())
@@ -362,6 +410,40 @@ mod tests {
                 inherited.as_str()
             ]
         );
+    }
+
+    /// Cargo sets `CARGO_MANIFEST_DIR` for every test process: a variable of the
+    /// consumer's environment that the default allow-list does not name.
+    #[tokio::test]
+    async fn the_command_gets_only_the_variables_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = r#"printf '%s\n' "${CARGO_MANIFEST_DIR-withheld}" "${PATH:+path}" > "$0/env""#;
+        let read = || std::fs::read_to_string(dir.path().join("env")).unwrap();
+        let handler = sh(script, &[path_arg(dir.path())]);
+        assert_eq!(handler.handle(&job("", None)).await, Outcome::Done);
+        assert_eq!(read(), "withheld\npath\n");
+
+        let allowed = vec!["PATH".to_owned(), "CARGO_MANIFEST_DIR".to_owned()];
+        let handler = sh(script, &[path_arg(dir.path())])
+            .passing_env(&allowed)
+            .unwrap();
+        assert_eq!(handler.handle(&job("", None)).await, Outcome::Done);
+        assert_eq!(read(), format!("{}\npath\n", env!("CARGO_MANIFEST_DIR")));
+    }
+
+    #[test]
+    fn jobgate_settings_and_job_variables_cannot_be_passed_to_the_command() {
+        for name in ["JOBGATE_AMQP_URL", "JOBGATE_X", "JOB_ID", "A=B", ""] {
+            let names = vec![name.to_owned(), "PATH".to_owned()];
+            let refused = ExecHandler::new("true").unwrap().passing_env(&names);
+            if name.is_empty() {
+                // Empty entries of the comma list are skipped ("PATH,,HOME").
+                assert!(refused.is_ok());
+            } else {
+                let error = refused.unwrap_err().to_string();
+                assert!(error.contains(name), "{error}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -56,6 +56,13 @@ pub struct HandlerArgs {
     /// arguments like a shell would (quotes, backslashes) but run without a shell.
     #[arg(long, env = "JOBGATE_EXEC_COMMAND")]
     pub exec_command: Option<String>,
+
+    /// `exec` handler: the variables of the consumer's environment the command gets
+    /// (comma list of names); everything else is withheld, jobgate's own `JOBGATE_*`
+    /// settings (broker URLs, credentials) always.
+    #[arg(long, env = "JOBGATE_EXEC_ENV", value_delimiter = ',',
+          default_value = exec::DEFAULT_ENV_ALLOW)]
+    pub exec_env: Vec<String>,
 }
 
 /// The handler the options ask for; an error when an option it needs is missing or
@@ -78,7 +85,7 @@ pub fn from_args(args: &HandlerArgs) -> anyhow::Result<Box<dyn Handler>> {
                 .exec_command
                 .as_deref()
                 .context("`--handler exec` needs JOBGATE_EXEC_COMMAND (or --exec-command)")?;
-            Box::new(ExecHandler::new(command)?)
+            Box::new(ExecHandler::new(command)?.passing_env(&args.exec_env)?)
         }
     })
 }

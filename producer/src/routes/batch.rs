@@ -217,7 +217,10 @@ fn category(e: &serde_json::Error) -> String {
 fn short_problem(error: &PublishError) -> &'static str {
     match error {
         PublishError::Unavailable => "the message broker is not reachable; retry later",
-        PublishError::Timeout(_) => "the message broker did not confirm in time; retry later",
+        PublishError::Timeout(_) => "the message broker did not confirm in time: it may have been queued",
+        PublishError::Unconfirmed(_) => {
+            "the connection to the message broker was lost before it confirmed: it may have been queued"
+        }
         PublishError::Nacked => "the message broker refused it; retry later",
         PublishError::Unroutable => "the message broker has no queue for it; retry later",
         PublishError::Broker(_) => "the message broker failed; retry later",

@@ -40,8 +40,14 @@ pub enum PublishError {
     Nacked,
     #[error("the message broker could not route the message to its queue")]
     Unroutable,
+    /// The message left the process but no confirm came within the publish timeout:
+    /// the broker may have queued it.
     #[error("the message broker did not confirm the message within {0:?}")]
     Timeout(Duration),
+    /// The message left the process, then the connection closed before the broker
+    /// confirmed it: the broker may have queued it.
+    #[error("the connection to the message broker was lost before it confirmed the message: {0}")]
+    Unconfirmed(String),
     #[error("the message broker failed: {0}")]
     Broker(String),
     #[error("too many jobs are waiting for the message broker")]
@@ -59,10 +65,17 @@ impl PublishError {
             Self::Unavailable | Self::Timeout(_) => Duration::from_secs(5),
             Self::Nacked
             | Self::Unroutable
+            | Self::Unconfirmed(_)
             | Self::Broker(_)
             | Self::Overloaded
             | Self::Malformed(_) => Duration::from_secs(1),
         }
+    }
+
+    /// True when the job may have been queued all the same: it left the process and
+    /// its fate is unknown. A retry may then queue it twice.
+    pub fn may_have_been_queued(&self) -> bool {
+        matches!(self, Self::Timeout(_) | Self::Unconfirmed(_))
     }
 }
 
