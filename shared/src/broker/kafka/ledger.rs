@@ -13,6 +13,18 @@
 //! (an offset commit, see `KafkaSettle::started`); the next owner of the partition reads
 //! the committed metadata when it first fetches from it ([`Ledger::load_counts`]) and
 //! hands each replayed record the count of its earlier starts.
+//!
+//! A start is recorded in the background (a commit per start would cost fast jobs most
+//! of their throughput), so the last few starts before a crash may be lost. Two rules
+//! bound that, so that even a record that kills its consumer at once is counted from its
+//! second start on:
+//! - at most [`UNRECORDED_STARTS`] starts of a consumer may run before their commit
+//!   (beyond that a start waits for it, see `KafkaSettle::started`);
+//! - the metadata also carries the highest offset started (`t=`). Starts run in offset
+//!   order (give or take the worker's concurrency), so the starts a crash lost lie just
+//!   above it: the next owner makes every start within [`CAREFUL_SPAN`] offsets of it
+//!   (or of the first offset it fetches, when no commit says) durable before the
+//!   handler runs ([`Started::careful`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +48,26 @@ pub struct Fetched {
     pub needs_counts: bool,
 }
 
+/// Most starts of one consumer whose commit may still be on its way while their jobs
+/// run: a start beyond them waits for its commit.
+pub const UNRECORDED_STARTS: u64 = 512;
+/// How far around the highest recorded start a new owner waits for each start's commit:
+/// the unrecorded starts lie above it, and (starts run in offset order only give or take
+/// the worker's concurrency) a few below it.
+pub const CAREFUL_SPAN: i64 = UNRECORDED_STARTS as i64;
+
+/// What [`Ledger::started`] says about a start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    /// The position to commit so that the start is durable.
+    pub position: Position,
+    /// How many times the job was started in all, this start included.
+    pub starts: u32,
+    /// The record may be one whose earlier start a crash left unrecorded: its start
+    /// must be durable before the handler runs.
+    pub careful: bool,
+}
+
 /// Marks metadata written by this scheme (other tools commit other metadata, or none).
 const METADATA_PREFIX: &str = "jobgate-starts-v1:";
 /// Longest metadata written: below Kafka's default `offset.metadata.max.bytes` (4096),
@@ -43,11 +75,16 @@ const METADATA_PREFIX: &str = "jobgate-starts-v1:";
 /// offsets, with thousands of jobs of one partition in flight) are left out.
 pub const MAX_METADATA_BYTES: usize = 3800;
 
-/// The metadata of a commit at `offset` listing `counts` (offset -> starts): offsets
-/// relative to `offset`, so that it stays short (`jobgate-starts-v1:0=1,3=2`).
-pub fn encode(offset: i64, counts: &BTreeMap<i64, u32>) -> String {
+/// The metadata of a commit at `offset` listing the highest offset started `top` and
+/// `counts` (offset -> starts): offsets relative to `offset`, so that it stays short
+/// (`jobgate-starts-v1:t=3,0=1,3=2`). Readers that predate `t=` skip it.
+pub fn encode(offset: i64, top: Option<i64>, counts: &BTreeMap<i64, u32>) -> String {
     let mut metadata = METADATA_PREFIX.to_owned();
     let mut first = true;
+    if let Some(top) = top.and_then(|top| top.checked_sub(offset)) {
+        metadata.push_str(&format!("t={top}"));
+        first = false;
+    }
     for (at, starts) in counts.range(offset..) {
         let entry = format!("{}{}={starts}", if first { "" } else { "," }, at - offset);
         if metadata.len() + entry.len() > MAX_METADATA_BYTES {
@@ -57,6 +94,18 @@ pub fn encode(offset: i64, counts: &BTreeMap<i64, u32>) -> String {
         first = false;
     }
     metadata
+}
+
+/// The highest offset started that a commit at `offset` with `metadata` records, if it
+/// records one.
+pub fn decode_top(offset: i64, metadata: &str) -> Option<i64> {
+    let entries = metadata.strip_prefix(METADATA_PREFIX)?;
+    let delta: i64 = entries
+        .split(',')
+        .find_map(|e| e.strip_prefix("t="))?
+        .parse()
+        .ok()?;
+    offset.checked_add(delta)
 }
 
 /// The counts a commit at `offset` with `metadata` carries; anything that is not ours,
@@ -92,6 +141,12 @@ struct PartitionLedger {
     counts: BTreeMap<i64, u32>,
     /// Whether `counts` were loaded from the group's committed offset.
     loaded: bool,
+    /// The highest offset started, here or (loaded) by an earlier owner.
+    top: Option<i64>,
+    /// Offsets whose starts must be durable before their handler runs: where a crash of
+    /// the earlier owner may have left starts unrecorded (see the module doc).
+    /// `None` until the committed position is loaded.
+    careful: Option<std::ops::RangeInclusive<i64>>,
 }
 
 impl PartitionLedger {
@@ -104,7 +159,7 @@ impl PartitionLedger {
         let offset = self.commit_offset();
         Position {
             offset,
-            metadata: encode(offset, &self.counts),
+            metadata: encode(offset, self.top, &self.counts),
         }
     }
 }
@@ -146,6 +201,8 @@ impl Ledger {
                 stored: None,
                 counts: BTreeMap::new(),
                 loaded: false,
+                top: None,
+                careful: None,
             });
         entry.pending.insert(offset);
         entry.next = entry.next.max(offset + 1);
@@ -168,12 +225,24 @@ impl Ledger {
         let Some(entry) = Self::owned(&mut parts, topic, partition, generation) else {
             return;
         };
+        let mut top = None;
         if let Some((offset, metadata)) = committed {
             for (at, starts) in decode(offset, metadata) {
                 let count = entry.counts.entry(at).or_insert(0);
                 *count = (*count).max(starts);
             }
+            top = decode_top(offset, metadata);
         }
+        // Starts a crash lost lie around the highest recorded one; without one (no commit
+        // yet, or one from before `t=`), just above where consuming starts.
+        let first = entry.pending.first().copied().unwrap_or(entry.next);
+        entry.careful = Some(match top {
+            Some(top) => {
+                top.saturating_sub(CAREFUL_SPAN).max(first)..=top.saturating_add(CAREFUL_SPAN)
+            }
+            None => first..=first.saturating_add(2 * CAREFUL_SPAN),
+        });
+        entry.top = entry.top.max(top);
         entry.loaded = true;
     }
 
@@ -185,22 +254,26 @@ impl Ledger {
             .unwrap_or(0)
     }
 
-    /// Records that the job at `offset` starts; returns the position to commit so the
-    /// start is durable and how many times the job was started in all (this one
-    /// included), or `None` when the partition was revoked since the fetch.
+    /// Records that the job at `offset` starts ([`Started`]), or `None` when the
+    /// partition was revoked since the fetch.
     pub fn started(
         &self,
         topic: &str,
         partition: i32,
         offset: i64,
         generation: u64,
-    ) -> Option<(Position, u32)> {
+    ) -> Option<Started> {
         let mut parts = self.lock();
         let entry = Self::owned(&mut parts, topic, partition, generation)?;
         let starts = entry.counts.entry(offset).or_insert(0);
         *starts = starts.saturating_add(1);
         let starts = *starts;
-        Some((entry.position(), starts))
+        entry.top = entry.top.max(Some(offset));
+        Some(Started {
+            position: entry.position(),
+            starts,
+            careful: entry.careful.as_ref().is_some_and(|r| r.contains(&offset)),
+        })
     }
 
     /// Records a finished offset. Returns the position to store for commit, or `None`
@@ -321,7 +394,7 @@ mod tests {
                     0,
                     Position {
                         offset: 5,
-                        metadata: encode(5, &BTreeMap::new())
+                        metadata: encode(5, None, &BTreeMap::new())
                     }
                 ),
                 (
@@ -329,7 +402,7 @@ mod tests {
                     2,
                     Position {
                         offset: 20,
-                        metadata: "jobgate-starts-v1:0=1".into()
+                        metadata: "jobgate-starts-v1:t=0,0=1".into()
                     }
                 ),
             ]
@@ -344,14 +417,14 @@ mod tests {
         ledger.fetched("t", 0, 102);
         ledger.load_counts("t", 0, f.generation, None);
         let g = f.generation;
-        let at = |p: Option<(Position, u32)>| p.expect("owned").0;
+        let at = |p: Option<Started>| p.expect("owned").position;
         assert_eq!(
             at(ledger.started("t", 0, 100, g)).metadata,
-            "jobgate-starts-v1:0=1"
+            "jobgate-starts-v1:t=0,0=1"
         );
         assert_eq!(
             at(ledger.started("t", 0, 102, g)).metadata,
-            "jobgate-starts-v1:0=1,2=1"
+            "jobgate-starts-v1:t=2,0=1,2=1"
         );
         // 100 finishes: the commit moves to 101 and 102 stays counted (relative to 101).
         let moved = ledger.finished("t", 0, 100, g).expect("owned");
@@ -359,7 +432,7 @@ mod tests {
             moved,
             Position {
                 offset: 101,
-                metadata: "jobgate-starts-v1:1=1".into()
+                metadata: "jobgate-starts-v1:t=1,1=1".into()
             }
         );
     }
@@ -369,7 +442,7 @@ mod tests {
         // The first owner started 7 twice (it crashed once before) and 9 once, then died.
         let committed = Position {
             offset: 7,
-            metadata: encode(7, &BTreeMap::from([(7, 2), (9, 1)])),
+            metadata: encode(7, None, &BTreeMap::from([(7, 2), (9, 1)])),
         };
         let ledger = Ledger::default();
         let f = ledger.fetched("t", 3, 7);
@@ -382,15 +455,15 @@ mod tests {
         assert_eq!(ledger.earlier_starts("t", 3, 8, g), 0);
         assert_eq!(ledger.earlier_starts("t", 3, 9, g), 1);
         // Not yet started again here, still counted: a crash now loses no count.
-        let (p, starts) = ledger.started("t", 3, 8, g).unwrap();
+        let s = ledger.started("t", 3, 8, g).unwrap();
         assert_eq!(
-            (p.metadata.as_str(), starts),
-            ("jobgate-starts-v1:0=2,1=1,2=1", 1)
+            (s.position.metadata.as_str(), s.starts),
+            ("jobgate-starts-v1:t=1,0=2,1=1,2=1", 1)
         );
-        let (p, starts) = ledger.started("t", 3, 7, g).unwrap();
+        let s = ledger.started("t", 3, 7, g).unwrap();
         assert_eq!(
-            (p.metadata.as_str(), starts),
-            ("jobgate-starts-v1:0=3,1=1,2=1", 3)
+            (s.position.metadata.as_str(), s.starts),
+            ("jobgate-starts-v1:t=1,0=3,1=1,2=1", 3)
         );
     }
 
@@ -417,7 +490,7 @@ mod tests {
     #[test]
     fn metadata_stays_below_what_the_broker_takes() {
         let counts: BTreeMap<i64, u32> = (0..5000).map(|o| (o, 1_000)).collect();
-        let metadata = encode(0, &counts);
+        let metadata = encode(0, Some(4_999), &counts);
         assert!(metadata.len() <= MAX_METADATA_BYTES, "{}", metadata.len());
         let kept = decode(0, &metadata);
         assert!(
@@ -426,5 +499,66 @@ mod tests {
             kept.len()
         );
         assert_eq!(kept.keys().next(), Some(&0));
+    }
+
+    /// A record that killed its consumer right after its first start may have no count:
+    /// that start never reached a commit. It lies just above the highest recorded start
+    /// (starts run in offset order), so there the next owner waits for each start's
+    /// commit, and the record is counted from its second start on.
+    #[test]
+    fn starts_just_above_the_highest_recorded_one_are_careful() {
+        let committed = encode(50, Some(60), &BTreeMap::from([(55, 1)]));
+        assert_eq!(decode_top(50, &committed), Some(60));
+        let ledger = Ledger::default();
+        let f = ledger.fetched("t", 0, 50);
+        ledger.load_counts("t", 0, f.generation, Some((50, &committed)));
+        let g = f.generation;
+        let careful = |offset: i64| {
+            ledger.fetched("t", 0, offset);
+            ledger.started("t", 0, offset, g).unwrap().careful
+        };
+        assert!(careful(59), "just below: may have started out of order");
+        assert!(careful(61));
+        assert!(careful(60 + CAREFUL_SPAN));
+        assert!(!careful(61 + CAREFUL_SPAN), "far above: a first delivery");
+        // The top moves with the starts here, and is committed with them.
+        let s = ledger.started("t", 0, 61 + CAREFUL_SPAN, g).unwrap();
+        assert_eq!(
+            decode_top(s.position.offset, &s.position.metadata),
+            Some(61 + CAREFUL_SPAN)
+        );
+    }
+
+    #[test]
+    fn without_a_recorded_top_the_first_records_consumed_are_careful() {
+        for committed in [None, Some((50, "jobgate-starts-v1:0=1"))] {
+            let ledger = Ledger::default();
+            let f = ledger.fetched("t", 0, 50);
+            ledger.load_counts("t", 0, f.generation, committed);
+            let g = f.generation;
+            assert!(
+                ledger.started("t", 0, 50, g).unwrap().careful,
+                "{committed:?}"
+            );
+            ledger.fetched("t", 0, 50 + 2 * CAREFUL_SPAN);
+            let s = ledger.started("t", 0, 50 + 2 * CAREFUL_SPAN, g).unwrap();
+            assert!(s.careful);
+            ledger.fetched("t", 0, 51 + 2 * CAREFUL_SPAN);
+            let s = ledger.started("t", 0, 51 + 2 * CAREFUL_SPAN, g).unwrap();
+            assert!(!s.careful);
+        }
+    }
+
+    #[test]
+    fn readers_without_the_top_skip_it_and_junk_tops_are_none() {
+        assert_eq!(
+            decode(10, "jobgate-starts-v1:t=3,0=1"),
+            BTreeMap::from([(10, 1)])
+        );
+        assert_eq!(decode_top(10, "jobgate-starts-v1:t=-1"), Some(9));
+        for junk in ["jobgate-starts-v1:0=1", "jobgate-starts-v1:t=x", "t=3", ""] {
+            assert_eq!(decode_top(10, junk), None, "{junk:?}");
+        }
+        assert_eq!(decode_top(i64::MAX, "jobgate-starts-v1:t=1"), None);
     }
 }

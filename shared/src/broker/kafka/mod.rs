@@ -842,6 +842,11 @@ impl StartCommits {
         }
     }
 
+    /// The last start request a finished commit carried.
+    fn carried(consumer: &JobConsumer) -> u64 {
+        consumer.context().starts.done.borrow().0
+    }
+
     /// Waits until a commit carried start request `seq` (at most
     /// [`START_COMMIT_TIMEOUT`] beyond one commit already under way).
     async fn wait(consumer: &JobConsumer, seq: u64) -> Result<(), SettleError> {
@@ -890,12 +895,19 @@ impl Settle for KafkaSettle {
     /// crash counts, so a job that takes its consumer down every time reaches its
     /// attempt limit. A first start does not wait (most jobs are first starts, and a
     /// commit round trip before each would cost fast jobs most of their throughput):
-    /// its commit goes out at once, and only a consumer that dies within the few
-    /// milliseconds before it reaches the broker leaves that start uncounted.
+    /// its commit goes out at once, and only a consumer that dies before it reaches the
+    /// broker leaves that start unrecorded. Two rules make such a loss count anyway (see
+    /// `ledger`'s module doc): a start waits when [`ledger::UNRECORDED_STARTS`] starts
+    /// are already waiting for their commit, and every start in the careful span of a
+    /// new owner waits.
     async fn started(&self) -> Result<(), SettleError> {
-        let Some((position, starts)) =
-            self.ledger
-                .started(&self.topic, self.partition, self.offset, self.generation)
+        let Some(ledger::Started {
+            position,
+            starts,
+            careful,
+        }) = self
+            .ledger
+            .started(&self.topic, self.partition, self.offset, self.generation)
         else {
             // Revoked since the fetch: the new owner replays it and counts for itself.
             return Ok(());
@@ -905,7 +917,8 @@ impl Settle for KafkaSettle {
             .store_offsets(&tpl)
             .map_err(|e| SettleError(format!("store offset: {e}")))?;
         let seq = StartCommits::request(&self.consumer, &self.ledger, &self.topic);
-        if starts > 1 {
+        let unrecorded = seq.saturating_sub(StartCommits::carried(&self.consumer));
+        if starts > 1 || careful || unrecorded > ledger::UNRECORDED_STARTS {
             StartCommits::wait(&self.consumer, seq).await?;
         }
         Ok(())
