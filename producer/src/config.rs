@@ -51,6 +51,34 @@ pub struct ProducerConfig {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub publish_channels: u16,
 
+    /// Time a connection has to send a complete request head (request line and
+    /// headers), in milliseconds, counted from its open or, on a keep-alive connection,
+    /// from the end of the previous answer; past it the connection is closed without
+    /// an answer (slowloris).
+    #[arg(long, env = "JOBGATE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+
+    /// Time a request body has to arrive in full, in milliseconds, counted from the
+    /// end of its head; past it the request gets 408 `body-timeout` and the connection
+    /// is closed.
+    #[arg(long, env = "JOBGATE_BODY_READ_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_ms: u64,
+
+    /// A keep-alive connection without a request for this long, in milliseconds, is
+    /// closed (the header-read timeout bounds this wait too: the smaller one applies).
+    #[arg(long, env = "JOBGATE_IDLE_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+
+    /// Most client connections open at once; past it new connections wait in the
+    /// listen backlog until one closes. Keep it below the descriptor limit
+    /// (`ulimit -n`), which the broker connections share.
+    #[arg(long, env = "JOBGATE_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// After SIGTERM, how long in-flight requests may take to finish, in milliseconds.
     #[arg(long, env = "JOBGATE_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
@@ -110,6 +138,19 @@ impl ProducerConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    /// The listener's limits.
+    pub fn server_limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +169,11 @@ mod tests {
         assert_eq!(c.idempotency_ttl(), Duration::from_secs(86_400));
         assert!(c.redis_url.is_none());
         assert_eq!(c.max_in_flight, 1024);
+        let limits = c.server_limits();
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(limits.max_connections, 4096);
+        assert_eq!(c.body_read_timeout(), Duration::from_secs(30));
         assert_eq!(
             c.broker.amqp_url.expose(),
             "amqp://guest:guest@127.0.0.1:5672/%2f"

@@ -17,6 +17,8 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("the request body could not be read")]
     BadBody,
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     #[error("the job could not be handed to the broker: {0}")]
     Publish(#[from] PublishError),
     #[error("no route for this path")]
@@ -54,10 +56,27 @@ pub struct Problem {
 }
 
 impl ApiError {
+    /// A request body that could not be read: too large (413, `limit` bytes), too slow
+    /// (408, see [`crate::body_deadline`]) or broken (400).
+    pub fn from_body_rejection(
+        rejection: &axum::extract::rejection::BytesRejection,
+        limit: usize,
+        deadline: Duration,
+    ) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::BodyTooLarge { limit }
+        } else if crate::body_deadline::is_deadline(rejection) {
+            Self::BodyTimeout(deadline)
+        } else {
+            Self::BadBody
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             Self::UnknownQueue(_) | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody
             | Self::BadMetadata(_)
@@ -75,6 +94,7 @@ impl ApiError {
             Self::MethodNotAllowed => "method-not-allowed",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "bad-body",
+            Self::BodyTimeout(_) => "body-timeout",
             Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "bad-metadata",
             Self::Idempotency(_) => "idempotency",
             Self::Publish(PublishError::Overloaded) => "overloaded",
@@ -90,6 +110,7 @@ impl ApiError {
             Self::MethodNotAllowed => "Method not allowed",
             Self::BodyTooLarge { .. } => "Job body too large",
             Self::BadBody => "Unreadable request body",
+            Self::BodyTimeout(_) => "Request body too slow",
             Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "Bad job metadata",
             Self::Idempotency(_) => "Idempotency",
             Self::Publish(PublishError::Overloaded) => "Too many jobs in flight",
@@ -114,6 +135,10 @@ impl ApiError {
                 publish_failure(e)
             ),
             Self::BadMetadata(e) => format!("{e} Nothing was queued."),
+            Self::BodyTimeout(limit) => format!(
+                "The request body did not arrive within {} ms. Nothing was queued.",
+                limit.as_millis()
+            ),
             Self::ShuttingDown => {
                 "This producer is shutting down; retry, another replica will take the job."
                     .to_owned()

@@ -15,6 +15,9 @@ pub const DEFAULT_MAX_BATCH_ITEMS: usize = 1000;
 /// Default of `JOBGATE_MAX_BATCH_BYTES` (10 MiB).
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 10 * 1024 * 1024;
 
+/// Default of `JOBGATE_BODY_READ_TIMEOUT_MS`.
+pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Shared by every request; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -25,6 +28,8 @@ pub struct AppState {
     /// The allow-list; the first queue is the default target.
     pub queues: Arc<[String]>,
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive (`JOBGATE_BODY_READ_TIMEOUT_MS`).
+    pub body_read_timeout: std::time::Duration,
     /// Most jobs in one batch request.
     pub max_batch_items: usize,
     /// Largest batch request body, in bytes.
@@ -52,6 +57,7 @@ impl AppState {
             in_flight,
             queues: queues.into(),
             max_body_bytes,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             max_batch_items: DEFAULT_MAX_BATCH_ITEMS,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             draining: CancellationToken::new(),
@@ -90,6 +96,13 @@ impl AppState {
     pub fn with_batch_limits(mut self, max_items: usize, max_bytes: usize) -> Self {
         self.max_batch_items = max_items;
         self.max_batch_bytes = max_bytes;
+        self
+    }
+
+    /// Sets the body-read timeout (default [`DEFAULT_BODY_READ_TIMEOUT`]).
+    #[must_use]
+    pub fn with_body_read_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.body_read_timeout = timeout;
         self
     }
 

@@ -32,3 +32,4 @@ mod rabbitmq_only;
 mod retries;
 mod scenarios;
 mod setup;
+mod slow_clients;

@@ -257,6 +257,7 @@ fn short_problem(error: &PublishError) -> &'static str {
         (status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", body = Problem, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`"))),
         (status = 404, description = "`unknown-queue` (nothing is published) or `not-found`.", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "`body-timeout`: the body did not arrive within `JOBGATE_BODY_READ_TIMEOUT_MS`; the connection is closed.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`batch-too-large` (too many items or bytes) or `body-too-large` (one item too large); nothing is published.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported-media-type`: neither `application/x-ndjson` nor `application/json`.", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate-limited`: over the per-client rate limit.", body = Problem, content_type = "application/problem+json",
@@ -287,13 +288,13 @@ pub async fn post_batch(
         return Err(BatchError::UnsupportedMediaType.into_response());
     };
     let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            BatchError::TooLarge {
-                limit: state.max_batch_bytes,
-            }
-            .into_response()
-        } else {
-            ApiError::BadBody.into_response()
+        match ApiError::from_body_rejection(
+            &rejection,
+            state.max_batch_bytes,
+            state.body_read_timeout,
+        ) {
+            ApiError::BodyTooLarge { limit } => BatchError::TooLarge { limit }.into_response(),
+            other => other.into_response(),
         }
     })?;
     let items = match format {

@@ -75,6 +75,12 @@ enum JobResponses {
         headers(("Retry-After" = u64, description = "Seconds to wait before retrying.")))]
     Conflict(Problem),
     #[response(
+        status = 408,
+        description = "`body-timeout`: the body did not arrive within `JOBGATE_BODY_READ_TIMEOUT_MS`; the connection is closed.",
+        content_type = "application/problem+json"
+    )]
+    Timeout(Problem),
+    #[response(
         status = 413,
         description = "`body-too-large`: the body is larger than `JOBGATE_MAX_BODY_BYTES`.",
         content_type = "application/problem+json"
@@ -163,13 +169,7 @@ async fn accept(
         return Err(ApiError::ShuttingDown);
     }
     let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BodyTooLarge {
-                limit: state.max_body_bytes,
-            }
-        } else {
-            ApiError::BadBody
-        }
+        ApiError::from_body_rejection(&rejection, state.max_body_bytes, state.body_read_timeout)
     })?;
     let content_type = crate::metadata::content_type(headers)?;
     let mut meta = JobMeta::new(queue, content_type);
