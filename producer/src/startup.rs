@@ -27,7 +27,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/jobs", post(jobs::post_to_default_queue))
         .route("/jobs/{queue}", post(jobs::post_to_queue))
-        .route("/jobs/{queue}/batch", batch::route(state.max_batch_bytes))
+        .route("/jobs/{queue}/batch", batch::route())
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(crate::openapi::openapi_json))
