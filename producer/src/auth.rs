@@ -282,6 +282,8 @@ pub async fn guard(
     if let Bucket::Key(digest) = &bucket {
         request.extensions_mut().insert(ApiKeyId(*digest));
     }
+    // A batch pays the rest of its items from the same bucket.
+    request.extensions_mut().insert(bucket);
     next.run(request).await
 }
 

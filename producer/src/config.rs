@@ -36,6 +36,17 @@ pub struct ProducerConfig {
     #[arg(long, env = "JOBGATE_MAX_BATCH_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_batch_bytes: usize,
 
+    /// Largest share of `JOBGATE_MAX_IN_FLIGHT`, in percent, one batch may hold at once;
+    /// its other items wait their turn inside the batch.
+    #[arg(long, env = "JOBGATE_BATCH_IN_FLIGHT_PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub batch_in_flight_percent: u8,
+
+    /// Most bytes of `X-Job-*` and trace headers a batch may copy onto its jobs (their
+    /// size times the items); more gets 413.
+    #[arg(long, env = "JOBGATE_MAX_BATCH_HEADER_BYTES", default_value_t = 1024 * 1024)]
+    pub max_batch_header_bytes: usize,
+
     /// How long to wait for the broker's confirm before answering 503, in milliseconds.
     #[arg(long, env = "JOBGATE_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
@@ -174,6 +185,8 @@ mod tests {
         assert_eq!(limits.idle_timeout, Duration::from_secs(5));
         assert_eq!(limits.max_connections, 4096);
         assert_eq!(c.body_read_timeout(), Duration::from_secs(30));
+        assert_eq!(c.batch_in_flight_percent, 50);
+        assert_eq!(c.max_batch_header_bytes, 1_048_576);
         assert_eq!(
             c.broker.amqp_url.expose(),
             "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -186,6 +199,10 @@ mod tests {
         assert!(ProducerConfig::try_parse_from(["producer", "--publish-channels", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--max-batch-items", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--max-in-flight", "0"]).is_err());
+        for share in ["0", "101"] {
+            let args = ["producer", "--batch-in-flight-percent", share];
+            assert!(ProducerConfig::try_parse_from(args).is_err());
+        }
     }
 
     #[test]

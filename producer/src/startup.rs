@@ -170,7 +170,11 @@ pub async fn run(
         config.max_batch_bytes,
     )
     .with_max_in_flight(usize::try_from(config.max_in_flight).unwrap_or(usize::MAX))
-    .with_body_read_timeout(config.body_read_timeout());
+    .with_body_read_timeout(config.body_read_timeout())
+    .with_batch_fairness(
+        config.batch_in_flight_percent,
+        config.max_batch_header_bytes,
+    );
     let state = state
         .with_security(Arc::clone(&security))
         .with_idempotency(idempotency_store(&config)?, config.publish_timeout());

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
@@ -18,8 +19,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::BytesMut;
+use futures::StreamExt;
 use http_body_util::BodyExt;
 use jobgate_shared::broker::PublishError;
 use jobgate_shared::job::JobMeta;
@@ -27,6 +29,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::error::{problem_response, ApiError, Problem};
+use crate::rate_limit::Bucket;
 use crate::state::AppState;
 
 /// Content type of NDJSON batches.
@@ -65,12 +68,27 @@ pub struct ItemAnswer {
 /// A batch refused before anything was published.
 #[derive(Debug)]
 enum BatchError {
-    TooManyItems { limit: usize },
-    TooLarge { limit: usize },
-    ItemTooLarge { item: String, limit: usize },
+    TooManyItems {
+        limit: usize,
+    },
+    TooLarge {
+        limit: usize,
+    },
+    ItemTooLarge {
+        item: String,
+        limit: usize,
+    },
     Malformed(String),
     Empty,
     UnsupportedMediaType,
+    /// The metadata headers times the items pass `JOBGATE_MAX_BATCH_HEADER_BYTES`.
+    HeadersTooLarge {
+        limit: usize,
+    },
+    /// More items than the rate limit's burst: no wait would let it through.
+    OverTheBurst {
+        burst: u32,
+    },
 }
 
 impl IntoResponse for BatchError {
@@ -93,6 +111,26 @@ impl IntoResponse for BatchError {
                 "body-too-large",
                 "Job body too large",
                 format!("{item} is larger than {limit} bytes. Nothing was queued."),
+            ),
+            Self::HeadersTooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch-too-large",
+                "Batch too large",
+                format!(
+                    "The X-Job-* and trace headers, copied onto every item, come to more than \
+                     {limit} bytes for this batch; send fewer items or smaller headers. Nothing \
+                     was queued."
+                ),
+            ),
+            Self::OverTheBurst { burst } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch-too-large",
+                "Batch too large",
+                format!(
+                    "Each item of a batch counts as a request for the rate limit, and this batch \
+                     has more items than the {burst} a client may send at once; split it. \
+                     Nothing was queued."
+                ),
             ),
             Self::Malformed(why) => (
                 StatusCode::BAD_REQUEST,
@@ -479,6 +517,7 @@ fn short_problem(error: &PublishError) -> &'static str {
 pub async fn post_batch(
     State(state): State<AppState>,
     queue: Result<Path<String>, PathRejection>,
+    bucket: Option<Extension<Bucket>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Response> {
@@ -493,20 +532,57 @@ pub async fn post_batch(
         return Err(BatchError::UnsupportedMediaType.into_response());
     };
     let (body, items) = read_batch(&state, &headers, format, body).await?;
-    let items: Vec<&[u8]> = items.into_iter().map(|range| &body[range]).collect();
+    let items: Vec<Bytes> = items.into_iter().map(|range| body.slice(range)).collect();
     // The request's metadata headers travel with every job of the batch.
     let job_headers = crate::metadata::extract(&headers).map_err(IntoResponse::into_response)?;
-
-    let publishes = items.iter().map(|item| {
-        let mut meta = JobMeta::new(queue.clone(), Some(JSON.to_owned()));
-        meta.headers.clone_from(&job_headers);
-        let publisher = &state.publisher;
-        async move {
-            let result = publisher.publish(&meta, item).await;
-            (meta.id, result)
+    let header_bytes: usize = job_headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if header_bytes.saturating_mul(items.len()) > state.max_batch_header_bytes {
+        return Err(BatchError::HeadersTooLarge {
+            limit: state.max_batch_header_bytes,
         }
-    });
-    let outcomes = futures::future::join_all(publishes).await;
+        .into_response());
+    }
+    // The request paid one token at the door; every further item pays one more.
+    if let (Some(limit), Some(Extension(bucket))) = (&state.security.rate_limit, &bucket) {
+        let over_the_burst = u32::try_from(items.len()).map_or(true, |n| n > limit.burst());
+        let paid = if over_the_burst {
+            Err(None)
+        } else {
+            limit.check_n(bucket, items.len() - 1)
+        };
+        match paid {
+            Ok(()) => {}
+            Err(Some(wait)) => return Err(crate::rate_limit::too_many_requests(wait)),
+            Err(None) => {
+                return Err(BatchError::OverTheBurst {
+                    burst: limit.burst(),
+                }
+                .into_response())
+            }
+        }
+    }
+
+    let publisher = Arc::clone(&state.publisher);
+    // Collected first: a lazy `map` inside the stream trips the handler's `Send` bound.
+    let publishes: Vec<_> = items
+        .iter()
+        .map(|item| {
+            let mut meta = JobMeta::new(queue.clone(), Some(JSON.to_owned()));
+            meta.headers.clone_from(&job_headers);
+            let publisher = Arc::clone(&publisher);
+            let item = item.clone();
+            async move {
+                let result = publisher.publish(&meta, &item).await;
+                (meta.id, result)
+            }
+        })
+        .collect();
+    // At most the batch's share of the in-flight permits at once: the other items wait
+    // their turn here (in order), and other requests keep the rest.
+    let outcomes: Vec<_> = futures::stream::iter(publishes)
+        .buffered(state.batch_in_flight_cap())
+        .collect()
+        .await;
 
     let mut retry_after: Option<Duration> = None;
     let mut first_error: Option<PublishError> = None;
@@ -581,6 +657,7 @@ mod tests {
 
     use super::*;
     use crate::startup::app;
+    use crate::state::DEFAULT_MAX_BATCH_HEADER_BYTES;
 
     /// Queues `emails`, `reports`; jobs up to 16 bytes, batches of 5 items, 200 bytes.
     fn test_app(broker: &MemoryBroker) -> Router {
@@ -961,6 +1038,103 @@ mod tests {
             Err(BatchError::TooManyItems { limit: 5 })
         ));
         assert_eq!(array_items(b"[1,2,3]", 5, 100).unwrap().len(), 3);
+    }
+
+    /// Publishes after 50 ms; counts how many wait at once.
+    #[derive(Default)]
+    struct Gauged {
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl jobgate_shared::broker::Publisher for Gauged {
+        async fn publish_to(&self, _: &str, _: &JobMeta, _: &[u8]) -> Result<(), PublishError> {
+            use std::sync::atomic::Ordering;
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn is_ready(&self) -> bool {
+            true
+        }
+        async fn close(&self) {}
+    }
+
+    #[tokio::test]
+    async fn a_batch_holds_at_most_its_share_of_the_in_flight_permits() {
+        let gauged = Arc::new(Gauged::default());
+        let state = AppState::new(gauged.clone(), vec!["q".into()], 1024)
+            .with_max_in_flight(4)
+            .with_batch_fairness(50, DEFAULT_MAX_BATCH_HEADER_BYTES);
+        let batch = send(app(state.clone()), batch("q", NDJSON, "1\n2\n3\n4\n5\n"));
+        let single = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let job = Request::post("/jobs/q").body(Body::from("x")).unwrap();
+            send(app(state.clone()), job).await
+        };
+        let ((status, _, json), (single, _, _)) = tokio::join!(batch, single);
+        // Every item waited for its turn within the batch's share; none was refused.
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert_eq!(json["accepted"], 5);
+        // The other half stayed free for other requests.
+        assert_eq!(single, StatusCode::ACCEPTED);
+        let most = gauged.most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most <= 3, "{most} publishes at once (batch 2 + single 1)");
+    }
+
+    #[tokio::test]
+    async fn a_batch_costs_a_rate_limit_token_per_item() {
+        use std::num::NonZeroU32;
+        let broker = MemoryBroker::new();
+        let rate = crate::rate_limit::RateLimit::new(
+            NonZeroU32::new(1).unwrap(),
+            NonZeroU32::new(5).unwrap(),
+        );
+        let security = crate::auth::Security::new(None, Some(rate));
+        let state = AppState::new(Arc::new(broker.clone()), vec!["q".into()], 1024)
+            .with_security(Arc::new(security));
+        // 3 of the 5 tokens.
+        let (status, _, json) = send(app(state.clone()), batch("q", NDJSON, "1\n2\n3\n")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        // 3 more do not fit in the 2 left.
+        let (status, headers, json) =
+            send(app(state.clone()), batch("q", NDJSON, "1\n2\n3\n")).await;
+        assert_problem(status, &headers, &json, 429, "rate-limited");
+        assert!(headers.contains_key("retry-after"));
+        assert_eq!(broker.published().len(), 3);
+        // More items than the burst can never pass: 413, split it.
+        let (status, headers, json) =
+            send(app(state.clone()), batch("q", NDJSON, "1\n2\n3\n4\n5\n6\n")).await;
+        assert_problem(status, &headers, &json, 413, "batch-too-large");
+        assert!(json["detail"].as_str().unwrap().contains("rate"), "{json}");
+        assert_eq!(broker.published().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_headers_a_batch_copies_onto_its_jobs_are_bounded() {
+        let broker = MemoryBroker::new();
+        let state = AppState::new(Arc::new(broker.clone()), vec!["q".into()], 1024)
+            .with_batch_fairness(50, 200);
+        let with_header = |body: &'static str| {
+            Request::post("/jobs/q/batch")
+                .header("content-type", NDJSON)
+                // 7 + 40 bytes a job, and 12 + 36 of `x-request-id`: 95.
+                .header("x-job-a", "x".repeat(40))
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let (status, _, json) = send(app(state.clone()), with_header("1\n2\n")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        let (status, headers, json) = send(app(state.clone()), with_header("1\n2\n3\n")).await;
+        assert_problem(status, &headers, &json, 413, "batch-too-large");
+        assert!(
+            json["detail"].as_str().unwrap().contains("X-Job-"),
+            "{json}"
+        );
+        assert_eq!(broker.published().len(), 2);
     }
 
     #[tokio::test]
