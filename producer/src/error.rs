@@ -21,6 +21,10 @@ pub enum ApiError {
     BodyTimeout(Duration),
     #[error("the job could not be handed to the broker: {0}")]
     Publish(#[from] PublishError),
+    /// The same, for a request with an `Idempotency-Key`: when the job may have been
+    /// queued, the key keeps its id and a retry with the key is safe.
+    #[error("the job could not be handed to the broker: {0}")]
+    PublishWithKey(PublishError),
     #[error("no route for this path")]
     NotFound,
     #[error("the producer is shutting down")]
@@ -82,6 +86,7 @@ impl ApiError {
             | Self::BadMetadata(_)
             | Self::Idempotency(_)
             | Self::Publish(PublishError::Malformed(_)) => StatusCode::BAD_REQUEST,
+            Self::PublishWithKey(e) => Self::Publish(e.clone()).status(),
             Self::Publish(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -97,6 +102,7 @@ impl ApiError {
             Self::BodyTimeout(_) => "body-timeout",
             Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "bad-metadata",
             Self::Idempotency(_) => "idempotency",
+            Self::PublishWithKey(e) => Self::Publish(e.clone()).slug(),
             Self::Publish(PublishError::Overloaded) => "overloaded",
             Self::Publish(_) => "broker-unavailable",
             Self::ShuttingDown => "shutting-down",
@@ -113,6 +119,7 @@ impl ApiError {
             Self::BodyTimeout(_) => "Request body too slow",
             Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "Bad job metadata",
             Self::Idempotency(_) => "Idempotency",
+            Self::PublishWithKey(e) => Self::Publish(e.clone()).title(),
             Self::Publish(PublishError::Overloaded) => "Too many jobs in flight",
             Self::Publish(_) => "Broker unavailable",
             Self::ShuttingDown => "Shutting down",
@@ -134,6 +141,13 @@ impl ApiError {
                 "The job was not accepted ({}). Nothing was queued; retry later.",
                 publish_failure(e)
             ),
+            Self::PublishWithKey(e) if e.may_have_been_queued() => format!(
+                "The job was sent but not confirmed ({}): it may have been queued; retry with \
+                 the same Idempotency-Key (the retry publishes it under the same job id, so a \
+                 consumer can tell a second copy by its id).",
+                publish_failure(e)
+            ),
+            Self::PublishWithKey(e) => Self::Publish(e.clone()).detail(),
             Self::BadMetadata(e) => format!("{e} Nothing was queued."),
             Self::BodyTimeout(limit) => format!(
                 "The request body did not arrive within {} ms. Nothing was queued.",
@@ -150,8 +164,9 @@ impl ApiError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             // The same job fails the same way: nothing to wait for.
-            Self::Publish(PublishError::Malformed(_)) => None,
-            Self::Publish(e) => Some(e.retry_after()),
+            Self::Publish(PublishError::Malformed(_))
+            | Self::PublishWithKey(PublishError::Malformed(_)) => None,
+            Self::Publish(e) | Self::PublishWithKey(e) => Some(e.retry_after()),
             Self::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -21,6 +21,7 @@ mod consumer_metrics;
 mod faults;
 mod helpers;
 mod idempotency;
+mod idempotency_store;
 mod in_process;
 mod junk;
 mod kafka_only;

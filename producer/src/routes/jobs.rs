@@ -7,8 +7,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
+use jobgate_shared::broker::PublishError;
 use jobgate_shared::job::JobMeta;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::auth::ApiKeyId;
 use crate::error::{ApiError, Problem};
@@ -190,22 +192,51 @@ async fn accept(
         Begin::Replay(answer) => return Ok(answer),
         Begin::Claimed(claim) => Some(claim),
     };
-    if let Err(error) = state.publisher.publish(&meta, &body).await {
-        if let Some(claim) = claim {
-            claim.release().await;
+    if let Some(job_id) = claim.as_ref().and_then(idempotency::Claimed::job_id) {
+        // An earlier attempt with this key may have queued the job: same id again.
+        meta.id = job_id.to_owned();
+    }
+    let keyed = claim.is_some();
+    // The publish and the storing of its outcome run in a task of their own: a client
+    // that hangs up (dropping this handler) does not cut them off half-way, so the key
+    // ends up with the answer, or the id, or free, never with a stale claim.
+    let publisher = std::sync::Arc::clone(&state.publisher);
+    let outcome = tokio::spawn(
+        async move {
+            let result = publisher.publish(&meta, &body).await;
+            let accepted = Accepted {
+                message: "Request received",
+                job_id: meta.id.clone(),
+                queue: meta.queue.clone(),
+            };
+            match (&result, claim) {
+                (_, None) => {}
+                (Ok(()), Some(claim)) => {
+                    claim
+                        .complete(&serde_json::to_string(&accepted).unwrap_or_default())
+                        .await;
+                }
+                (Err(error), Some(claim)) if error.may_have_been_queued() => {
+                    claim.unsettle(&meta.id).await;
+                }
+                (Err(_), Some(claim)) => claim.release().await,
+            }
+            if result.is_ok() {
+                tracing::info!(job_id = %meta.id, queue = %meta.queue, bytes = body.len(), "job accepted");
+            }
+            result.map(|()| accepted)
         }
-        return Err(error.into());
-    }
-    tracing::info!(job_id = %meta.id, queue = %meta.queue, bytes = body.len(), "job accepted");
-    let accepted = Accepted {
-        message: "Request received",
-        job_id: meta.id,
-        queue: meta.queue,
+        .instrument(tracing::Span::current()),
+    )
+    .await
+    .map_err(|panicked| {
+        tracing::error!(%panicked, "the publish task failed");
+        ApiError::Publish(PublishError::Broker("the publish task failed".into()))
+    })?;
+    let accepted = match outcome {
+        Ok(accepted) => accepted,
+        Err(error) if keyed => return Err(ApiError::PublishWithKey(error)),
+        Err(error) => return Err(error.into()),
     };
-    if let Some(claim) = claim {
-        claim
-            .complete(&serde_json::to_string(&accepted).unwrap_or_default())
-            .await;
-    }
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }
