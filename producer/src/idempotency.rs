@@ -15,7 +15,7 @@
 //! sharing `JOBGATE_REDIS_URL`). With Redis down, requests WITH a key get 503 and
 //! requests without one are unaffected.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,6 +77,18 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         fingerprint: &str,
         wait: Duration,
     ) -> Result<Claim, StoreError>;
+    /// [`IdempotencyStore::claim`] for a caller `scope` (the hex digest of its API key, or
+    /// `-`): a store with per-scope quotas counts the key against it.
+    async fn claim_for(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        wait: Duration,
+    ) -> Result<Claim, StoreError> {
+        let _ = scope;
+        self.claim(key, fingerprint, wait).await
+    }
     /// Stores the 202 body of the request that owns `key` for the TTL.
     async fn complete(
         &self,
@@ -290,7 +302,11 @@ pub async fn begin(
     };
     let key = scoped_key(scope, &key);
     let fingerprint = fingerprint(queue, body);
-    match store.claim(&key, &fingerprint, wait).await? {
+    let scope_name = scope.map_or_else(|| "-".to_owned(), |digest| hex(digest));
+    match store
+        .claim_for(&scope_name, &key, &fingerprint, wait)
+        .await?
+    {
         Claim::Acquired { token, job_id } => Ok(Begin::Claimed(Claimed {
             store: Arc::clone(store),
             key,
@@ -331,6 +347,8 @@ enum Entry {
         token: String,
         /// From an earlier ambiguous attempt: on release the key goes back to it.
         job_id: Option<String>,
+        /// Whose claim it is (for the per-scope quota once it holds an answer).
+        scope: String,
         /// Dropped (closing the channel) when the claim completes or is released.
         _done: watch::Sender<()>,
         watch: watch::Receiver<()>,
@@ -349,56 +367,160 @@ enum Entry {
 }
 
 /// Keys in this process: for one producer replica.
+///
+/// Bounded: answers (and kept ids) are indexed by expiry, overall and per scope (API
+/// key), so making room is O(log n) per claim. A scope holding its quota
+/// ([`MemoryStore::per_scope_max`], a tenth of the store) makes room among its own
+/// entries; a full store drops the entry closest to expiry of the scope holding the
+/// most. One API key can therefore never push the others' keys out.
 pub struct MemoryStore {
     ttl: Duration,
     max_entries: usize,
-    entries: Mutex<HashMap<String, Entry>>,
+    per_scope_max: usize,
+    entries: Mutex<Memory>,
+}
+
+/// The entries and their eviction index.
+#[derive(Default)]
+struct Memory {
+    map: HashMap<String, Entry>,
+    /// Answers and kept ids (not pending claims) by expiry.
+    by_expiry: BTreeSet<(Instant, String)>,
+    /// The same per scope.
+    by_scope: HashMap<String, BTreeSet<(Instant, String)>>,
+    /// Scope and expiry of each indexed key.
+    indexed: HashMap<String, (String, Instant)>,
+    /// Pending claims per scope.
+    pending: HashMap<String, usize>,
+}
+
+impl Memory {
+    /// Puts `entry` at `key` for `scope`, indexing it when it can be evicted.
+    fn put(&mut self, scope: &str, key: &str, entry: Entry) {
+        self.unindex(key);
+        if matches!(entry, Entry::Pending { .. }) {
+            *self.pending.entry(scope.to_owned()).or_default() += 1;
+        }
+        if let Entry::Done { expires, .. } | Entry::Unsettled { expires, .. } = &entry {
+            self.by_expiry.insert((*expires, key.to_owned()));
+            self.by_scope
+                .entry(scope.to_owned())
+                .or_default()
+                .insert((*expires, key.to_owned()));
+            self.indexed
+                .insert(key.to_owned(), (scope.to_owned(), *expires));
+        }
+        self.map.insert(key.to_owned(), entry);
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.unindex(key);
+        self.map.remove(key);
+    }
+
+    fn unindex(&mut self, key: &str) {
+        if let Some(Entry::Pending { scope, .. }) = self.map.get(key) {
+            if let Some(n) = self.pending.get_mut(scope) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.remove(scope);
+                }
+            }
+        }
+        if let Some((scope, expires)) = self.indexed.remove(key) {
+            let pair = (expires, key.to_owned());
+            self.by_expiry.remove(&pair);
+            if let Some(set) = self.by_scope.get_mut(&scope) {
+                set.remove(&pair);
+                if set.is_empty() {
+                    self.by_scope.remove(&scope);
+                }
+            }
+        }
+    }
+
+    /// Keys `scope` holds: answers, kept ids and pending claims.
+    fn held(&self, scope: &str) -> usize {
+        self.by_scope.get(scope).map_or(0, BTreeSet::len) + self.pending.get(scope).unwrap_or(&0)
+    }
+
+    /// The scope of `key`'s entry (pending claims are not indexed: `default`).
+    fn scope_of(&self, key: &str) -> Option<&str> {
+        self.indexed.get(key).map(|(scope, _)| scope.as_str())
+    }
+
+    /// Drops the entry of `scope` closest to expiry; false when it has none.
+    fn evict_oldest_of(&mut self, scope: &str) -> bool {
+        let oldest = self
+            .by_scope
+            .get(scope)
+            .and_then(|set| set.first().map(|(_, key)| key.clone()));
+        match oldest {
+            Some(key) => {
+                self.remove(&key);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl MemoryStore {
     pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        let max_entries = max_entries.max(1);
         Self {
             ttl,
-            max_entries: max_entries.max(1),
-            entries: Mutex::new(HashMap::new()),
+            max_entries,
+            per_scope_max: (max_entries / 10).max(1),
+            entries: Mutex::new(Memory::default()),
         }
     }
 
-    /// Drops expired answers; when still full, the answers closest to expiry.
-    fn make_room(&self, entries: &mut HashMap<String, Entry>) {
+    /// Most answers one scope (API key) may hold.
+    pub fn per_scope_max(&self) -> usize {
+        self.per_scope_max
+    }
+
+    /// Before `scope` claims a new key: drops expired entries (oldest first, each
+    /// O(log n)), then makes room within the scope's quota and within the store.
+    fn make_room(&self, memory: &mut Memory, scope: &str) {
         let now = Instant::now();
-        entries.retain(|_, e| {
-            !matches!(e, Entry::Done { expires, .. } | Entry::Unsettled { expires, .. } if *expires <= now)
-        });
-        while entries.len() >= self.max_entries {
-            let oldest = entries
-                .iter()
-                .filter_map(|(k, e)| match e {
-                    Entry::Done { expires, .. } | Entry::Unsettled { expires, .. } => {
-                        Some((*expires, k.clone()))
-                    }
-                    Entry::Pending { .. } => None,
-                })
-                .min();
-            match oldest {
-                Some((_, k)) => {
-                    entries.remove(&k);
-                }
-                None => break,
+        while let Some((expires, key)) = memory.by_expiry.first().cloned() {
+            if expires > now {
+                break;
+            }
+            memory.remove(&key);
+        }
+        while memory.held(scope) >= self.per_scope_max {
+            if !memory.evict_oldest_of(scope) {
+                break;
+            }
+        }
+        while memory.map.len() >= self.max_entries {
+            // The scope holding the most (pending claims included) pays; scopes are the
+            // API keys: a handful. When all it holds is pending, the store runs over
+            // for a while: pending claims are bounded by the in-flight limit.
+            let fullest = memory
+                .by_scope
+                .keys()
+                .chain(memory.pending.keys())
+                .max_by_key(|scope| memory.held(scope))
+                .cloned();
+            match fullest {
+                Some(fullest) if memory.evict_oldest_of(&fullest) => {}
+                _ => break,
             }
         }
     }
 
     #[cfg(test)]
     async fn len(&self) -> usize {
-        self.entries.lock().await.len()
+        self.entries.lock().await.map.len()
     }
-}
 
-#[async_trait]
-impl IdempotencyStore for MemoryStore {
-    async fn claim(
+    async fn claim_in(
         &self,
+        scope: &str,
         key: &str,
         fingerprint: &str,
         wait: Duration,
@@ -406,8 +528,8 @@ impl IdempotencyStore for MemoryStore {
         let deadline = Instant::now() + wait;
         loop {
             let mut watch = {
-                let mut entries = self.entries.lock().await;
-                match entries.get(key) {
+                let mut memory = self.entries.lock().await;
+                match memory.map.get(key) {
                     Some(Entry::Done {
                         fingerprint: f,
                         answer,
@@ -443,17 +565,17 @@ impl IdempotencyStore for MemoryStore {
                             }) if *expires > Instant::now() => Some(job_id.clone()),
                             _ => None,
                         };
-                        if entries.len() >= self.max_entries {
-                            self.make_room(&mut entries);
-                        }
+                        self.make_room(&mut memory, scope);
                         let token = new_token();
                         let (tx, rx) = watch::channel(());
-                        entries.insert(
-                            key.to_owned(),
+                        memory.put(
+                            scope,
+                            key,
                             Entry::Pending {
                                 fingerprint: fingerprint.to_owned(),
                                 token: token.clone(),
                                 job_id: job_id.clone(),
+                                scope: scope.to_owned(),
                                 _done: tx,
                                 watch: rx,
                             },
@@ -471,6 +593,36 @@ impl IdempotencyStore for MemoryStore {
             }
         }
     }
+}
+
+/// The scope of a claim as [`MemoryStore`] counts it: pending claims know theirs.
+fn pending_scope<'a>(memory: &'a Memory, key: &str) -> &'a str {
+    match memory.map.get(key) {
+        Some(Entry::Pending { scope, .. }) => scope,
+        _ => memory.scope_of(key).unwrap_or("-"),
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        wait: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claim_in("-", key, fingerprint, wait).await
+    }
+
+    async fn claim_for(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        wait: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claim_in(scope, key, fingerprint, wait).await
+    }
 
     async fn complete(
         &self,
@@ -479,17 +631,17 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &str,
         answer: &str,
     ) -> Result<(), StoreError> {
-        let mut entries = self.entries.lock().await;
-        let ours = matches!(entries.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
+        let mut memory = self.entries.lock().await;
+        let ours =
+            matches!(memory.map.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
         if ours {
-            entries.insert(
-                key.to_owned(),
-                Entry::Done {
-                    fingerprint: fingerprint.to_owned(),
-                    answer: answer.to_owned(),
-                    expires: Instant::now() + self.ttl,
-                },
-            );
+            let scope = pending_scope(&memory, key).to_owned();
+            let done = Entry::Done {
+                fingerprint: fingerprint.to_owned(),
+                answer: answer.to_owned(),
+                expires: Instant::now() + self.ttl,
+            };
+            memory.put(&scope, key, done);
         }
         Ok(())
     }
@@ -501,29 +653,30 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &str,
         job_id: &str,
     ) -> Result<(), StoreError> {
-        let mut entries = self.entries.lock().await;
-        let ours = matches!(entries.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
+        let mut memory = self.entries.lock().await;
+        let ours =
+            matches!(memory.map.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
         if ours {
-            entries.insert(
-                key.to_owned(),
-                Entry::Unsettled {
-                    fingerprint: fingerprint.to_owned(),
-                    job_id: job_id.to_owned(),
-                    expires: Instant::now() + self.ttl,
-                },
-            );
+            let scope = pending_scope(&memory, key).to_owned();
+            let unsettled = Entry::Unsettled {
+                fingerprint: fingerprint.to_owned(),
+                job_id: job_id.to_owned(),
+                expires: Instant::now() + self.ttl,
+            };
+            memory.put(&scope, key, unsettled);
         }
         Ok(())
     }
 
     async fn release(&self, key: &str, token: &str) {
-        let mut entries = self.entries.lock().await;
+        let mut memory = self.entries.lock().await;
         let Some(Entry::Pending {
             token: t,
             fingerprint,
             job_id,
+            scope,
             ..
-        }) = entries.get(key)
+        }) = memory.map.get(key)
         else {
             return;
         };
@@ -533,26 +686,22 @@ impl IdempotencyStore for MemoryStore {
         match job_id.clone() {
             // An earlier attempt may still have queued it: keep its id.
             Some(job_id) => {
-                let fingerprint = fingerprint.clone();
-                entries.insert(
-                    key.to_owned(),
-                    Entry::Unsettled {
-                        fingerprint,
-                        job_id,
-                        expires: Instant::now() + self.ttl,
-                    },
-                );
+                let (fingerprint, scope) = (fingerprint.clone(), scope.clone());
+                let unsettled = Entry::Unsettled {
+                    fingerprint,
+                    job_id,
+                    expires: Instant::now() + self.ttl,
+                };
+                memory.put(&scope, key, unsettled);
             }
-            None => {
-                entries.remove(key);
-            }
+            None => memory.remove(key),
         }
     }
 
     fn describe(&self) -> String {
         format!(
-            "memory (ttl {:?}, at most {} keys)",
-            self.ttl, self.max_entries
+            "memory (ttl {:?}, at most {} keys, {} per API key)",
+            self.ttl, self.max_entries, self.per_scope_max
         )
     }
 }
@@ -1144,6 +1293,50 @@ mod tests {
             publisher.ids(),
             vec![json["job_id"].as_str().unwrap().to_owned()]
         );
+    }
+
+    #[tokio::test]
+    async fn one_api_key_cannot_push_the_others_keys_out_of_the_memory_store() {
+        use crate::auth::{ApiKeys, Security};
+        let publisher = Arc::new(SlowPublisher::default());
+        // 20 keys in all, 2 per API key.
+        let state = AppState::new(Arc::clone(&publisher) as _, vec!["q".into()], 1024)
+            .with_idempotency(
+                Arc::new(MemoryStore::new(DEFAULT_TTL, 20)),
+                Duration::from_secs(5),
+            )
+            .with_security(Arc::new(Security::new(
+                Some(ApiKeys::new(["k1", "k2"])),
+                None,
+            )));
+        let send = |api_key: &'static str, key: String| {
+            let request = Request::post("/jobs/q")
+                .header("authorization", format!("Bearer {api_key}"))
+                .header(HEADER, key)
+                .body(Body::from("a"))
+                .unwrap();
+            let app = app(state.clone());
+            async move {
+                let response = app.oneshot(request).await.unwrap();
+                (response.status(), response.headers().contains_key(REPLAYED))
+            }
+        };
+        for i in 0..2 {
+            assert_eq!(send("k1", format!("a{i}")).await.0, StatusCode::ACCEPTED);
+        }
+        // k2 sends many more keys than the store holds...
+        let many = (0..30).map(|i| send("k2", format!("b{i}")));
+        for (status, _) in futures::future::join_all(many).await {
+            assert_eq!(status, StatusCode::ACCEPTED);
+        }
+        // ...and k1's keys are still there.
+        for i in 0..2 {
+            assert_eq!(
+                send("k1", format!("a{i}")).await,
+                (StatusCode::ACCEPTED, true),
+                "k1's key a{i} survived"
+            );
+        }
     }
 
     #[test]
