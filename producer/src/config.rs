@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser};
 use jobgate_shared::config::{parse_queue_list, BrokerArgs, SecretUrl};
 
-use crate::auth::{parse_key_list, ApiKeyList};
+use crate::auth::{ApiKeyList, KeyListParser};
 
 /// jobgate producer: accepts jobs over HTTP and publishes them to the broker.
 #[derive(Debug, Clone, Parser)]
@@ -117,13 +117,19 @@ pub struct ProducerConfig {
 pub struct SecurityArgs {
     /// API keys (comma list): when set, job requests need `Authorization: Bearer <key>`.
     #[arg(long, env = "JOBGATE_API_KEYS", hide_env_values = true,
-          value_parser = parse_key_list, conflicts_with = "api_keys_file")]
+          value_parser = KeyListParser, conflicts_with = "api_keys_file")]
     pub api_keys: Option<ApiKeyList>,
 
     /// File of API keys, one a line (blank lines and `#` comments ignored), read at
     /// start; an unreadable file or one without keys stops the producer.
     #[arg(long, env = "JOBGATE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+
+    /// Without API keys, accept jobs from any client; unset, only clients on this host
+    /// (loopback) are answered, others get 401.
+    #[arg(long, env = "JOBGATE_ALLOW_ANONYMOUS", default_value_t = false,
+          action = clap::ArgAction::Set)]
+    pub allow_anonymous: bool,
 
     /// Requests a second per API key (per client IP address when auth is off);
     /// 0 turns the rate limit off.
@@ -214,17 +220,32 @@ mod tests {
         let c = ProducerConfig::try_parse_from([
             "producer",
             "--api-keys",
-            "alpha-secret,beta-secret",
+            "alpha-secret-0123456789,beta-secret-0123456789",
             "--rate-limit-per-sec",
             "5",
         ])
         .unwrap();
         assert_eq!(
             c.security.api_keys.as_ref().unwrap().keys(),
-            ["alpha-secret", "beta-secret"]
+            ["alpha-secret-0123456789", "beta-secret-0123456789"]
         );
         let shown = format!("{c:?}");
         assert!(!shown.contains("alpha-secret") && !shown.contains("beta-secret"));
+        assert!(!c.security.allow_anonymous);
+        // An empty list, or a key of 12 characters, stops the start.
+        for keys in ["", ",", "twelve-chars"] {
+            let error = ProducerConfig::try_parse_from(["producer", "--api-keys", keys])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("API key") || error.contains("no API keys"),
+                "{error}"
+            );
+            assert!(
+                !error.contains("twelve-chars"),
+                "the key is never quoted: {error}"
+            );
+        }
         assert!(ProducerConfig::try_parse_from(["producer", "--rate-limit-burst", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from([
             "producer",
