@@ -513,6 +513,18 @@ impl MemoryStore {
         }
     }
 
+    /// Puts `entry` in place of the caller's pending claim of `key`; nothing when the
+    /// claim is no longer the caller's.
+    async fn replace_claim(&self, key: &str, token: &str, entry: Entry) {
+        let mut memory = self.entries.lock().await;
+        let ours =
+            matches!(memory.map.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
+        if ours {
+            let scope = pending_scope(&memory, key).to_owned();
+            memory.put(&scope, key, entry);
+        }
+    }
+
     #[cfg(test)]
     async fn len(&self) -> usize {
         self.entries.lock().await.map.len()
@@ -631,18 +643,12 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &str,
         answer: &str,
     ) -> Result<(), StoreError> {
-        let mut memory = self.entries.lock().await;
-        let ours =
-            matches!(memory.map.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
-        if ours {
-            let scope = pending_scope(&memory, key).to_owned();
-            let done = Entry::Done {
-                fingerprint: fingerprint.to_owned(),
-                answer: answer.to_owned(),
-                expires: Instant::now() + self.ttl,
-            };
-            memory.put(&scope, key, done);
-        }
+        let done = Entry::Done {
+            fingerprint: fingerprint.to_owned(),
+            answer: answer.to_owned(),
+            expires: Instant::now() + self.ttl,
+        };
+        self.replace_claim(key, token, done).await;
         Ok(())
     }
 
@@ -653,18 +659,12 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &str,
         job_id: &str,
     ) -> Result<(), StoreError> {
-        let mut memory = self.entries.lock().await;
-        let ours =
-            matches!(memory.map.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
-        if ours {
-            let scope = pending_scope(&memory, key).to_owned();
-            let unsettled = Entry::Unsettled {
-                fingerprint: fingerprint.to_owned(),
-                job_id: job_id.to_owned(),
-                expires: Instant::now() + self.ttl,
-            };
-            memory.put(&scope, key, unsettled);
-        }
+        let unsettled = Entry::Unsettled {
+            fingerprint: fingerprint.to_owned(),
+            job_id: job_id.to_owned(),
+            expires: Instant::now() + self.ttl,
+        };
+        self.replace_claim(key, token, unsettled).await;
         Ok(())
     }
 
