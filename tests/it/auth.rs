@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::helpers::{
-    assert_problem, brokers_shared, unique, vars, Backend, Process, Producer, AMQP_URL,
+    assert_problem, brokers_shared, unique, vars, wait_until, Backend, Process, Producer, AMQP_URL,
 };
 
 on_both_backends!(keys_and_rate_limit_guard_the_job_routes);
@@ -31,8 +31,14 @@ async fn a_short_key_or_an_empty_key_list_stops_the_start() {
         .await;
         let code = producer.wait_exit(Duration::from_secs(20)).await;
         assert_ne!(code, Some(0), "{keys:?}");
+        // The exit may come before the last stderr line is read.
+        wait_until(
+            Duration::from_secs(5),
+            "the start-up error in the log",
+            || std::future::ready(producer.dump().contains(says)),
+        )
+        .await;
         let logs = producer.dump();
-        assert!(logs.contains(says), "{keys:?}: {logs}");
         assert!(
             !logs.contains("twelve-chars"),
             "the key is not quoted: {logs}"
