@@ -110,6 +110,11 @@ pub struct Args {
     /// Requests per second of the soak's traffic.
     #[arg(long, default_value_t = 300.0, value_parser = positive_secs)]
     pub soak_rate: f64,
+    /// Run only the big-batch check: the producer's peak resident memory (VmHWM) while
+    /// 16 clients at once send 10 MiB `[0,0,...]` batches (4 rounds); exits 1 when it
+    /// reaches 64 MiB.
+    #[arg(long, conflicts_with = "soak")]
+    pub big_batches: bool,
     /// The soak's report [default: bench/soak.md].
     #[arg(long)]
     pub soak_report: Option<PathBuf>,

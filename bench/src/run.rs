@@ -15,6 +15,7 @@ use crate::report::{
 };
 use crate::{Args, Which};
 
+mod big_batches;
 mod soak;
 
 /// The job body every phase sends: a small JSON document, as a typical job.
@@ -797,6 +798,9 @@ pub async fn run(args: &Args, root: PathBuf, leftovers: &Leftovers) -> Result<()
     if let Some(seconds) = args.soak {
         return soak_all(args, &root, leftovers, Duration::from_secs_f64(seconds)).await;
     }
+    if args.big_batches {
+        return big_batches_all(args, &root, leftovers).await;
+    }
     let report = measure_all(args, &root, leftovers).await?;
     write_report(args, &root, &report)
 }
@@ -827,6 +831,24 @@ async fn soak_all(
     say(format!("soak report: {}", path.display()));
     if !soak::all_flat(&soaks) {
         bail!("memory grows over uptime: see {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--big-batches`: the producer's peak memory under huge batches, per backend asked
+/// for; exit 1 when a peak passes the goal.
+async fn big_batches_all(args: &Args, root: &Path, leftovers: &Leftovers) -> Result<()> {
+    let mut over = Vec::new();
+    for bench in benches(args, root, leftovers).await? {
+        let measured = bench.big_batches().await;
+        bench.close().await;
+        let measured = measured.with_context(|| format!("{} big batches", bench.backend))?;
+        if measured.peak_mib() >= big_batches::GOAL_MIB {
+            over.push(measured.line());
+        }
+    }
+    if !over.is_empty() {
+        bail!("peak memory over the goal: {}", over.join("; "));
     }
     Ok(())
 }

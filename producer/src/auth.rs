@@ -1,6 +1,11 @@
 //! API keys (`Authorization: Bearer <key>`) and the guard in front of the job routes.
 //!
 //! Auth is on when keys are configured (`JOBGATE_API_KEYS` or `JOBGATE_API_KEYS_FILE`).
+//! Without keys the producer answers only loopback clients, like RabbitMQ's `guest`
+//! user, unless `JOBGATE_ALLOW_ANONYMOUS=true`; a key list without keys, or a key under
+//! [`MIN_KEY_LEN`] characters, stops the start. Failed authentications are rate-limited
+//! per client address ([`FAILURES_PER_SEC`], burst [`FAILURE_BURST`]): past it a wrong
+//! or missing key gets 429 instead of 401, a right key still passes.
 //! Keys are kept only as SHA-256 digests and compared in constant time (`subtle`), so
 //! neither a key's content nor its length leaks through timing. Keys never appear in
 //! logs or `Debug` output. The probes (and `/metrics`, `/openapi.json`) stay open;
@@ -24,6 +29,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SecurityArgs;
 use crate::error::problem_response;
 use crate::rate_limit::{too_many_requests, Bucket, RateLimit};
+
+/// Shortest accepted API key: a guessable key is no key.
+pub const MIN_KEY_LEN: usize = 16;
+/// Failed authentications a client address may make a second, on average...
+pub const FAILURES_PER_SEC: u32 = 1;
+/// ...and at once.
+pub const FAILURE_BURST: u32 = 10;
 
 /// Paths that never need a key: probes and descriptions of the service.
 pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json"];
@@ -60,6 +72,35 @@ pub fn parse_key_list(s: &str) -> Result<ApiKeyList, String> {
     Ok(ApiKeyList(keys))
 }
 
+/// [`parse_key_list`] for clap, whose own error for a value parser quotes the value:
+/// this one never does (the value is a secret).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyListParser;
+
+impl clap::builder::TypedValueParser for KeyListParser {
+    type Value = ApiKeyList;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<ApiKeyList, clap::Error> {
+        let name = arg.map_or_else(|| "--api-keys".to_owned(), ToString::to_string);
+        let refuse = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{name}' (not shown: it is a secret): {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refuse("the keys are not UTF-8".to_owned()))?;
+        parse_key_list(text).map_err(refuse)
+    }
+}
+
 /// The keys of a keys file: one a line, trimmed; blank lines and `#` comments ignored.
 pub fn parse_keys_file(text: &str) -> Result<Vec<String>, String> {
     let keys: Vec<String> = text
@@ -90,6 +131,13 @@ pub fn load_keys_file(path: &Path) -> anyhow::Result<Vec<String>> {
 /// never quotes the key.
 fn check_keys(keys: &[String]) -> Result<(), String> {
     for (i, key) in keys.iter().enumerate() {
+        if key.len() < MIN_KEY_LEN {
+            return Err(format!(
+                "API key #{} is shorter than {MIN_KEY_LEN} characters; use a long random key \
+                 (e.g. `openssl rand -hex 32`)",
+                i + 1
+            ));
+        }
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(format!(
                 "API key #{} has characters other than visible ASCII",
@@ -160,6 +208,10 @@ pub struct ApiKeyId(pub [u8; 32]);
 pub struct Security {
     pub keys: Option<ApiKeys>,
     pub rate_limit: Option<RateLimit>,
+    /// Without keys: answer only loopback clients (the default of the binary).
+    pub loopback_only: bool,
+    /// Failed authentications per client address (on with keys, from the config).
+    pub failures: Option<RateLimit>,
 }
 
 impl Security {
@@ -168,10 +220,13 @@ impl Security {
         Self::default()
     }
 
+    /// Keys (none: every client may send jobs) and a rate limit.
     pub fn new(keys: Option<ApiKeys>, rate_limit: Option<RateLimit>) -> Self {
         Self {
             keys: keys.filter(|k| !k.is_empty()),
             rate_limit,
+            loopback_only: false,
+            failures: None,
         }
     }
 
@@ -184,12 +239,15 @@ impl Security {
             (None, None) => None,
         };
         let rate_limit = RateLimit::from_settings(args.rate_limit_per_sec, args.rate_limit_burst);
-        Ok(Self::new(keys, rate_limit))
+        let mut security = Self::new(keys, rate_limit);
+        security.loopback_only = security.keys.is_none() && !args.allow_anonymous;
+        security.failures = RateLimit::from_settings(FAILURES_PER_SEC, Some(FAILURE_BURST));
+        Ok(security)
     }
 
     /// Drops idle rate-limit buckets every `every` until `stop` is cancelled.
     pub fn spawn_housekeeping(self: &Arc<Self>, every: Duration, stop: CancellationToken) {
-        if self.rate_limit.is_none() {
+        if self.rate_limit.is_none() && self.failures.is_none() {
             return;
         }
         let security = Arc::clone(self);
@@ -200,7 +258,7 @@ impl Security {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     _ = tick.tick() => {
-                        if let Some(limit) = &security.rate_limit {
+                        for limit in [&security.rate_limit, &security.failures].into_iter().flatten() {
                             limit.retain_recent();
                         }
                     }
@@ -250,10 +308,24 @@ pub async fn guard(
     if OPEN_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip().to_canonical());
+    // A failed authentication: 401, or 429 once this address failed too often.
+    let refuse = |detail: &str| {
+        let failures = security.failures.as_ref();
+        let bucket = peer.map_or(Bucket::Unknown, Bucket::Addr);
+        if let Some(Err(wait)) = failures.map(|limit| limit.check(&bucket)) {
+            tracing::info!(?bucket, "too many failed authentications from this address");
+            return too_many_requests(wait);
+        }
+        unauthorized(detail)
+    };
     let bucket = match &security.keys {
         Some(keys) => match bearer_token(&request) {
             None => {
-                return unauthorized(
+                return refuse(
                     "This endpoint needs an API key: send `Authorization: Bearer <key>`.",
                 )
             }
@@ -264,14 +336,19 @@ pub async fn guard(
                         path = request.uri().path(),
                         "request with an unknown API key refused"
                     );
-                    return unauthorized("The API key is not valid.");
+                    return refuse("The API key is not valid.");
                 }
             },
         },
-        None => request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(Bucket::Unknown, |ConnectInfo(addr)| Bucket::Addr(addr.ip())),
+        None if security.loopback_only && !peer.is_some_and(|ip| ip.is_loopback()) => {
+            return refuse(
+                "No API keys are configured, so this producer answers only clients on the \
+                 same host (like RabbitMQ's guest user). Set JOBGATE_API_KEYS (or \
+                 JOBGATE_API_KEYS_FILE) and send `Authorization: Bearer <key>`, or set \
+                 JOBGATE_ALLOW_ANONYMOUS=true to accept jobs from anyone.",
+            )
+        }
+        None => peer.map_or(Bucket::Unknown, Bucket::Addr),
     };
     if let Some(limit) = &security.rate_limit {
         if let Err(wait) = limit.check(&bucket) {
@@ -282,6 +359,8 @@ pub async fn guard(
     if let Bucket::Key(digest) = &bucket {
         request.extensions_mut().insert(ApiKeyId(*digest));
     }
+    // A batch pays the rest of its items from the same bucket.
+    request.extensions_mut().insert(bucket);
     next.run(request).await
 }
 
@@ -291,19 +370,27 @@ mod tests {
 
     #[test]
     fn key_lists_are_trimmed_and_debug_hides_them() {
-        let list = parse_key_list(" k1, k2 ,,").unwrap();
-        assert_eq!(list.keys(), ["k1", "k2"]);
+        let (k1, k2) = ("k1-0123456789abcdef", "k2-0123456789abcdef");
+        let list = parse_key_list(&format!(" {k1}, {k2} ,,")).unwrap();
+        assert_eq!(list.keys(), [k1, k2]);
         let shown = format!("{list:?}");
-        assert!(!shown.contains("k1") && !shown.contains("k2"), "{shown}");
+        assert!(!shown.contains(k1) && !shown.contains(k2), "{shown}");
         assert!(parse_key_list(" , ").is_err());
-        let err = parse_key_list("good,bad key").unwrap_err();
+        assert!(parse_key_list("").is_err());
+        let err = parse_key_list("0123456789abcdef,bad key 0123456789").unwrap_err();
         assert!(!err.contains("bad key"), "{err}");
+        // A short key is refused, without quoting it.
+        let err = parse_key_list("0123456789abcdef,twelve-chars").unwrap_err();
+        assert!(err.contains("#2") && err.contains("16"), "{err}");
+        assert!(!err.contains("twelve-chars"), "{err}");
     }
 
     #[test]
     fn keys_file_skips_blanks_and_comments() {
-        let keys = parse_keys_file("# ops team\n\n  alpha  \n#beta\nbeta\n   \n").unwrap();
-        assert_eq!(keys, ["alpha", "beta"]);
+        let text = "# ops team\n\n  alpha-0123456789ab  \n#beta\nbeta-0123456789abc\n   \n";
+        let keys = parse_keys_file(text).unwrap();
+        assert_eq!(keys, ["alpha-0123456789ab", "beta-0123456789abc"]);
+        assert!(parse_keys_file("short\n").is_err());
     }
 
     #[test]
@@ -317,8 +404,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot read"), "{err}");
-        std::fs::write(&path, "secret-1\n").unwrap();
-        assert_eq!(load_keys_file(&path).unwrap(), ["secret-1"]);
+        std::fs::write(&path, "secret-1-0123456789\n").unwrap();
+        assert_eq!(load_keys_file(&path).unwrap(), ["secret-1-0123456789"]);
     }
 
     #[test]
@@ -434,6 +521,76 @@ mod tests {
             }
             let request = Request::get("/elsewhere").body(Body::empty()).unwrap();
             assert_eq!(send(&app, request).await.0, StatusCode::UNAUTHORIZED);
+        }
+
+        fn from(ip: &str, key: Option<&str>) -> Request<Body> {
+            let mut request = job(key);
+            let addr = SocketAddr::new(ip.parse().unwrap(), 4000);
+            request.extensions_mut().insert(ConnectInfo(addr));
+            request
+        }
+
+        fn configured(args: &[&str]) -> Security {
+            use clap::Parser;
+            let config =
+                crate::config::ProducerConfig::try_parse_from([&["producer"], args].concat())
+                    .unwrap();
+            Security::from_args(&config.security).unwrap()
+        }
+
+        #[tokio::test]
+        async fn without_keys_only_loopback_clients_are_answered() {
+            let broker = MemoryBroker::new();
+            let app = secured(&broker, configured(&[]));
+            let (status, headers, json) = send(&app, from("10.0.0.1", None)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert_eq!(headers["content-type"], "application/problem+json");
+            let detail = json["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("JOBGATE_API_KEYS")
+                    && detail.contains("JOBGATE_ALLOW_ANONYMOUS=true"),
+                "{detail}"
+            );
+            for local in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+                assert_eq!(
+                    send(&app, from(local, None)).await.0,
+                    StatusCode::ACCEPTED,
+                    "{local}"
+                );
+            }
+            // No peer address known: not provably local.
+            assert_eq!(send(&app, job(None)).await.0, StatusCode::UNAUTHORIZED);
+            let app = secured(&broker, configured(&["--allow-anonymous", "true"]));
+            assert_eq!(
+                send(&app, from("10.0.0.1", None)).await.0,
+                StatusCode::ACCEPTED
+            );
+            assert_eq!(broker.published().len(), 4);
+        }
+
+        #[tokio::test]
+        async fn failed_authentications_are_rate_limited_per_client_address() {
+            let broker = MemoryBroker::new();
+            let key = "right-0123456789abcdef";
+            let app = secured(&broker, configured(&["--api-keys", key]));
+            for _ in 0..FAILURE_BURST {
+                let (status, _, _) =
+                    send(&app, from("10.0.0.1", Some("wrong-0123456789abc"))).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED);
+            }
+            let (status, headers, json) = send(&app, from("10.0.0.1", None)).await;
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{json}");
+            assert!(headers.contains_key("retry-after"));
+            assert_eq!(json["type"], "urn:jobgate:problem:rate-limited");
+            // The right key still passes; another address is not affected.
+            assert_eq!(
+                send(&app, from("10.0.0.1", Some(key))).await.0,
+                StatusCode::ACCEPTED
+            );
+            assert_eq!(
+                send(&app, from("10.0.0.2", Some("nope"))).await.0,
+                StatusCode::UNAUTHORIZED
+            );
         }
 
         #[tokio::test]

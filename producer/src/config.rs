@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser};
 use jobgate_shared::config::{parse_queue_list, BrokerArgs, SecretUrl};
 
-use crate::auth::{parse_key_list, ApiKeyList};
+use crate::auth::{ApiKeyList, KeyListParser};
 
 /// jobgate producer: accepts jobs over HTTP and publishes them to the broker.
 #[derive(Debug, Clone, Parser)]
@@ -36,6 +36,17 @@ pub struct ProducerConfig {
     #[arg(long, env = "JOBGATE_MAX_BATCH_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_batch_bytes: usize,
 
+    /// Largest share of `JOBGATE_MAX_IN_FLIGHT`, in percent, one batch may hold at once;
+    /// its other items wait their turn inside the batch.
+    #[arg(long, env = "JOBGATE_BATCH_IN_FLIGHT_PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub batch_in_flight_percent: u8,
+
+    /// Most bytes of `X-Job-*` and trace headers a batch may copy onto its jobs (their
+    /// size times the items); more gets 413.
+    #[arg(long, env = "JOBGATE_MAX_BATCH_HEADER_BYTES", default_value_t = 1024 * 1024)]
+    pub max_batch_header_bytes: usize,
+
     /// How long to wait for the broker's confirm before answering 503, in milliseconds.
     #[arg(long, env = "JOBGATE_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
@@ -50,6 +61,34 @@ pub struct ProducerConfig {
     #[arg(long, env = "JOBGATE_PUBLISH_CHANNELS", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub publish_channels: u16,
+
+    /// Time a connection has to send a complete request head (request line and
+    /// headers), in milliseconds, counted from its open or, on a keep-alive connection,
+    /// from the end of the previous answer; past it the connection is closed without
+    /// an answer (slowloris).
+    #[arg(long, env = "JOBGATE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+
+    /// Time a request body has to arrive in full, in milliseconds, counted from the
+    /// end of its head; past it the request gets 408 `body-timeout` and the connection
+    /// is closed.
+    #[arg(long, env = "JOBGATE_BODY_READ_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_ms: u64,
+
+    /// A keep-alive connection without a request for this long, in milliseconds, is
+    /// closed (the header-read timeout bounds this wait too: the smaller one applies).
+    #[arg(long, env = "JOBGATE_IDLE_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+
+    /// Most client connections open at once; past it new connections wait in the
+    /// listen backlog until one closes. Keep it below the descriptor limit
+    /// (`ulimit -n`), which the broker connections share.
+    #[arg(long, env = "JOBGATE_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 
     /// After SIGTERM, how long in-flight requests may take to finish, in milliseconds.
     #[arg(long, env = "JOBGATE_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
@@ -78,13 +117,19 @@ pub struct ProducerConfig {
 pub struct SecurityArgs {
     /// API keys (comma list): when set, job requests need `Authorization: Bearer <key>`.
     #[arg(long, env = "JOBGATE_API_KEYS", hide_env_values = true,
-          value_parser = parse_key_list, conflicts_with = "api_keys_file")]
+          value_parser = KeyListParser, conflicts_with = "api_keys_file")]
     pub api_keys: Option<ApiKeyList>,
 
     /// File of API keys, one a line (blank lines and `#` comments ignored), read at
     /// start; an unreadable file or one without keys stops the producer.
     #[arg(long, env = "JOBGATE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+
+    /// Without API keys, accept jobs from any client; unset, only clients on this host
+    /// (loopback) are answered, others get 401.
+    #[arg(long, env = "JOBGATE_ALLOW_ANONYMOUS", default_value_t = false,
+          action = clap::ArgAction::Set)]
+    pub allow_anonymous: bool,
 
     /// Requests a second per API key (per client IP address when auth is off);
     /// 0 turns the rate limit off.
@@ -110,6 +155,19 @@ impl ProducerConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    /// The listener's limits.
+    pub fn server_limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +186,13 @@ mod tests {
         assert_eq!(c.idempotency_ttl(), Duration::from_secs(86_400));
         assert!(c.redis_url.is_none());
         assert_eq!(c.max_in_flight, 1024);
+        let limits = c.server_limits();
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(limits.max_connections, 4096);
+        assert_eq!(c.body_read_timeout(), Duration::from_secs(30));
+        assert_eq!(c.batch_in_flight_percent, 50);
+        assert_eq!(c.max_batch_header_bytes, 1_048_576);
         assert_eq!(
             c.broker.amqp_url.expose(),
             "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -140,6 +205,10 @@ mod tests {
         assert!(ProducerConfig::try_parse_from(["producer", "--publish-channels", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--max-batch-items", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--max-in-flight", "0"]).is_err());
+        for share in ["0", "101"] {
+            let args = ["producer", "--batch-in-flight-percent", share];
+            assert!(ProducerConfig::try_parse_from(args).is_err());
+        }
     }
 
     #[test]
@@ -151,17 +220,32 @@ mod tests {
         let c = ProducerConfig::try_parse_from([
             "producer",
             "--api-keys",
-            "alpha-secret,beta-secret",
+            "alpha-secret-0123456789,beta-secret-0123456789",
             "--rate-limit-per-sec",
             "5",
         ])
         .unwrap();
         assert_eq!(
             c.security.api_keys.as_ref().unwrap().keys(),
-            ["alpha-secret", "beta-secret"]
+            ["alpha-secret-0123456789", "beta-secret-0123456789"]
         );
         let shown = format!("{c:?}");
         assert!(!shown.contains("alpha-secret") && !shown.contains("beta-secret"));
+        assert!(!c.security.allow_anonymous);
+        // An empty list, or a key of 12 characters, stops the start.
+        for keys in ["", ",", "twelve-chars"] {
+            let error = ProducerConfig::try_parse_from(["producer", "--api-keys", keys])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("API key") || error.contains("no API keys"),
+                "{error}"
+            );
+            assert!(
+                !error.contains("twelve-chars"),
+                "the key is never quoted: {error}"
+            );
+        }
         assert!(ProducerConfig::try_parse_from(["producer", "--rate-limit-burst", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from([
             "producer",

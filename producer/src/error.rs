@@ -17,8 +17,14 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("the request body could not be read")]
     BadBody,
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     #[error("the job could not be handed to the broker: {0}")]
     Publish(#[from] PublishError),
+    /// The same, for a request with an `Idempotency-Key`: when the job may have been
+    /// queued, the key keeps its id and a retry with the key is safe.
+    #[error("the job could not be handed to the broker: {0}")]
+    PublishWithKey(PublishError),
     #[error("no route for this path")]
     NotFound,
     #[error("the producer is shutting down")]
@@ -54,15 +60,33 @@ pub struct Problem {
 }
 
 impl ApiError {
+    /// A request body that could not be read: too large (413, `limit` bytes), too slow
+    /// (408, see [`crate::body_deadline`]) or broken (400).
+    pub fn from_body_rejection(
+        rejection: &axum::extract::rejection::BytesRejection,
+        limit: usize,
+        deadline: Duration,
+    ) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::BodyTooLarge { limit }
+        } else if crate::body_deadline::is_deadline(rejection) {
+            Self::BodyTimeout(deadline)
+        } else {
+            Self::BadBody
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             Self::UnknownQueue(_) | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody
             | Self::BadMetadata(_)
             | Self::Idempotency(_)
             | Self::Publish(PublishError::Malformed(_)) => StatusCode::BAD_REQUEST,
+            Self::PublishWithKey(e) => Self::Publish(e.clone()).status(),
             Self::Publish(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -75,8 +99,10 @@ impl ApiError {
             Self::MethodNotAllowed => "method-not-allowed",
             Self::BodyTooLarge { .. } => "body-too-large",
             Self::BadBody => "bad-body",
+            Self::BodyTimeout(_) => "body-timeout",
             Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "bad-metadata",
             Self::Idempotency(_) => "idempotency",
+            Self::PublishWithKey(e) => Self::Publish(e.clone()).slug(),
             Self::Publish(PublishError::Overloaded) => "overloaded",
             Self::Publish(_) => "broker-unavailable",
             Self::ShuttingDown => "shutting-down",
@@ -90,8 +116,10 @@ impl ApiError {
             Self::MethodNotAllowed => "Method not allowed",
             Self::BodyTooLarge { .. } => "Job body too large",
             Self::BadBody => "Unreadable request body",
+            Self::BodyTimeout(_) => "Request body too slow",
             Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "Bad job metadata",
             Self::Idempotency(_) => "Idempotency",
+            Self::PublishWithKey(e) => Self::Publish(e.clone()).title(),
             Self::Publish(PublishError::Overloaded) => "Too many jobs in flight",
             Self::Publish(_) => "Broker unavailable",
             Self::ShuttingDown => "Shutting down",
@@ -113,7 +141,18 @@ impl ApiError {
                 "The job was not accepted ({}). Nothing was queued; retry later.",
                 publish_failure(e)
             ),
+            Self::PublishWithKey(e) if e.may_have_been_queued() => format!(
+                "The job was sent but not confirmed ({}): it may have been queued; retry with \
+                 the same Idempotency-Key (the retry publishes it under the same job id, so a \
+                 consumer can tell a second copy by its id).",
+                publish_failure(e)
+            ),
+            Self::PublishWithKey(e) => Self::Publish(e.clone()).detail(),
             Self::BadMetadata(e) => format!("{e} Nothing was queued."),
+            Self::BodyTimeout(limit) => format!(
+                "The request body did not arrive within {} ms. Nothing was queued.",
+                limit.as_millis()
+            ),
             Self::ShuttingDown => {
                 "This producer is shutting down; retry, another replica will take the job."
                     .to_owned()
@@ -125,8 +164,9 @@ impl ApiError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             // The same job fails the same way: nothing to wait for.
-            Self::Publish(PublishError::Malformed(_)) => None,
-            Self::Publish(e) => Some(e.retry_after()),
+            Self::Publish(PublishError::Malformed(_))
+            | Self::PublishWithKey(PublishError::Malformed(_)) => None,
+            Self::Publish(e) | Self::PublishWithKey(e) => Some(e.retry_after()),
             Self::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         }

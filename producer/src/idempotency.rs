@@ -15,7 +15,7 @@
 //! sharing `JOBGATE_REDIS_URL`). With Redis down, requests WITH a key get 503 and
 //! requests without one are unaffected.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,9 +45,14 @@ pub const MAX_KEY_LEN: usize = 255;
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The caller owns the key: publish, then [`IdempotencyStore::complete`] or
-    /// [`IdempotencyStore::release`] with this token.
-    Acquired(String),
+    /// The caller owns the key: publish, then [`IdempotencyStore::complete`],
+    /// [`IdempotencyStore::unsettle`] or [`IdempotencyStore::release`] with this token.
+    /// `job_id` is set when an earlier attempt with this key may have queued the job:
+    /// publish under that id again.
+    Acquired {
+        token: String,
+        job_id: Option<String>,
+    },
     /// The same request was answered already: this is its 202 body.
     Replay(String),
     /// The key was used for another request.
@@ -72,6 +77,18 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         fingerprint: &str,
         wait: Duration,
     ) -> Result<Claim, StoreError>;
+    /// [`IdempotencyStore::claim`] for a caller `scope` (the hex digest of its API key, or
+    /// `-`): a store with per-scope quotas counts the key against it.
+    async fn claim_for(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        wait: Duration,
+    ) -> Result<Claim, StoreError> {
+        let _ = scope;
+        self.claim(key, fingerprint, wait).await
+    }
     /// Stores the 202 body of the request that owns `key` for the TTL.
     async fn complete(
         &self,
@@ -80,7 +97,17 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         fingerprint: &str,
         answer: &str,
     ) -> Result<(), StoreError>;
-    /// Gives `key` up (the publish failed): a retry may publish.
+    /// The publish's fate is unknown (sent, not confirmed): the key keeps `job_id` for
+    /// the TTL, so a retry with it publishes under the same id.
+    async fn unsettle(
+        &self,
+        key: &str,
+        token: &str,
+        fingerprint: &str,
+        job_id: &str,
+    ) -> Result<(), StoreError>;
+    /// Gives `key` up (the publish failed, nothing queued): a retry may publish. When
+    /// the claim carried a job id from an earlier ambiguous attempt, the key keeps it.
     async fn release(&self, key: &str, token: &str);
     /// For logs.
     fn describe(&self) -> String;
@@ -193,6 +220,7 @@ pub struct Claimed {
     key: String,
     token: String,
     fingerprint: String,
+    job_id: Option<String>,
     done: bool,
 }
 
@@ -211,6 +239,25 @@ impl Claimed {
 }
 
 impl Claimed {
+    /// The id to publish under: an earlier attempt's with this key may have been
+    /// queued.
+    pub fn job_id(&self) -> Option<&str> {
+        self.job_id.as_deref()
+    }
+
+    /// The publish's fate is unknown: the key keeps `job_id` so a retry republishes it
+    /// under the same id.
+    pub async fn unsettle(mut self, job_id: &str) {
+        self.done = true;
+        if let Err(error) = self
+            .store
+            .unsettle(&self.key, &self.token, &self.fingerprint, job_id)
+            .await
+        {
+            tracing::warn!(%error, "could not keep the job id of an unconfirmed publish; a retry may publish under a new id");
+        }
+    }
+
     /// Gives the key up now (the publish failed): a retry may publish.
     pub async fn release(mut self) {
         self.done = true;
@@ -255,12 +302,17 @@ pub async fn begin(
     };
     let key = scoped_key(scope, &key);
     let fingerprint = fingerprint(queue, body);
-    match store.claim(&key, &fingerprint, wait).await? {
-        Claim::Acquired(token) => Ok(Begin::Claimed(Claimed {
+    let scope_name = scope.map_or_else(|| "-".to_owned(), |digest| hex(digest));
+    match store
+        .claim_for(&scope_name, &key, &fingerprint, wait)
+        .await?
+    {
+        Claim::Acquired { token, job_id } => Ok(Begin::Claimed(Claimed {
             store: Arc::clone(store),
             key,
             token,
             fingerprint,
+            job_id,
             done: false,
         })),
         Claim::Replay(answer) => {
@@ -293,6 +345,10 @@ enum Entry {
     Pending {
         fingerprint: String,
         token: String,
+        /// From an earlier ambiguous attempt: on release the key goes back to it.
+        job_id: Option<String>,
+        /// Whose claim it is (for the per-scope quota once it holds an answer).
+        scope: String,
         /// Dropped (closing the channel) when the claim completes or is released.
         _done: watch::Sender<()>,
         watch: watch::Receiver<()>,
@@ -302,55 +358,181 @@ enum Entry {
         answer: String,
         expires: Instant,
     },
+    /// An attempt's fate is unknown: a retry publishes under `job_id`.
+    Unsettled {
+        fingerprint: String,
+        job_id: String,
+        expires: Instant,
+    },
 }
 
 /// Keys in this process: for one producer replica.
+///
+/// Bounded: answers (and kept ids) are indexed by expiry, overall and per scope (API
+/// key), so making room is O(log n) per claim. A scope holding its quota
+/// ([`MemoryStore::per_scope_max`], a tenth of the store) makes room among its own
+/// entries; a full store drops the entry closest to expiry of the scope holding the
+/// most. One API key can therefore never push the others' keys out.
 pub struct MemoryStore {
     ttl: Duration,
     max_entries: usize,
-    entries: Mutex<HashMap<String, Entry>>,
+    per_scope_max: usize,
+    entries: Mutex<Memory>,
+}
+
+/// The entries and their eviction index.
+#[derive(Default)]
+struct Memory {
+    map: HashMap<String, Entry>,
+    /// Answers and kept ids (not pending claims) by expiry.
+    by_expiry: BTreeSet<(Instant, String)>,
+    /// The same per scope.
+    by_scope: HashMap<String, BTreeSet<(Instant, String)>>,
+    /// Scope and expiry of each indexed key.
+    indexed: HashMap<String, (String, Instant)>,
+    /// Pending claims per scope.
+    pending: HashMap<String, usize>,
+}
+
+impl Memory {
+    /// Puts `entry` at `key` for `scope`, indexing it when it can be evicted.
+    fn put(&mut self, scope: &str, key: &str, entry: Entry) {
+        self.unindex(key);
+        if matches!(entry, Entry::Pending { .. }) {
+            *self.pending.entry(scope.to_owned()).or_default() += 1;
+        }
+        if let Entry::Done { expires, .. } | Entry::Unsettled { expires, .. } = &entry {
+            self.by_expiry.insert((*expires, key.to_owned()));
+            self.by_scope
+                .entry(scope.to_owned())
+                .or_default()
+                .insert((*expires, key.to_owned()));
+            self.indexed
+                .insert(key.to_owned(), (scope.to_owned(), *expires));
+        }
+        self.map.insert(key.to_owned(), entry);
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.unindex(key);
+        self.map.remove(key);
+    }
+
+    fn unindex(&mut self, key: &str) {
+        if let Some(Entry::Pending { scope, .. }) = self.map.get(key) {
+            if let Some(n) = self.pending.get_mut(scope) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.remove(scope);
+                }
+            }
+        }
+        if let Some((scope, expires)) = self.indexed.remove(key) {
+            let pair = (expires, key.to_owned());
+            self.by_expiry.remove(&pair);
+            if let Some(set) = self.by_scope.get_mut(&scope) {
+                set.remove(&pair);
+                if set.is_empty() {
+                    self.by_scope.remove(&scope);
+                }
+            }
+        }
+    }
+
+    /// Keys `scope` holds: answers, kept ids and pending claims.
+    fn held(&self, scope: &str) -> usize {
+        self.by_scope.get(scope).map_or(0, BTreeSet::len) + self.pending.get(scope).unwrap_or(&0)
+    }
+
+    /// The scope of `key`'s entry (pending claims are not indexed: `default`).
+    fn scope_of(&self, key: &str) -> Option<&str> {
+        self.indexed.get(key).map(|(scope, _)| scope.as_str())
+    }
+
+    /// Drops the entry of `scope` closest to expiry; false when it has none.
+    fn evict_oldest_of(&mut self, scope: &str) -> bool {
+        let oldest = self
+            .by_scope
+            .get(scope)
+            .and_then(|set| set.first().map(|(_, key)| key.clone()));
+        match oldest {
+            Some(key) => {
+                self.remove(&key);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl MemoryStore {
     pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        let max_entries = max_entries.max(1);
         Self {
             ttl,
-            max_entries: max_entries.max(1),
-            entries: Mutex::new(HashMap::new()),
+            max_entries,
+            per_scope_max: (max_entries / 10).max(1),
+            entries: Mutex::new(Memory::default()),
         }
     }
 
-    /// Drops expired answers; when still full, the answers closest to expiry.
-    fn make_room(&self, entries: &mut HashMap<String, Entry>) {
+    /// Most answers one scope (API key) may hold.
+    pub fn per_scope_max(&self) -> usize {
+        self.per_scope_max
+    }
+
+    /// Before `scope` claims a new key: drops expired entries (oldest first, each
+    /// O(log n)), then makes room within the scope's quota and within the store.
+    fn make_room(&self, memory: &mut Memory, scope: &str) {
         let now = Instant::now();
-        entries.retain(|_, e| !matches!(e, Entry::Done { expires, .. } if *expires <= now));
-        while entries.len() >= self.max_entries {
-            let oldest = entries
-                .iter()
-                .filter_map(|(k, e)| match e {
-                    Entry::Done { expires, .. } => Some((*expires, k.clone())),
-                    Entry::Pending { .. } => None,
-                })
-                .min();
-            match oldest {
-                Some((_, k)) => {
-                    entries.remove(&k);
-                }
-                None => break,
+        while let Some((expires, key)) = memory.by_expiry.first().cloned() {
+            if expires > now {
+                break;
             }
+            memory.remove(&key);
+        }
+        while memory.held(scope) >= self.per_scope_max {
+            if !memory.evict_oldest_of(scope) {
+                break;
+            }
+        }
+        while memory.map.len() >= self.max_entries {
+            // The scope holding the most (pending claims included) pays; scopes are the
+            // API keys: a handful. When all it holds is pending, the store runs over
+            // for a while: pending claims are bounded by the in-flight limit.
+            let fullest = memory
+                .by_scope
+                .keys()
+                .chain(memory.pending.keys())
+                .max_by_key(|scope| memory.held(scope))
+                .cloned();
+            match fullest {
+                Some(fullest) if memory.evict_oldest_of(&fullest) => {}
+                _ => break,
+            }
+        }
+    }
+
+    /// Puts `entry` in place of the caller's pending claim of `key`; nothing when the
+    /// claim is no longer the caller's.
+    async fn replace_claim(&self, key: &str, token: &str, entry: Entry) {
+        let mut memory = self.entries.lock().await;
+        let ours =
+            matches!(memory.map.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
+        if ours {
+            let scope = pending_scope(&memory, key).to_owned();
+            memory.put(&scope, key, entry);
         }
     }
 
     #[cfg(test)]
     async fn len(&self) -> usize {
-        self.entries.lock().await.len()
+        self.entries.lock().await.map.len()
     }
-}
 
-#[async_trait]
-impl IdempotencyStore for MemoryStore {
-    async fn claim(
+    async fn claim_in(
         &self,
+        scope: &str,
         key: &str,
         fingerprint: &str,
         wait: Duration,
@@ -358,8 +540,8 @@ impl IdempotencyStore for MemoryStore {
         let deadline = Instant::now() + wait;
         loop {
             let mut watch = {
-                let mut entries = self.entries.lock().await;
-                match entries.get(key) {
+                let mut memory = self.entries.lock().await;
+                match memory.map.get(key) {
                     Some(Entry::Done {
                         fingerprint: f,
                         answer,
@@ -381,22 +563,36 @@ impl IdempotencyStore for MemoryStore {
                         }
                         watch.clone()
                     }
-                    _ => {
-                        if entries.len() >= self.max_entries {
-                            self.make_room(&mut entries);
-                        }
+                    Some(Entry::Unsettled {
+                        fingerprint: f,
+                        expires,
+                        ..
+                    }) if *expires > Instant::now() && f != fingerprint => {
+                        return Ok(Claim::Mismatch);
+                    }
+                    found => {
+                        let job_id = match found {
+                            Some(Entry::Unsettled {
+                                job_id, expires, ..
+                            }) if *expires > Instant::now() => Some(job_id.clone()),
+                            _ => None,
+                        };
+                        self.make_room(&mut memory, scope);
                         let token = new_token();
                         let (tx, rx) = watch::channel(());
-                        entries.insert(
-                            key.to_owned(),
+                        memory.put(
+                            scope,
+                            key,
                             Entry::Pending {
                                 fingerprint: fingerprint.to_owned(),
                                 token: token.clone(),
+                                job_id: job_id.clone(),
+                                scope: scope.to_owned(),
                                 _done: tx,
                                 watch: rx,
                             },
                         );
-                        return Ok(Claim::Acquired(token));
+                        return Ok(Claim::Acquired { token, job_id });
                     }
                 }
             };
@@ -409,6 +605,36 @@ impl IdempotencyStore for MemoryStore {
             }
         }
     }
+}
+
+/// The scope of a claim as [`MemoryStore`] counts it: pending claims know theirs.
+fn pending_scope<'a>(memory: &'a Memory, key: &str) -> &'a str {
+    match memory.map.get(key) {
+        Some(Entry::Pending { scope, .. }) => scope,
+        _ => memory.scope_of(key).unwrap_or("-"),
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        wait: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claim_in("-", key, fingerprint, wait).await
+    }
+
+    async fn claim_for(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        wait: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claim_in(scope, key, fingerprint, wait).await
+    }
 
     async fn complete(
         &self,
@@ -417,32 +643,65 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &str,
         answer: &str,
     ) -> Result<(), StoreError> {
-        let mut entries = self.entries.lock().await;
-        let ours = matches!(entries.get(key), Some(Entry::Pending { token: t, .. }) if t == token);
-        if ours {
-            entries.insert(
-                key.to_owned(),
-                Entry::Done {
-                    fingerprint: fingerprint.to_owned(),
-                    answer: answer.to_owned(),
-                    expires: Instant::now() + self.ttl,
-                },
-            );
-        }
+        let done = Entry::Done {
+            fingerprint: fingerprint.to_owned(),
+            answer: answer.to_owned(),
+            expires: Instant::now() + self.ttl,
+        };
+        self.replace_claim(key, token, done).await;
+        Ok(())
+    }
+
+    async fn unsettle(
+        &self,
+        key: &str,
+        token: &str,
+        fingerprint: &str,
+        job_id: &str,
+    ) -> Result<(), StoreError> {
+        let unsettled = Entry::Unsettled {
+            fingerprint: fingerprint.to_owned(),
+            job_id: job_id.to_owned(),
+            expires: Instant::now() + self.ttl,
+        };
+        self.replace_claim(key, token, unsettled).await;
         Ok(())
     }
 
     async fn release(&self, key: &str, token: &str) {
-        let mut entries = self.entries.lock().await;
-        if matches!(entries.get(key), Some(Entry::Pending { token: t, .. }) if t == token) {
-            entries.remove(key);
+        let mut memory = self.entries.lock().await;
+        let Some(Entry::Pending {
+            token: t,
+            fingerprint,
+            job_id,
+            scope,
+            ..
+        }) = memory.map.get(key)
+        else {
+            return;
+        };
+        if t != token {
+            return;
+        }
+        match job_id.clone() {
+            // An earlier attempt may still have queued it: keep its id.
+            Some(job_id) => {
+                let (fingerprint, scope) = (fingerprint.clone(), scope.clone());
+                let unsettled = Entry::Unsettled {
+                    fingerprint,
+                    job_id,
+                    expires: Instant::now() + self.ttl,
+                };
+                memory.put(&scope, key, unsettled);
+            }
+            None => memory.remove(key),
         }
     }
 
     fn describe(&self) -> String {
         format!(
-            "memory (ttl {:?}, at most {} keys)",
-            self.ttl, self.max_entries
+            "memory (ttl {:?}, at most {} keys, {} per API key)",
+            self.ttl, self.max_entries, self.per_scope_max
         )
     }
 }
@@ -453,13 +712,31 @@ impl IdempotencyStore for MemoryStore {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 enum RedisValue {
-    Pending { fp: String, token: String },
-    Done { fp: String, answer: String },
+    Pending {
+        fp: String,
+        token: String,
+        /// From an earlier ambiguous attempt (see [`Claim::Acquired`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_id: Option<String>,
+    },
+    Done {
+        fp: String,
+        answer: String,
+    },
+    Unsettled {
+        fp: String,
+        job_id: String,
+    },
 }
 
-/// Deletes a claim only while it is still the caller's.
-const RELEASE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+/// Replaces the value (`ARGV[2]`, for `ARGV[3]` ms; empty: deletes it) only while it is
+/// still `ARGV[1]`: a claim that expired and was taken by another request is not the
+/// caller's to complete, keep or release. 1 when it was replaced.
+const SWAP_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1";
 
 /// Keys in Redis (`jobgate:idem:<sha256 hex>`): for several producer replicas.
 pub struct RedisStore {
@@ -468,7 +745,7 @@ pub struct RedisStore {
     ttl: Duration,
     claim_ttl: Duration,
     op_timeout: Duration,
-    release: redis::Script,
+    swap: redis::Script,
 }
 
 impl RedisStore {
@@ -497,12 +774,34 @@ impl RedisStore {
             ttl,
             claim_ttl: publish_timeout * 2,
             op_timeout,
-            release: redis::Script::new(RELEASE_SCRIPT),
+            swap: redis::Script::new(SWAP_SCRIPT),
         })
     }
 
     fn redis_key(key: &str) -> String {
         format!("jobgate:idem:{key}")
+    }
+
+    /// Runs [`SWAP_SCRIPT`]: `key` from `current` to `next` (`None`: deleted) for `ttl`;
+    /// true when it was still `current`.
+    async fn swap(
+        &self,
+        key: &str,
+        current: &str,
+        next: Option<&RedisValue>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let next = match next {
+            Some(value) => serde_json::to_string(value).map_err(|e| StoreError(e.to_string()))?,
+            None => String::new(),
+        };
+        let mut conn = self.manager.clone();
+        let mut invocation = self.swap.key(Self::redis_key(key));
+        invocation.arg(current).arg(next).arg(millis(ttl));
+        let replaced: i64 = self
+            .bounded("swap", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(replaced == 1)
     }
 
     async fn bounded<T>(
@@ -540,6 +839,7 @@ impl IdempotencyStore for RedisStore {
             let pending = serde_json::to_string(&RedisValue::Pending {
                 fp: fingerprint.to_owned(),
                 token: token.clone(),
+                job_id: None,
             })
             .map_err(|e| StoreError(e.to_string()))?;
             let mut conn = self.manager.clone();
@@ -556,7 +856,10 @@ impl IdempotencyStore for RedisStore {
                 )
                 .await?;
             if set.is_some() {
-                return Ok(Claim::Acquired(pending));
+                return Ok(Claim::Acquired {
+                    token: pending,
+                    job_id: None,
+                });
             }
             let current: Option<String> = self
                 .bounded("GET", redis::cmd("GET").arg(&rkey).query_async(&mut conn))
@@ -571,6 +874,29 @@ impl IdempotencyStore for RedisStore {
                     } else {
                         Claim::Mismatch
                     });
+                }
+                Some(Ok(RedisValue::Unsettled { fp, job_id })) => {
+                    if fp != fingerprint {
+                        return Ok(Claim::Mismatch);
+                    }
+                    // Take it over, keeping the id; lost to another request: look again.
+                    let claim = RedisValue::Pending {
+                        fp,
+                        token,
+                        job_id: Some(job_id.clone()),
+                    };
+                    let current = current.unwrap_or_default();
+                    if self
+                        .swap(key, &current, Some(&claim), self.claim_ttl)
+                        .await?
+                    {
+                        let token =
+                            serde_json::to_string(&claim).map_err(|e| StoreError(e.to_string()))?;
+                        return Ok(Claim::Acquired {
+                            token,
+                            job_id: Some(job_id),
+                        });
+                    }
                 }
                 Some(Ok(RedisValue::Pending { fp, .. })) => {
                     if fp != fingerprint {
@@ -588,36 +914,50 @@ impl IdempotencyStore for RedisStore {
     async fn complete(
         &self,
         key: &str,
-        _token: &str,
+        token: &str,
         fingerprint: &str,
         answer: &str,
     ) -> Result<(), StoreError> {
-        let value = serde_json::to_string(&RedisValue::Done {
+        let done = RedisValue::Done {
             fp: fingerprint.to_owned(),
             answer: answer.to_owned(),
-        })
-        .map_err(|e| StoreError(e.to_string()))?;
-        let mut conn = self.manager.clone();
-        self.bounded::<()>(
-            "SET",
-            redis::cmd("SET")
-                .arg(Self::redis_key(key))
-                .arg(value)
-                .arg("PX")
-                .arg(millis(self.ttl))
-                .query_async(&mut conn),
-        )
-        .await
+        };
+        if !self.swap(key, token, Some(&done), self.ttl).await? {
+            tracing::warn!("an idempotency claim expired before its publish was confirmed; its answer is not stored");
+        }
+        Ok(())
+    }
+
+    async fn unsettle(
+        &self,
+        key: &str,
+        token: &str,
+        fingerprint: &str,
+        job_id: &str,
+    ) -> Result<(), StoreError> {
+        let unsettled = RedisValue::Unsettled {
+            fp: fingerprint.to_owned(),
+            job_id: job_id.to_owned(),
+        };
+        if !self.swap(key, token, Some(&unsettled), self.ttl).await? {
+            tracing::warn!(
+                "an idempotency claim expired before its publish failed; its job id is not kept"
+            );
+        }
+        Ok(())
     }
 
     async fn release(&self, key: &str, token: &str) {
-        let mut conn = self.manager.clone();
-        let mut invocation = self.release.key(Self::redis_key(key));
-        invocation.arg(token);
-        if let Err(error) = self
-            .bounded::<i64>("DEL", invocation.invoke_async(&mut conn))
-            .await
-        {
+        // The token is the claim's value: it says whether an earlier id must be kept.
+        let next = match serde_json::from_str::<RedisValue>(token) {
+            Ok(RedisValue::Pending {
+                fp,
+                job_id: Some(job_id),
+                ..
+            }) => Some(RedisValue::Unsettled { fp, job_id }),
+            _ => None,
+        };
+        if let Err(error) = self.swap(key, token, next.as_ref(), self.ttl).await {
             tracing::warn!(%error, "could not release an idempotency key; it expires with its claim");
         }
     }
@@ -782,7 +1122,8 @@ mod tests {
         let store = MemoryStore::new(DEFAULT_TTL, 3);
         for i in 0..10 {
             let key = format!("k{i}");
-            let Claim::Acquired(token) = store.claim(&key, "f", Duration::ZERO).await.unwrap()
+            let Claim::Acquired { token, .. } =
+                store.claim(&key, "f", Duration::ZERO).await.unwrap()
             else {
                 panic!("claimed")
             };
@@ -844,6 +1185,158 @@ mod tests {
         assert_eq!(send("k2").await, (StatusCode::ACCEPTED, false));
         assert_eq!(send("k1").await, (StatusCode::ACCEPTED, true));
         assert_eq!(publisher.published.load(Ordering::SeqCst), 2);
+    }
+
+    /// Fails the first publish with `first_error` (after a delay); records every job id.
+    struct Recording {
+        ids: std::sync::Mutex<Vec<String>>,
+        first_error: std::sync::Mutex<Option<PublishError>>,
+        delay: Duration,
+    }
+
+    impl Recording {
+        fn new(first_error: Option<PublishError>, delay: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                ids: std::sync::Mutex::default(),
+                first_error: std::sync::Mutex::new(first_error),
+                delay,
+            })
+        }
+        fn ids(&self) -> Vec<String> {
+            self.ids.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl Publisher for Recording {
+        async fn publish_to(&self, _: &str, meta: &JobMeta, _: &[u8]) -> Result<(), PublishError> {
+            tokio::time::sleep(self.delay).await;
+            self.ids.lock().unwrap().push(meta.id.clone());
+            match self.first_error.lock().unwrap().take() {
+                Some(error) => Err(error),
+                None => Ok(()),
+            }
+        }
+        fn is_ready(&self) -> bool {
+            true
+        }
+        async fn close(&self) {}
+    }
+
+    fn recording_state(publisher: &Arc<Recording>) -> AppState {
+        AppState::new(Arc::clone(publisher) as _, vec!["q".into()], 1024).with_idempotency(
+            Arc::new(MemoryStore::new(DEFAULT_TTL, 100)),
+            Duration::from_secs(5),
+        )
+    }
+
+    #[tokio::test]
+    async fn after_an_ambiguous_failure_a_retry_with_the_key_republishes_the_same_job_id() {
+        for ambiguous in [
+            PublishError::Timeout(Duration::from_secs(5)),
+            PublishError::Unconfirmed("connection reset".into()),
+        ] {
+            let publisher = Recording::new(Some(ambiguous), Duration::ZERO);
+            let state = recording_state(&publisher);
+            let (status, _, json) = post(&state, "/jobs/q", "k", "a").await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            let detail = json["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("may have been queued; retry with the same Idempotency-Key"),
+                "{detail}"
+            );
+            let (status, headers, json) = post(&state, "/jobs/q", "k", "a").await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            assert!(!headers.contains_key(REPLAYED));
+            let ids = publisher.ids();
+            assert_eq!(ids.len(), 2, "published again");
+            assert_eq!(ids[0], ids[1], "under the same job id");
+            assert_eq!(json["job_id"], ids[0].as_str());
+            // Another body is still another request.
+            let (status, _, _) = post(&state, "/jobs/q", "k", "b").await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        }
+        // A clear failure (nothing queued) leaves no id behind: a new one next time.
+        let publisher = Recording::new(Some(PublishError::Nacked), Duration::ZERO);
+        let state = recording_state(&publisher);
+        let (_, _, json) = post(&state, "/jobs/q", "k", "a").await;
+        assert!(json["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Nothing was queued"));
+        post(&state, "/jobs/q", "k", "a").await;
+        let ids = publisher.ids();
+        assert_ne!(ids[0], ids[1]);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_mid_publish_still_gets_its_answer_stored() {
+        let publisher = Recording::new(None, Duration::from_millis(300));
+        let state = recording_state(&publisher);
+        let request = Request::post("/jobs/q")
+            .header(HEADER, "k")
+            .body(Body::from("a"))
+            .unwrap();
+        // The client goes away while the broker has not confirmed yet.
+        let cut = tokio::time::timeout(
+            Duration::from_millis(50),
+            app(state.clone()).oneshot(request),
+        )
+        .await;
+        assert!(cut.is_err(), "the request was cut off");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The publish went on, and its answer is what the retry gets.
+        let (status, headers, json) = post(&state, "/jobs/q", "k", "a").await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(headers[REPLAYED], "true");
+        assert_eq!(
+            publisher.ids(),
+            vec![json["job_id"].as_str().unwrap().to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn one_api_key_cannot_push_the_others_keys_out_of_the_memory_store() {
+        use crate::auth::{ApiKeys, Security};
+        let publisher = Arc::new(SlowPublisher::default());
+        // 20 keys in all, 2 per API key.
+        let state = AppState::new(Arc::clone(&publisher) as _, vec!["q".into()], 1024)
+            .with_idempotency(
+                Arc::new(MemoryStore::new(DEFAULT_TTL, 20)),
+                Duration::from_secs(5),
+            )
+            .with_security(Arc::new(Security::new(
+                Some(ApiKeys::new(["k1", "k2"])),
+                None,
+            )));
+        let send = |api_key: &'static str, key: String| {
+            let request = Request::post("/jobs/q")
+                .header("authorization", format!("Bearer {api_key}"))
+                .header(HEADER, key)
+                .body(Body::from("a"))
+                .unwrap();
+            let app = app(state.clone());
+            async move {
+                let response = app.oneshot(request).await.unwrap();
+                (response.status(), response.headers().contains_key(REPLAYED))
+            }
+        };
+        for i in 0..2 {
+            assert_eq!(send("k1", format!("a{i}")).await.0, StatusCode::ACCEPTED);
+        }
+        // k2 sends many more keys than the store holds...
+        let many = (0..30).map(|i| send("k2", format!("b{i}")));
+        for (status, _) in futures::future::join_all(many).await {
+            assert_eq!(status, StatusCode::ACCEPTED);
+        }
+        // ...and k1's keys are still there.
+        for i in 0..2 {
+            assert_eq!(
+                send("k1", format!("a{i}")).await,
+                (StatusCode::ACCEPTED, true),
+                "k1's key a{i} survived"
+            );
+        }
     }
 
     #[test]

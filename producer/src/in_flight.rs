@@ -17,6 +17,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub struct InFlightLimit {
     inner: SharedPublisher,
     permits: Arc<Semaphore>,
+    max: usize,
 }
 
 impl InFlightLimit {
@@ -25,7 +26,13 @@ impl InFlightLimit {
         Self {
             inner,
             permits: Arc::new(Semaphore::new(max.max(1))),
+            max: max.max(1),
         }
+    }
+
+    /// The limit.
+    pub fn max(&self) -> usize {
+        self.max
     }
 
     /// Permits not in use right now.

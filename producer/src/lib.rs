@@ -8,6 +8,8 @@
 //! - [`config`]: flags and `JOBGATE_*` variables.
 //! - [`startup`]: [`run`] (serve a listener until a shutdown future completes) and
 //!   [`app`] (the router, testable without a socket).
+//! - [`server`]: accepting connections and serving HTTP/1 with a connection cap,
+//!   header-read and idle timeouts; [`body_deadline`]: the body-read timeout (408).
 //! - [`state`]: what handlers share. [`error`]: problem+json responses.
 //! - [`auth`] and [`rate_limit`]: API keys (401) and per-client rate limits (429)
 //!   in front of every route but the probes.
@@ -19,6 +21,7 @@
 //!   and `health` (/healthz, /readyz). [`openapi`]: GET /openapi.json.
 
 pub mod auth;
+pub mod body_deadline;
 pub mod config;
 pub mod error;
 pub mod idempotency;
@@ -29,6 +32,7 @@ pub mod openapi;
 pub mod rate_limit;
 pub mod request_id;
 mod routes;
+pub mod server;
 pub mod startup;
 pub mod state;
 #[cfg(test)]

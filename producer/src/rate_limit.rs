@@ -87,6 +87,24 @@ impl RateLimit {
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
+    /// Takes `n` more requests' worth from `bucket` (a batch pays one per item), all or
+    /// none. `Err(Some(wait))`: not now; `Err(None)`: never, `n` is over the burst.
+    pub fn check_n(&self, bucket: &Bucket, n: usize) -> Result<(), Option<Duration>> {
+        let Some(n) = u32::try_from(n).ok().and_then(NonZeroU32::new) else {
+            return if n == 0 { Ok(()) } else { Err(None) };
+        };
+        match self.limiter.check_key_n(bucket, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Some(not_until.wait_time_from(self.clock.now()))),
+            Err(_insufficient) => Err(None),
+        }
+    }
+
+    /// The burst: the most one request (or batch) can ever take at once.
+    pub fn burst(&self) -> u32 {
+        self.burst.get()
+    }
+
     /// Drops buckets that are full again (their clients have been idle long enough).
     pub fn retain_recent(&self) {
         self.limiter.retain_recent();

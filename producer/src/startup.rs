@@ -1,7 +1,6 @@
 //! Building and running the HTTP server.
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/jobs", post(jobs::post_to_default_queue))
         .route("/jobs/{queue}", post(jobs::post_to_queue))
-        .route("/jobs/{queue}/batch", batch::route(state.max_batch_bytes))
+        .route("/jobs/{queue}/batch", batch::route())
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(crate::openapi::openapi_json))
@@ -47,6 +46,11 @@ pub fn app(state: AppState) -> Router {
             crate::metrics::track,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        // The body's deadline starts when its head was read, before auth or anything.
+        .layer(axum::middleware::from_fn_with_state(
+            state.body_read_timeout,
+            crate::body_deadline::apply,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
@@ -165,7 +169,12 @@ pub async fn run(
         usize::try_from(config.max_batch_items).unwrap_or(usize::MAX),
         config.max_batch_bytes,
     )
-    .with_max_in_flight(usize::try_from(config.max_in_flight).unwrap_or(usize::MAX));
+    .with_max_in_flight(usize::try_from(config.max_in_flight).unwrap_or(usize::MAX))
+    .with_body_read_timeout(config.body_read_timeout())
+    .with_batch_fairness(
+        config.batch_in_flight_percent,
+        config.max_batch_header_bytes,
+    );
     let state = state
         .with_security(Arc::clone(&security))
         .with_idempotency(idempotency_store(&config)?, config.publish_timeout());
@@ -173,25 +182,20 @@ pub async fn run(
     security.spawn_housekeeping(Duration::from_secs(60), draining.clone());
     tracing::info!(security = ?security, "auth and rate limit");
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, queues = ?config.queues, backend = ?config.broker.backend, "producer listening");
+    tracing::info!(%addr, queues = ?config.queues, backend = ?config.broker.backend, limits = ?config.server_limits(), "producer listening");
 
     let stop = draining.clone();
-    let server = axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let server = crate::server::serve(listener, app(state), config.server_limits(), async move {
         shutdown.await;
         stop.cancel();
-    })
-    .into_future();
+    });
     let grace = config.shutdown_grace();
     let gave_up = async {
         draining.cancelled().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        served = server => served?,
+        () = server => {}
         () = gave_up => tracing::warn!(?grace, "in-flight requests did not finish within the grace period"),
     }
     publisher.close().await;

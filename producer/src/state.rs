@@ -15,6 +15,13 @@ pub const DEFAULT_MAX_BATCH_ITEMS: usize = 1000;
 /// Default of `JOBGATE_MAX_BATCH_BYTES` (10 MiB).
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 10 * 1024 * 1024;
 
+/// Default of `JOBGATE_BATCH_IN_FLIGHT_PERCENT`.
+pub const DEFAULT_BATCH_IN_FLIGHT_PERCENT: u8 = 50;
+/// Default of `JOBGATE_MAX_BATCH_HEADER_BYTES` (1 MiB).
+pub const DEFAULT_MAX_BATCH_HEADER_BYTES: usize = 1024 * 1024;
+/// Default of `JOBGATE_BODY_READ_TIMEOUT_MS`.
+pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Shared by every request; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -25,10 +32,17 @@ pub struct AppState {
     /// The allow-list; the first queue is the default target.
     pub queues: Arc<[String]>,
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive (`JOBGATE_BODY_READ_TIMEOUT_MS`).
+    pub body_read_timeout: std::time::Duration,
     /// Most jobs in one batch request.
     pub max_batch_items: usize,
     /// Largest batch request body, in bytes.
     pub max_batch_bytes: usize,
+    /// Largest share (percent) of the in-flight permits one batch may hold at once.
+    pub batch_in_flight_percent: u8,
+    /// Most `X-Job-*` (and trace-context) header bytes a batch may copy onto its jobs:
+    /// their size times the items.
+    pub max_batch_header_bytes: usize,
     /// Cancelled when shutdown begins: new jobs are refused, readiness turns false.
     pub draining: CancellationToken,
     /// API keys and rate limit in front of the routes (off unless configured).
@@ -52,8 +66,11 @@ impl AppState {
             in_flight,
             queues: queues.into(),
             max_body_bytes,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             max_batch_items: DEFAULT_MAX_BATCH_ITEMS,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            batch_in_flight_percent: DEFAULT_BATCH_IN_FLIGHT_PERCENT,
+            max_batch_header_bytes: DEFAULT_MAX_BATCH_HEADER_BYTES,
             draining: CancellationToken::new(),
             security: Arc::new(Security::off()),
             idempotency: Arc::new(MemoryStore::new(
@@ -90,6 +107,27 @@ impl AppState {
     pub fn with_batch_limits(mut self, max_items: usize, max_bytes: usize) -> Self {
         self.max_batch_items = max_items;
         self.max_batch_bytes = max_bytes;
+        self
+    }
+
+    /// Sets what one batch may take: `percent` of the in-flight permits at once, and
+    /// `max_header_bytes` of metadata headers times its items.
+    #[must_use]
+    pub fn with_batch_fairness(mut self, percent: u8, max_header_bytes: usize) -> Self {
+        self.batch_in_flight_percent = percent.clamp(1, 100);
+        self.max_batch_header_bytes = max_header_bytes;
+        self
+    }
+
+    /// Publishes one batch may have waiting for the broker at once (at least 1).
+    pub fn batch_in_flight_cap(&self) -> usize {
+        (self.in_flight.max() * usize::from(self.batch_in_flight_percent) / 100).max(1)
+    }
+
+    /// Sets the body-read timeout (default [`DEFAULT_BODY_READ_TIMEOUT`]).
+    #[must_use]
+    pub fn with_body_read_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.body_read_timeout = timeout;
         self
     }
 

@@ -138,34 +138,24 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with any password masked.
+    /// The URL with any password masked, also when the URL does not parse: a password
+    /// with an unencoded `/`, `?` or `#`, a missing or broken `scheme://`. Whatever
+    /// comes before the LAST `@` is user information, and past the first `:` in it all
+    /// is masked (a path or query with an `@` may be over-masked, never under-masked).
     pub fn redacted(&self) -> String {
         let url = &self.0;
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        let Some(at) = url.rfind('@') else {
             return url.clone();
         };
-        let authority_end = url[scheme_end..]
-            .find(['/', '?', '#'])
-            .map_or(url.len(), |i| scheme_end + i);
-        let authority = &url[scheme_end..authority_end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                let user = userinfo.split(':').next().unwrap_or_default();
-                let masked = if userinfo.contains(':') {
-                    format!("{user}:***")
-                } else {
-                    user.to_owned()
-                };
-                format!(
-                    "{}{}{}",
-                    &url[..scheme_end],
-                    masked,
-                    &url[scheme_end + at..]
-                )
-            }
-            None => url.clone(),
-        }
+        let start = url.find("://").map_or(0, |i| i + 3).min(at);
+        let userinfo = &url[start..at];
+        // Without a well-formed scheme, a `scheme:` or `scheme:/` prefix may precede it.
+        let masked = match userinfo.find(':') {
+            Some(colon) if url.contains("://") => format!("{}:***", &userinfo[..colon]),
+            Some(_) => "***".to_owned(),
+            None => userinfo.to_owned(),
+        };
+        format!("{}{}{}", &url[..start], masked, &url[at..])
     }
 }
 
@@ -251,6 +241,30 @@ mod tests {
         assert_eq!(url.to_string(), "amqp://user:***@host:5672/%2f");
         assert!(!format!("{url:?}").contains("s3cret"));
         assert_eq!(url.expose(), "amqp://user:s3cret@host:5672/%2f");
+    }
+
+    #[test]
+    fn a_url_that_does_not_parse_is_redacted_too() {
+        for (typed, secret) in [
+            // A password with characters that end the authority (unencoded).
+            ("amqp://guest:pa/ss@host:5672/%2f", "pa/ss"),
+            ("amqp://guest:pa#ss@host", "pa#ss"),
+            ("redis://:pw?x@127.0.0.1:6379", "pw?x"),
+            // No scheme, or a broken one.
+            ("guest:s3cret@host:5672", "s3cret"),
+            ("redis//:s3cret@host", "s3cret"),
+            ("amqp:/guest:s3cret@host", "s3cret"),
+        ] {
+            let url: SecretUrl = typed.parse().unwrap();
+            for shown in [url.to_string(), format!("{url:?}")] {
+                assert!(!shown.contains(secret), "{typed} shown as {shown}");
+                assert!(
+                    shown.contains("host") || shown.contains("127.0.0.1"),
+                    "{shown}"
+                );
+            }
+            assert_eq!(url.expose(), typed);
+        }
     }
 
     #[test]

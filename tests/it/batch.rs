@@ -17,7 +17,7 @@ on_both_backends!(
     an_ndjson_batch_becomes_jobs_processed_exactly_once,
     a_json_array_batch_is_accepted,
     a_batch_with_a_bad_line_or_type_publishes_nothing,
-    a_batch_over_the_in_flight_limit_is_partly_taken_with_207,
+    a_batch_over_its_share_of_the_in_flight_limit_waits_its_turn,
 );
 
 async fn post_batch(
@@ -124,31 +124,39 @@ pub async fn a_batch_with_a_bad_line_or_type_publishes_nothing(backend: Backend)
     );
 }
 
-/// With `JOBGATE_MAX_IN_FLIGHT=4`, a batch of 10 has its items published together: four
-/// get a permit and wait for the broker, the other six are refused at once (503 in their
-/// entry). The answer is 207, and exactly the four accepted jobs are in the queue.
-pub async fn a_batch_over_the_in_flight_limit_is_partly_taken_with_207(backend: Backend) {
+/// With `JOBGATE_MAX_IN_FLIGHT=4`, a batch of 10 holds at most half the permits (the
+/// default `JOBGATE_BATCH_IN_FLIGHT_PERCENT`): its items wait their turn within the batch
+/// instead of failing, so all ten are taken (202, in order), while single jobs posted
+/// meanwhile still find permits.
+pub async fn a_batch_over_its_share_of_the_in_flight_limit_waits_its_turn(backend: Backend) {
     let _brokers = brokers_shared().await;
-    let queue = unique("partial");
+    let queue = unique("share");
     let _cleanup = backend.cleanup(&[&queue]);
     let producer =
         Producer::start(backend, &[&queue], &vars(&[("JOBGATE_MAX_IN_FLIGHT", "4")])).await;
     let body: String = (0..10).map(|i| format!("{{\"n\":{i}}}\n")).collect();
-    let response = post_batch(&producer, &queue, "application/x-ndjson", body).await;
-    assert_eq!(response.status(), 207);
+    let batch = post_batch(&producer, &queue, "application/x-ndjson", body);
+    let singles = async {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(producer.post_ok(&queue, format!("single {i}")).await);
+        }
+        ids
+    };
+    let (response, singles) = futures::join!(batch, singles);
+    assert_eq!(response.status(), 202);
     let answer: Value = response.json().await.unwrap();
-    assert_eq!(answer["accepted"], 4, "{answer}");
-    assert_eq!(answer["failed"], 6, "{answer}");
+    assert_eq!(answer["accepted"], 10, "{answer}");
     let items = answer["items"].as_array().unwrap();
-    let refused = items.iter().filter(|i| i["status"] == 503).count();
-    assert_eq!(refused, 6, "{answer}");
     for (i, item) in items.iter().enumerate() {
         assert_eq!(item["index"], i, "items are answered in order");
+        assert_eq!(item["status"], 202, "{answer}");
     }
+    assert_eq!(singles.len(), 3);
     wait_until(
         LIMIT,
-        "the queue to hold the four accepted jobs",
-        || async { backend.pending(&queue).await == 4 },
+        "the queue to hold the batch and the single jobs",
+        || async { backend.pending(&queue).await == 13 },
     )
     .await;
     // The permits came back: a single job is taken again.

@@ -167,7 +167,8 @@ pub struct Process {
 }
 
 impl Process {
-    async fn spawn(name: &str, bin: &str, env: &[(&str, String)]) -> Self {
+    /// Starts binary `bin` with `env` (and JSON logs), without waiting for anything.
+    pub async fn spawn(name: &str, bin: &str, env: &[(&str, String)]) -> Self {
         let mut cmd = Command::new(binary(bin));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -10,19 +10,26 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use std::ops::Range;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
-use axum::Json;
+use axum::{Extension, Json};
+use bytes::BytesMut;
+use futures::StreamExt;
+use http_body_util::BodyExt;
 use jobgate_shared::broker::PublishError;
 use jobgate_shared::job::JobMeta;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::error::{problem_response, ApiError, Problem};
+use crate::rate_limit::Bucket;
 use crate::state::AppState;
 
 /// Content type of NDJSON batches.
@@ -30,10 +37,10 @@ pub const NDJSON: &str = "application/x-ndjson";
 /// Content type of JSON-array batches, and of every job a batch makes.
 pub const JSON: &str = "application/json";
 
-/// The route, with its own body limit (`JOBGATE_MAX_BATCH_BYTES`) in place of the
-/// app-wide one (`JOBGATE_MAX_BODY_BYTES`).
-pub fn route(max_batch_bytes: usize) -> MethodRouter<AppState> {
-    post(post_batch).layer(DefaultBodyLimit::max(max_batch_bytes))
+/// The route. Its body is read by [`read_batch`], under `JOBGATE_MAX_BATCH_BYTES`
+/// rather than the app-wide `JOBGATE_MAX_BODY_BYTES`.
+pub fn route() -> MethodRouter<AppState> {
+    post(post_batch)
 }
 
 /// The answer to a batch (202, 207 or 503).
@@ -61,12 +68,27 @@ pub struct ItemAnswer {
 /// A batch refused before anything was published.
 #[derive(Debug)]
 enum BatchError {
-    TooManyItems { limit: usize },
-    TooLarge { limit: usize },
-    ItemTooLarge { item: String, limit: usize },
+    TooManyItems {
+        limit: usize,
+    },
+    TooLarge {
+        limit: usize,
+    },
+    ItemTooLarge {
+        item: String,
+        limit: usize,
+    },
     Malformed(String),
     Empty,
     UnsupportedMediaType,
+    /// The metadata headers times the items pass `JOBGATE_MAX_BATCH_HEADER_BYTES`.
+    HeadersTooLarge {
+        limit: usize,
+    },
+    /// More items than the rate limit's burst: no wait would let it through.
+    OverTheBurst {
+        burst: u32,
+    },
 }
 
 impl IntoResponse for BatchError {
@@ -89,6 +111,26 @@ impl IntoResponse for BatchError {
                 "body-too-large",
                 "Job body too large",
                 format!("{item} is larger than {limit} bytes. Nothing was queued."),
+            ),
+            Self::HeadersTooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch-too-large",
+                "Batch too large",
+                format!(
+                    "The X-Job-* and trace headers, copied onto every item, come to more than \
+                     {limit} bytes for this batch; send fewer items or smaller headers. Nothing \
+                     was queued."
+                ),
+            ),
+            Self::OverTheBurst { burst } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch-too-large",
+                "Batch too large",
+                format!(
+                    "Each item of a batch counts as a request for the rate limit, and this batch \
+                     has more items than the {burst} a client may send at once; split it. \
+                     Nothing was queued."
+                ),
             ),
             Self::Malformed(why) => (
                 StatusCode::BAD_REQUEST,
@@ -136,31 +178,78 @@ fn format_of(headers: &HeaderMap) -> Option<Format> {
     }
 }
 
-/// Splits an NDJSON body into its lines (job bodies), checking each.
-fn ndjson_items(
-    body: &[u8],
+/// Splits an NDJSON body into its lines (job bodies) as it arrives, checking each line
+/// once the byte after its `\n` is in (only the body's end tells whether a final `\n`
+/// closes the last line or starts an empty one). Stops at the line past `max_items`.
+struct NdjsonLines {
     max_items: usize,
     max_item_bytes: usize,
-) -> Result<Vec<&[u8]>, BatchError> {
-    // One newline at the end closes the last line; it does not start an empty one.
-    let body = body.strip_suffix(b"\n").unwrap_or(body);
-    if body.is_empty() {
-        return Err(BatchError::Empty);
-    }
-    let mut items = Vec::new();
-    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
-        let number = i + 1;
-        if items.len() == max_items {
-            return Err(BatchError::TooManyItems { limit: max_items });
+    items: Vec<Range<usize>>,
+    /// Where the next line starts.
+    line_start: usize,
+    /// Where to look for the next `\n`.
+    scanned: usize,
+}
+
+impl NdjsonLines {
+    fn new(max_items: usize, max_item_bytes: usize) -> Self {
+        Self {
+            max_items,
+            max_item_bytes,
+            items: Vec::new(),
+            line_start: 0,
+            scanned: 0,
         }
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    }
+
+    /// Takes the lines of `body` (all that arrived so far) that are known complete.
+    fn feed(&mut self, body: &[u8]) -> Result<(), BatchError> {
+        while let Some(at) = body[self.scanned..].iter().position(|b| *b == b'\n') {
+            let newline = self.scanned + at;
+            if newline + 1 == body.len() {
+                // Maybe the final line end: wait for more or for the end.
+                self.scanned = newline;
+                return Ok(());
+            }
+            self.line(body, self.line_start..newline)?;
+            self.line_start = newline + 1;
+            self.scanned = newline + 1;
+        }
+        self.scanned = body.len();
+        Ok(())
+    }
+
+    /// The whole body is in: the last line, then the items.
+    fn finish(mut self, body: &[u8]) -> Result<Vec<Range<usize>>, BatchError> {
+        // One newline at the end closes the last line; it does not start an empty one.
+        let end = body.len() - usize::from(body.ends_with(b"\n"));
+        if end == 0 {
+            return Err(BatchError::Empty);
+        }
+        // Every `\n` before `end` was followed by a byte, so its line was taken.
+        self.line(body, self.line_start..end)?;
+        Ok(self.items)
+    }
+
+    fn line(&mut self, body: &[u8], range: Range<usize>) -> Result<(), BatchError> {
+        let number = self.items.len() + 1;
+        if self.items.len() == self.max_items {
+            return Err(BatchError::TooManyItems {
+                limit: self.max_items,
+            });
+        }
+        let line = &body[range.clone()];
+        let (line, range) = match line.strip_suffix(b"\r") {
+            Some(line) => (line, range.start..range.end - 1),
+            None => (line, range),
+        };
         if line.iter().all(u8::is_ascii_whitespace) {
             return Err(BatchError::Malformed(format!("Line {number} is empty")));
         }
-        if line.len() > max_item_bytes {
+        if line.len() > self.max_item_bytes {
             return Err(BatchError::ItemTooLarge {
                 item: format!("Line {number}"),
-                limit: max_item_bytes,
+                limit: self.max_item_bytes,
             });
         }
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(line) {
@@ -170,9 +259,85 @@ fn ndjson_items(
                 category(&e)
             )));
         }
-        items.push(line);
+        self.items.push(range);
+        Ok(())
     }
-    Ok(items)
+}
+
+/// Counts the top-level elements of a JSON array as it arrives, without parsing it
+/// (strings, escapes and nesting only), so a body with too many items is refused
+/// before the rest of it is read. The parse proper comes once the body is complete.
+#[derive(Debug, Default)]
+struct ArrayCounter {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// Commas directly inside the outermost array: elements less one.
+    separators: usize,
+}
+
+impl ArrayCounter {
+    fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'[' | b'{' => self.depth += 1,
+                b']' | b'}' => self.depth = self.depth.saturating_sub(1),
+                b',' if self.depth == 1 => self.separators += 1,
+                _ => {}
+            }
+        }
+    }
+
+    /// At least this many elements have begun.
+    fn elements(&self) -> usize {
+        self.separators.saturating_add(1)
+    }
+}
+
+/// The elements of a JSON array, parsed one by one: past `max_items` the parse stops
+/// (`too_many` is set), so an array of millions of `0`s never becomes a vector.
+struct Elements<'a> {
+    max_items: usize,
+    too_many: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Elements<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Elements<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array of jobs")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(element) = seq.next_element::<&'de RawValue>()? {
+            if items.len() == self.max_items {
+                self.too_many.set(true);
+                return Err(serde::de::Error::custom("too many items"));
+            }
+            items.push(element);
+        }
+        Ok(items)
+    }
 }
 
 /// Splits a JSON-array body into its elements' text, checking each.
@@ -181,7 +346,19 @@ fn array_items(
     max_items: usize,
     max_item_bytes: usize,
 ) -> Result<Vec<&[u8]>, BatchError> {
-    let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
+    use serde::de::DeserializeSeed;
+    let too_many = std::cell::Cell::new(false);
+    let mut parser = serde_json::Deserializer::from_slice(body);
+    let parsed = Elements {
+        max_items,
+        too_many: &too_many,
+    }
+    .deserialize(&mut parser)
+    .and_then(|elements| parser.end().map(|()| elements));
+    let elements = parsed.map_err(|e| {
+        if too_many.get() {
+            return BatchError::TooManyItems { limit: max_items };
+        }
         BatchError::Malformed(format!(
             "The body is not a JSON array of jobs ({} at line {}, column {})",
             category(&e),
@@ -192,9 +369,6 @@ fn array_items(
     if elements.is_empty() {
         return Err(BatchError::Empty);
     }
-    if elements.len() > max_items {
-        return Err(BatchError::TooManyItems { limit: max_items });
-    }
     if let Some(index) = elements.iter().position(|e| e.get().len() > max_item_bytes) {
         return Err(BatchError::ItemTooLarge {
             item: format!("Item {index} (0-based) of the array"),
@@ -202,6 +376,75 @@ fn array_items(
         });
     }
     Ok(elements.iter().map(|e| e.get().as_bytes()).collect())
+}
+
+/// Reads a batch body as it arrives, refusing it as soon as it is known too large or
+/// to hold too many items (the rest is never read; hyper closes the connection), then
+/// splits it into its items.
+async fn read_batch(
+    state: &AppState,
+    headers: &HeaderMap,
+    format: Format,
+    mut body: Body,
+) -> Result<(Bytes, Vec<Range<usize>>), Response> {
+    let too_large = || {
+        BatchError::TooLarge {
+            limit: state.max_batch_bytes,
+        }
+        .into_response()
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > u64::try_from(state.max_batch_bytes).unwrap_or(u64::MAX)) {
+        return Err(too_large());
+    }
+    let max_items = state.max_batch_items;
+    let mut lines = NdjsonLines::new(max_items, state.max_body_bytes);
+    let mut counter = ArrayCounter::default();
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            if crate::body_deadline::is_deadline(&*error.into_inner()) {
+                ApiError::BodyTimeout(state.body_read_timeout).into_response()
+            } else {
+                ApiError::BadBody.into_response()
+            }
+        })?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buffer.len() + chunk.len() > state.max_batch_bytes {
+            return Err(too_large());
+        }
+        buffer.extend_from_slice(&chunk);
+        match format {
+            Format::Ndjson => lines.feed(&buffer).map_err(IntoResponse::into_response)?,
+            Format::JsonArray => {
+                counter.feed(&chunk);
+                if counter.elements() > max_items {
+                    return Err(BatchError::TooManyItems { limit: max_items }.into_response());
+                }
+            }
+        }
+    }
+    let body = buffer.freeze();
+    let items = match format {
+        Format::Ndjson => lines.finish(&body),
+        Format::JsonArray => array_items(&body, max_items, state.max_body_bytes).map(|items| {
+            // Each element is a sub-slice of the body: its range.
+            let base = body.as_ptr() as usize;
+            items
+                .iter()
+                .map(|item| {
+                    let start = item.as_ptr() as usize - base;
+                    start..start + item.len()
+                })
+                .collect()
+        }),
+    }
+    .map_err(IntoResponse::into_response)?;
+    Ok((body, items))
 }
 
 /// serde_json's message without its position (we say where ourselves).
@@ -257,6 +500,7 @@ fn short_problem(error: &PublishError) -> &'static str {
         (status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", body = Problem, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`"))),
         (status = 404, description = "`unknown-queue` (nothing is published) or `not-found`.", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "`body-timeout`: the body did not arrive within `JOBGATE_BODY_READ_TIMEOUT_MS`; the connection is closed.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`batch-too-large` (too many items or bytes) or `body-too-large` (one item too large); nothing is published.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported-media-type`: neither `application/x-ndjson` nor `application/json`.", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate-limited`: over the per-client rate limit.", body = Problem, content_type = "application/problem+json",
@@ -273,8 +517,9 @@ fn short_problem(error: &PublishError) -> &'static str {
 pub async fn post_batch(
     State(state): State<AppState>,
     queue: Result<Path<String>, PathRejection>,
+    bucket: Option<Extension<Bucket>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, Response> {
     let queue = super::jobs::queue_name(queue).map_err(IntoResponse::into_response)?;
     if !state.accepts(&queue) {
@@ -286,34 +531,58 @@ pub async fn post_batch(
     let Some(format) = format_of(&headers) else {
         return Err(BatchError::UnsupportedMediaType.into_response());
     };
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            BatchError::TooLarge {
-                limit: state.max_batch_bytes,
-            }
-            .into_response()
-        } else {
-            ApiError::BadBody.into_response()
-        }
-    })?;
-    let items = match format {
-        Format::Ndjson => ndjson_items(&body, state.max_batch_items, state.max_body_bytes),
-        Format::JsonArray => array_items(&body, state.max_batch_items, state.max_body_bytes),
-    }
-    .map_err(IntoResponse::into_response)?;
+    let (body, items) = read_batch(&state, &headers, format, body).await?;
+    let items: Vec<Bytes> = items.into_iter().map(|range| body.slice(range)).collect();
     // The request's metadata headers travel with every job of the batch.
     let job_headers = crate::metadata::extract(&headers).map_err(IntoResponse::into_response)?;
-
-    let publishes = items.iter().map(|item| {
-        let mut meta = JobMeta::new(queue.clone(), Some(JSON.to_owned()));
-        meta.headers.clone_from(&job_headers);
-        let publisher = &state.publisher;
-        async move {
-            let result = publisher.publish(&meta, item).await;
-            (meta.id, result)
+    let header_bytes: usize = job_headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if header_bytes.saturating_mul(items.len()) > state.max_batch_header_bytes {
+        return Err(BatchError::HeadersTooLarge {
+            limit: state.max_batch_header_bytes,
         }
-    });
-    let outcomes = futures::future::join_all(publishes).await;
+        .into_response());
+    }
+    // The request paid one token at the door; every further item pays one more.
+    if let (Some(limit), Some(Extension(bucket))) = (&state.security.rate_limit, &bucket) {
+        let over_the_burst = u32::try_from(items.len()).map_or(true, |n| n > limit.burst());
+        let paid = if over_the_burst {
+            Err(None)
+        } else {
+            limit.check_n(bucket, items.len() - 1)
+        };
+        match paid {
+            Ok(()) => {}
+            Err(Some(wait)) => return Err(crate::rate_limit::too_many_requests(wait)),
+            Err(None) => {
+                return Err(BatchError::OverTheBurst {
+                    burst: limit.burst(),
+                }
+                .into_response())
+            }
+        }
+    }
+
+    let publisher = Arc::clone(&state.publisher);
+    // Collected first: a lazy `map` inside the stream trips the handler's `Send` bound.
+    let publishes: Vec<_> = items
+        .iter()
+        .map(|item| {
+            let mut meta = JobMeta::new(queue.clone(), Some(JSON.to_owned()));
+            meta.headers.clone_from(&job_headers);
+            let publisher = Arc::clone(&publisher);
+            let item = item.clone();
+            async move {
+                let result = publisher.publish(&meta, &item).await;
+                (meta.id, result)
+            }
+        })
+        .collect();
+    // At most the batch's share of the in-flight permits at once: the other items wait
+    // their turn here (in order), and other requests keep the rest.
+    let outcomes: Vec<_> = futures::stream::iter(publishes)
+        .buffered(state.batch_in_flight_cap())
+        .collect()
+        .await;
 
     let mut retry_after: Option<Duration> = None;
     let mut first_error: Option<PublishError> = None;
@@ -388,6 +657,7 @@ mod tests {
 
     use super::*;
     use crate::startup::app;
+    use crate::state::DEFAULT_MAX_BATCH_HEADER_BYTES;
 
     /// Queues `emails`, `reports`; jobs up to 16 bytes, batches of 5 items, 200 bytes.
     fn test_app(broker: &MemoryBroker) -> Router {
@@ -661,6 +931,210 @@ mod tests {
             "{json}"
         );
         assert!(broker.published().is_empty());
+    }
+
+    /// A batch body of `[0,0,0,...` (or `0\n0\n...`) in 4 KiB chunks, `total` bytes,
+    /// that counts the bytes the producer pulled from it.
+    fn huge_batch(
+        format: Format,
+        total: usize,
+        pulled: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Body {
+        use std::sync::atomic::Ordering;
+        let chunk = match format {
+            Format::JsonArray => "0,".repeat(2048),
+            Format::Ndjson => "0\n".repeat(2048),
+        };
+        // A valid batch: `[0,...,0,` `0,...,0,` ... `0,...,0]`.
+        let (first, last) = match format {
+            Format::JsonArray => (
+                format!("[{chunk}"),
+                format!("{}]", &chunk[..chunk.len() - 1]),
+            ),
+            Format::Ndjson => (chunk.clone(), chunk.clone()),
+        };
+        let chunks = std::iter::once(first)
+            .chain(std::iter::repeat_n(chunk, total / 4096 - 2))
+            .chain(std::iter::once(last))
+            .map(move |c| {
+                pulled.fetch_add(c.len(), Ordering::SeqCst);
+                Ok::<_, std::io::Error>(Bytes::from(c))
+            });
+        Body::from_stream(futures::stream::iter(chunks))
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_too_many_items_is_refused_before_the_rest_of_its_body_is_read() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for (format, content_type) in [(Format::JsonArray, JSON), (Format::Ndjson, NDJSON)] {
+            let broker = MemoryBroker::new();
+            let state = AppState::new(Arc::new(broker.clone()), vec!["q".into()], 1024)
+                .with_batch_limits(1000, 10 * 1024 * 1024);
+            let pulled = Arc::new(AtomicUsize::new(0));
+            let request = Request::post("/jobs/q/batch")
+                .header("content-type", content_type)
+                .body(huge_batch(format, 10 * 1024 * 1024, Arc::clone(&pulled)))
+                .unwrap();
+            let (status, headers, json) = send(app(state), request).await;
+            assert_problem(status, &headers, &json, 413, "batch-too-large");
+            // 1001 items fit in the first 4 KiB chunk: nothing near 10 MiB was read.
+            let read = pulled.load(Ordering::SeqCst);
+            assert!(read <= 64 * 1024, "{format:?}: {read} bytes read");
+            assert!(broker.published().is_empty());
+        }
+    }
+
+    /// The NDJSON lines of `body` fed whole, or in chunks of `step` bytes.
+    fn ndjson(body: &[u8], step: usize) -> Result<Vec<Range<usize>>, String> {
+        let mut lines = NdjsonLines::new(3, 8);
+        let mut end = 0;
+        while end < body.len() {
+            end = (end + step).min(body.len());
+            lines.feed(&body[..end]).map_err(|e| format!("{e:?}"))?;
+        }
+        lines.finish(body).map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn ndjson_lines_are_the_same_however_the_body_arrives() {
+        for body in [
+            &b""[..],
+            b"\n",
+            b"1",
+            b"1\n",
+            b"1\r\n2\r\n",
+            b"1\n\n",
+            b"\n1",
+            b"1\n2\n3",
+            b"1\n2\n3\n",
+            b"1\n2\n3\n4",
+            b"1\n2\n3\n\n",
+            b"1\nnope\n3",
+            b"\"123456789\"\n1",
+        ] {
+            let whole = ndjson(body, body.len().max(1));
+            for step in 1..4 {
+                assert_eq!(
+                    ndjson(body, step),
+                    whole,
+                    "{:?} in steps of {step}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        assert_eq!(ndjson(b"1\r\n22\n", 1).unwrap(), vec![0..1, 3..5]);
+        assert!(ndjson(b"1\n2\n3\n4", 1)
+            .unwrap_err()
+            .contains("TooManyItems"));
+        assert!(ndjson(b"\n", 1).unwrap_err().contains("Empty"));
+    }
+
+    #[test]
+    fn the_array_parser_stops_at_the_item_past_the_limit() {
+        // Malformed after the limit: the parser never got there, it is too many items.
+        let body = b"[1,2,3,4,5,6,oops";
+        assert!(matches!(
+            array_items(body, 5, 100),
+            Err(BatchError::TooManyItems { limit: 5 })
+        ));
+        assert_eq!(array_items(b"[1,2,3]", 5, 100).unwrap().len(), 3);
+    }
+
+    /// Publishes after 50 ms; counts how many wait at once.
+    #[derive(Default)]
+    struct Gauged {
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl jobgate_shared::broker::Publisher for Gauged {
+        async fn publish_to(&self, _: &str, _: &JobMeta, _: &[u8]) -> Result<(), PublishError> {
+            use std::sync::atomic::Ordering;
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn is_ready(&self) -> bool {
+            true
+        }
+        async fn close(&self) {}
+    }
+
+    #[tokio::test]
+    async fn a_batch_holds_at_most_its_share_of_the_in_flight_permits() {
+        let gauged = Arc::new(Gauged::default());
+        let state = AppState::new(gauged.clone(), vec!["q".into()], 1024)
+            .with_max_in_flight(4)
+            .with_batch_fairness(50, DEFAULT_MAX_BATCH_HEADER_BYTES);
+        let batch = send(app(state.clone()), batch("q", NDJSON, "1\n2\n3\n4\n5\n"));
+        let single = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let job = Request::post("/jobs/q").body(Body::from("x")).unwrap();
+            send(app(state.clone()), job).await
+        };
+        let ((status, _, json), (single, _, _)) = tokio::join!(batch, single);
+        // Every item waited for its turn within the batch's share; none was refused.
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert_eq!(json["accepted"], 5);
+        // The other half stayed free for other requests.
+        assert_eq!(single, StatusCode::ACCEPTED);
+        let most = gauged.most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most <= 3, "{most} publishes at once (batch 2 + single 1)");
+    }
+
+    #[tokio::test]
+    async fn a_batch_costs_a_rate_limit_token_per_item() {
+        use std::num::NonZeroU32;
+        let broker = MemoryBroker::new();
+        let rate = crate::rate_limit::RateLimit::new(
+            NonZeroU32::new(1).unwrap(),
+            NonZeroU32::new(5).unwrap(),
+        );
+        let security = crate::auth::Security::new(None, Some(rate));
+        let state = AppState::new(Arc::new(broker.clone()), vec!["q".into()], 1024)
+            .with_security(Arc::new(security));
+        // 3 of the 5 tokens.
+        let (status, _, json) = send(app(state.clone()), batch("q", NDJSON, "1\n2\n3\n")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        // 3 more do not fit in the 2 left.
+        let (status, headers, json) =
+            send(app(state.clone()), batch("q", NDJSON, "1\n2\n3\n")).await;
+        assert_problem(status, &headers, &json, 429, "rate-limited");
+        assert!(headers.contains_key("retry-after"));
+        assert_eq!(broker.published().len(), 3);
+        // More items than the burst can never pass: 413, split it.
+        let (status, headers, json) =
+            send(app(state.clone()), batch("q", NDJSON, "1\n2\n3\n4\n5\n6\n")).await;
+        assert_problem(status, &headers, &json, 413, "batch-too-large");
+        assert!(json["detail"].as_str().unwrap().contains("rate"), "{json}");
+        assert_eq!(broker.published().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_headers_a_batch_copies_onto_its_jobs_are_bounded() {
+        let broker = MemoryBroker::new();
+        let state = AppState::new(Arc::new(broker.clone()), vec!["q".into()], 1024)
+            .with_batch_fairness(50, 200);
+        let with_header = |body: &'static str| {
+            Request::post("/jobs/q/batch")
+                .header("content-type", NDJSON)
+                // 7 + 40 bytes a job, and 12 + 36 of `x-request-id`: 95.
+                .header("x-job-a", "x".repeat(40))
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let (status, _, json) = send(app(state.clone()), with_header("1\n2\n")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        let (status, headers, json) = send(app(state.clone()), with_header("1\n2\n3\n")).await;
+        assert_problem(status, &headers, &json, 413, "batch-too-large");
+        assert!(
+            json["detail"].as_str().unwrap().contains("X-Job-"),
+            "{json}"
+        );
+        assert_eq!(broker.published().len(), 2);
     }
 
     #[tokio::test]

@@ -7,8 +7,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
+use jobgate_shared::broker::PublishError;
 use jobgate_shared::job::JobMeta;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::auth::ApiKeyId;
 use crate::error::{ApiError, Problem};
@@ -74,6 +76,12 @@ enum JobResponses {
     #[response(status = 409, description = "`idempotency-key-in-progress`: the first request with this key is still publishing.", content_type = "application/problem+json",
         headers(("Retry-After" = u64, description = "Seconds to wait before retrying.")))]
     Conflict(Problem),
+    #[response(
+        status = 408,
+        description = "`body-timeout`: the body did not arrive within `JOBGATE_BODY_READ_TIMEOUT_MS`; the connection is closed.",
+        content_type = "application/problem+json"
+    )]
+    Timeout(Problem),
     #[response(
         status = 413,
         description = "`body-too-large`: the body is larger than `JOBGATE_MAX_BODY_BYTES`.",
@@ -163,13 +171,7 @@ async fn accept(
         return Err(ApiError::ShuttingDown);
     }
     let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BodyTooLarge {
-                limit: state.max_body_bytes,
-            }
-        } else {
-            ApiError::BadBody
-        }
+        ApiError::from_body_rejection(&rejection, state.max_body_bytes, state.body_read_timeout)
     })?;
     let content_type = crate::metadata::content_type(headers)?;
     let mut meta = JobMeta::new(queue, content_type);
@@ -190,22 +192,51 @@ async fn accept(
         Begin::Replay(answer) => return Ok(answer),
         Begin::Claimed(claim) => Some(claim),
     };
-    if let Err(error) = state.publisher.publish(&meta, &body).await {
-        if let Some(claim) = claim {
-            claim.release().await;
+    if let Some(job_id) = claim.as_ref().and_then(idempotency::Claimed::job_id) {
+        // An earlier attempt with this key may have queued the job: same id again.
+        meta.id = job_id.to_owned();
+    }
+    let keyed = claim.is_some();
+    // The publish and the storing of its outcome run in a task of their own: a client
+    // that hangs up (dropping this handler) does not cut them off half-way, so the key
+    // ends up with the answer, or the id, or free, never with a stale claim.
+    let publisher = std::sync::Arc::clone(&state.publisher);
+    let outcome = tokio::spawn(
+        async move {
+            let result = publisher.publish(&meta, &body).await;
+            let accepted = Accepted {
+                message: "Request received",
+                job_id: meta.id.clone(),
+                queue: meta.queue.clone(),
+            };
+            match (&result, claim) {
+                (_, None) => {}
+                (Ok(()), Some(claim)) => {
+                    claim
+                        .complete(&serde_json::to_string(&accepted).unwrap_or_default())
+                        .await;
+                }
+                (Err(error), Some(claim)) if error.may_have_been_queued() => {
+                    claim.unsettle(&meta.id).await;
+                }
+                (Err(_), Some(claim)) => claim.release().await,
+            }
+            if result.is_ok() {
+                tracing::info!(job_id = %meta.id, queue = %meta.queue, bytes = body.len(), "job accepted");
+            }
+            result.map(|()| accepted)
         }
-        return Err(error.into());
-    }
-    tracing::info!(job_id = %meta.id, queue = %meta.queue, bytes = body.len(), "job accepted");
-    let accepted = Accepted {
-        message: "Request received",
-        job_id: meta.id,
-        queue: meta.queue,
+        .instrument(tracing::Span::current()),
+    )
+    .await
+    .map_err(|panicked| {
+        tracing::error!(%panicked, "the publish task failed");
+        ApiError::Publish(PublishError::Broker("the publish task failed".into()))
+    })?;
+    let accepted = match outcome {
+        Ok(accepted) => accepted,
+        Err(error) if keyed => return Err(ApiError::PublishWithKey(error)),
+        Err(error) => return Err(error.into()),
     };
-    if let Some(claim) = claim {
-        claim
-            .complete(&serde_json::to_string(&accepted).unwrap_or_default())
-            .await;
-    }
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }

@@ -1,0 +1,218 @@
+//! The socket side of the producer: accepting connections and serving HTTP/1 on them,
+//! with the limits a public listener needs (issue 13), in place of `axum::serve`, which
+//! has none of them.
+//!
+//! - **Connection cap** (`JOBGATE_MAX_CONNECTIONS`): a permit is taken *before* each
+//!   `accept`, so past the cap new connections wait in the kernel's listen backlog
+//!   (their TCP handshake completes, nothing is read) until a connection closes; none is
+//!   refused by the producer itself.
+//! - **Header-read timeout** (`JOBGATE_HEADER_READ_TIMEOUT_MS`): hyper's own, with a
+//!   tokio timer. hyper starts it whenever it waits for a request head: on a new
+//!   connection and, on a keep-alive connection, as soon as the previous response is
+//!   written. So it bounds the idle wait between requests too; a connection that sends
+//!   no complete head in time is closed without an answer.
+//! - **Idle timeout** (`JOBGATE_IDLE_TIMEOUT_MS`): a keep-alive connection without a
+//!   request for this long after its last one is closed (hyper's graceful shutdown,
+//!   which closes an idle connection at once). Effective idle limit: the smaller of
+//!   the two timeouts.
+//! - The **body-read timeout** is HTTP, not sockets: see [`crate::body_deadline`].
+//!
+//! Shutdown: when `shutdown` completes, accepting stops and every connection is told
+//! to finish (hyper: the request in progress is answered, then the connection closes);
+//! [`serve`] returns when all have.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// The limits of the listener (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `shutdown` completes and every connection closed.
+/// Requests carry the peer's `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let stop = CancellationToken::new();
+    let stop_on_signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_on_signal.cancel();
+    });
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let tracker = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = accept(&listener, &connections) => accepted,
+        };
+        let (stream, peer, permit) = accepted;
+        let app = app.clone();
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            serve_connection(stream, peer, app, limits, stop).await;
+            drop(permit);
+        });
+    }
+    // No new connections: the listener closes; the kernel refuses new ones.
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Waits for a free connection slot, then for a connection.
+async fn accept(
+    listener: &TcpListener,
+    connections: &Arc<Semaphore>,
+) -> (TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit) {
+    let permit = Arc::clone(connections)
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => return (stream, peer, permit),
+            // The peer gave up between SYN and accept: nothing to do.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) => {}
+            // Out of descriptors, say: wait instead of spinning (as axum::serve does).
+            Err(error) => {
+                tracing::error!(%error, "accepting a connection failed; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// What the idle watchdog sees of a connection's requests.
+#[derive(Debug, Default, Clone, Copy)]
+struct Activity {
+    /// Requests started on the connection so far.
+    started: u64,
+    /// Requests whose handler has not answered yet.
+    in_flight: u64,
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    limits: Limits,
+    stop: CancellationToken,
+) {
+    let (activity, mut watch_activity) = watch::channel(Activity::default());
+    let activity = Arc::new(activity);
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let app = app.clone();
+        let activity = Arc::clone(&activity);
+        activity.send_modify(|a| {
+            a.started += 1;
+            a.in_flight += 1;
+        });
+        async move {
+            let _done = scopeguard(move || activity.send_modify(|a| a.in_flight -= 1));
+            let response = app
+                .oneshot(request.map(axum::body::Body::new))
+                .await
+                .unwrap_or_else(|never: Infallible| match never {});
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let idle = idle_for(&mut watch_activity, limits.idle_timeout);
+    tokio::pin!(idle);
+    let mut finishing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    // Header timeouts, resets, malformed requests: the client's doing.
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = stop.cancelled(), if !finishing => {
+                finishing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = &mut idle, if !finishing => {
+                tracing::debug!(%peer, "idle keep-alive connection closed");
+                finishing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Completes once the connection has answered at least one request and then gone
+/// `timeout` without starting another. Before the first request the header-read
+/// timeout alone applies.
+async fn idle_for(activity: &mut watch::Receiver<Activity>, timeout: Duration) {
+    loop {
+        let idle = activity
+            .wait_for(|a| a.started > 0 && a.in_flight == 0)
+            .await
+            .map(|now| now.started);
+        // The service is gone: the connection is ending anyway.
+        let Ok(seen) = idle else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => {
+                if activity.borrow().started == seen {
+                    return;
+                }
+            }
+            changed = activity.changed() => {
+                if changed.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` when dropped: a request's end is counted even when hyper drops its future
+/// (the client went away).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
