@@ -341,6 +341,14 @@ async fn close_connection(conn: &Connection, why: &str) {
 // Publisher
 // ---------------------------------------------------------------------------------
 
+/// The moment `timeout` from now. A timeout too long for the clock (the setting is any
+/// number of milliseconds) waits 30 years instead of panicking on every publish.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
+}
+
 /// Options of the RabbitMQ publisher.
 #[derive(Debug, Clone)]
 pub struct PublisherOptions {
@@ -679,7 +687,7 @@ impl PublishPath {
         meta: &JobMeta,
         body: &[u8],
     ) -> Result<(), PublishError> {
-        let deadline = Instant::now() + self.options.publish_timeout;
+        let deadline = deadline_after(self.options.publish_timeout);
         self.publish_until_answered(destination, meta, body, deadline)
             .await
     }
@@ -1038,6 +1046,12 @@ impl Settle for RabbitSettle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_publish_timeout_too_long_for_the_clock_is_no_panic() {
+        assert!(deadline_after(Duration::MAX) > Instant::now());
+        assert!(deadline_after(Duration::from_secs(5)) > Instant::now());
+    }
 
     #[test]
     fn a_settle_lapin_did_not_send_is_an_error() {
