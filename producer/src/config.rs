@@ -94,9 +94,10 @@ pub struct ProducerConfig {
     #[arg(long, env = "JOBGATE_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
 
-    /// How long an `Idempotency-Key` and its answer are kept, in seconds.
+    /// How long an `Idempotency-Key` and its answer are kept, in seconds (at most ten
+    /// years: a longer time does not fit the clock, and every keyed request would fail).
     #[arg(long, env = "JOBGATE_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     pub idempotency_ttl_secs: u64,
 
     /// Redis URL (`redis://[:pass@]host:port[/db]`) of the idempotency store shared by
@@ -205,6 +206,9 @@ mod tests {
         assert!(ProducerConfig::try_parse_from(["producer", "--publish-channels", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--max-batch-items", "0"]).is_err());
         assert!(ProducerConfig::try_parse_from(["producer", "--max-in-flight", "0"]).is_err());
+        let ttl = u64::MAX.to_string();
+        let args = ["producer", "--idempotency-ttl-secs", ttl.as_str()];
+        assert!(ProducerConfig::try_parse_from(args).is_err());
         for share in ["0", "101"] {
             let args = ["producer", "--batch-in-flight-percent", share];
             assert!(ProducerConfig::try_parse_from(args).is_err());
