@@ -9,9 +9,13 @@
 # flags and a quorum queue round trip; Redis: a write), not merely listening.
 #
 # RabbitMQ: Debian's rabbitmq-server package (installed with apt-get on first use),
-#           AMQP on 127.0.0.1:5672, management API on :15672 (guest/guest), prometheus :15692.
+#           AMQP on 127.0.0.1:5672, management API on :15672 (guest/guest), prometheus :15692,
+#           AMQPS (TLS) on 127.0.0.1:5671 (PLAIN, or EXTERNAL with the test client certificate).
 # Kafka:    Apache Kafka from Maven Central jars (single combined KRaft node),
-#           PLAINTEXT on 127.0.0.1:9092, controller on 127.0.0.1:9093.
+#           PLAINTEXT on 127.0.0.1:9092, controller on 127.0.0.1:9093,
+#           SASL_SSL on 127.0.0.1:9094 (PLAIN, SCRAM-SHA-256/512; user jobgate),
+#           SSL with required client certificates on 127.0.0.1:9095.
+# TLS:      a test CA and certificates made with openssl on first use (scripts/lib/tls.sh).
 # Redis:    Debian's redis-server package (installed with apt-get on first use), on
 #           127.0.0.1:6379, no persistence (the idempotency store of several producers).
 #
@@ -31,9 +35,17 @@ KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}"
 KAFKA_HOST=127.0.0.1
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+# The TLS listeners of the TLS/SASL tests (tests/it/tls.rs uses the same values).
+KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-9094}"
+KAFKA_SSL_PORT="${KAFKA_SSL_PORT:-9095}"
+KAFKA_SASL_USER=jobgate
+KAFKA_SASL_PASSWORD=jobgate-test-secret
 RABBITMQ_HOST=127.0.0.1
 RABBITMQ_PORT=5672
 RABBITMQ_MGMT_PORT=15672
+RABBITMQ_TLS_PORT=5671
+RABBITMQ_TLS_CONF=/etc/rabbitmq/conf.d/90-jobgate-tls.conf
+RABBITMQ_TLS_FILES=/etc/rabbitmq/jobgate-tls
 RABBITMQ_TIMEOUT="${RABBITMQ_TIMEOUT:-90}"
 RABBITMQ_NOFILE="${RABBITMQ_NOFILE:-65536}"
 KAFKA_TIMEOUT="${KAFKA_TIMEOUT:-120}"
@@ -57,6 +69,9 @@ REDIS_PORT="${REDIS_PORT:-6379}"
 REDIS_TIMEOUT="${REDIS_TIMEOUT:-30}"
 REDIS_STATE="$STATE_ROOT/redis"
 
+# shellcheck source=lib/tls.sh
+source "$SCRIPT_DIR/lib/tls.sh"
+
 # ---------------------------------------------------------------- helpers
 log()  { printf 'brokers: %s\n' "$*"; }
 warn() { printf 'brokers: WARNING: %s\n' "$*" >&2; }
@@ -78,7 +93,10 @@ usage: $PROG up|down|status|restart|kill|install|pause|resume [rabbitmq|kafka|re
   resume   SIGCONT a paused broker
 
 RabbitMQ: amqp://guest:guest@127.0.0.1:5672  management http://127.0.0.1:15672 (guest/guest)
+          amqps://guest:guest@127.0.0.1:$RABBITMQ_TLS_PORT (TLS; CA $TLS_DIR/ca.pem)
 Kafka:    127.0.0.1:$KAFKA_PORT (PLAINTEXT), KRaft controller 127.0.0.1:$KAFKA_CONTROLLER_PORT
+          127.0.0.1:$KAFKA_SASL_SSL_PORT (SASL_SSL: PLAIN/SCRAM-SHA-256/512, $KAFKA_SASL_USER/$KAFKA_SASL_PASSWORD)
+          127.0.0.1:$KAFKA_SSL_PORT (SSL, client certificate $TLS_DIR/client.pem required)
 Redis:    redis://127.0.0.1:$REDIS_PORT (no persistence)
 
 environment:
@@ -143,6 +161,10 @@ packages_for() {
       command -v javac >/dev/null 2>&1 || printf '%s\n' openjdk-17-jdk-headless
       command -v mvn >/dev/null 2>&1 || printf '%s\n' maven
       ;;
+  esac
+  # The test certificates of the TLS listeners (scripts/lib/tls.sh).
+  case $1 in
+    rabbitmq | kafka) command -v openssl >/dev/null 2>&1 || printf '%s\n' openssl ;;
   esac
 }
 
@@ -262,15 +284,55 @@ rabbit_log_tail() {
 
 rabbit_enable_plugins() {
   local enabled=/etc/rabbitmq/enabled_plugins online=$1
-  if [[ -r $enabled ]] && grep -qw rabbitmq_management "$enabled" && grep -qw rabbitmq_prometheus "$enabled"; then
-    return 0
-  fi
-  log "rabbitmq: enabling plugins rabbitmq_management rabbitmq_prometheus"
+  # rabbitmq_auth_mechanism_ssl: the EXTERNAL login (a client certificate) on AMQPS.
+  local -a plugins=(rabbitmq_management rabbitmq_prometheus rabbitmq_auth_mechanism_ssl)
+  local p missing=0
+  for p in "${plugins[@]}"; do
+    [[ -r $enabled ]] && grep -qw "$p" "$enabled" || missing=1
+  done
+  ((missing)) || return 0
+  log "rabbitmq: enabling plugins ${plugins[*]}"
   if [[ $online == online ]]; then
-    rabbitmq_plugins_ -q enable rabbitmq_management rabbitmq_prometheus >/dev/null
+    rabbitmq_plugins_ -q enable "${plugins[@]}" >/dev/null
   else
-    rabbitmq_plugins_ -q --offline enable rabbitmq_management rabbitmq_prometheus >/dev/null
+    rabbitmq_plugins_ -q --offline enable "${plugins[@]}" >/dev/null
   fi
+}
+
+# rabbit_write_tls_config: the AMQPS listener on 127.0.0.1:$RABBITMQ_TLS_PORT with the
+# test certificates (copied where the rabbitmq user can read them). A client
+# certificate is checked when one is sent, and is then a login of its own (EXTERNAL,
+# user = the certificate's CN); PLAIN logins work over TLS as over plain AMQP.
+# Read when the node starts.
+rabbit_write_tls_config() {
+  local owner=root
+  id rabbitmq >/dev/null 2>&1 && owner=rabbitmq
+  as_root mkdir -p "$RABBITMQ_TLS_FILES" "$(dirname "$RABBITMQ_TLS_CONF")"
+  as_root cp "$TLS_DIR/ca.pem" "$TLS_DIR/server.pem" "$TLS_DIR/server.key" "$RABBITMQ_TLS_FILES/"
+  as_root chown -R "$owner" "$RABBITMQ_TLS_FILES"
+  as_root chmod 0700 "$RABBITMQ_TLS_FILES"
+  as_root tee "$RABBITMQ_TLS_CONF" >/dev/null <<EOF
+# Written by $PROG: the AMQPS listener of jobgate's TLS tests (loopback only).
+listeners.ssl.1 = $RABBITMQ_HOST:$RABBITMQ_TLS_PORT
+ssl_options.cacertfile = $RABBITMQ_TLS_FILES/ca.pem
+ssl_options.certfile = $RABBITMQ_TLS_FILES/server.pem
+ssl_options.keyfile = $RABBITMQ_TLS_FILES/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+auth_mechanisms.1 = PLAIN
+auth_mechanisms.2 = AMQPLAIN
+auth_mechanisms.3 = EXTERNAL
+ssl_cert_login_from = common_name
+EOF
+}
+
+# rabbit_tls_user: the user of the test client certificate (EXTERNAL login: no password
+# works for it), with all rights on the default vhost.
+rabbit_tls_user() {
+  local api="http://$RABBITMQ_HOST:$RABBITMQ_MGMT_PORT/api"
+  rabbit_mgmt -o /dev/null -X PUT "$api/users/$TLS_CLIENT_CN" -d '{"password_hash":"","tags":""}' &&
+    rabbit_mgmt -o /dev/null -X PUT "$api/permissions/%2f/$TLS_CLIENT_CN" \
+      -d '{"configure":".*","write":".*","read":".*"}'
 }
 
 rabbit_enable_feature_flags() {
@@ -354,8 +416,15 @@ up_rabbitmq() {
   local t0=$SECONDS
   mkdir -p "$RABBITMQ_STATE"
   install_for rabbitmq
+  if rabbit_up && ! port_open "$RABBITMQ_HOST" "$RABBITMQ_TLS_PORT"; then
+    # Started before the TLS listener existed (an older checkout): the config file is
+    # read at boot only.
+    log "rabbitmq: running without the AMQPS listener on :$RABBITMQ_TLS_PORT; restarting it"
+    down_rabbitmq || return 1
+  fi
   if rabbit_up; then
     rabbit_wait_usable || return 1
+    rabbit_tls_user || { err "rabbitmq: cannot create the TLS test user $TLS_CLIENT_CN"; return 1; }
     log "rabbitmq: already up on $RABBITMQ_HOST:$RABBITMQ_PORT (management :$RABBITMQ_MGMT_PORT answers, quorum queues work, RabbitMQ $(rabbit_version)); reusing it"
     return 0
   fi
@@ -370,6 +439,7 @@ up_rabbitmq() {
     rabbit_enable_plugins online
   else
     rabbit_enable_plugins offline
+    rabbit_write_tls_config
     log "rabbitmq: starting rabbitmq-server -detached"
     rabbit_raise_nofile
     if ! as_root "$(rabbit_bin rabbitmq-server)" -detached >"$RABBITMQ_STATE/start.out" 2>&1 </dev/null 9>&-; then
@@ -380,6 +450,12 @@ up_rabbitmq() {
   fi
   rabbit_wait_ready || return 1
   rabbit_wait_usable || return 1
+  rabbit_tls_user || { err "rabbitmq: cannot create the TLS test user $TLS_CLIENT_CN"; return 1; }
+  if ! port_open "$RABBITMQ_HOST" "$RABBITMQ_TLS_PORT"; then
+    err "rabbitmq: the AMQPS listener on $RABBITMQ_HOST:$RABBITMQ_TLS_PORT is not open ($RABBITMQ_TLS_CONF)"
+    rabbit_log_tail
+    return 1
+  fi
   log "rabbitmq: up on $RABBITMQ_HOST:$RABBITMQ_PORT, management http://$RABBITMQ_HOST:$RABBITMQ_MGMT_PORT (guest/guest), RabbitMQ $(rabbit_version), in $(fmt_secs $((SECONDS - t0)))"
 }
 
@@ -597,12 +673,25 @@ write_kafka_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT
+listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_SSL://$KAFKA_HOST:$KAFKA_SASL_SSL_PORT,SSL://$KAFKA_HOST:$KAFKA_SSL_PORT
+advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,SASL_SSL://$KAFKA_HOST:$KAFKA_SASL_SSL_PORT,SSL://$KAFKA_HOST:$KAFKA_SSL_PORT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL
 log.dirs=$KAFKA_DATA
+
+# The TLS listeners of jobgate's TLS/SASL tests, with the test PKI of scripts/lib/tls.sh.
+# SASL_SSL: PLAIN and SCRAM logins (the SCRAM credentials are stored in the cluster by
+# the readiness probe); SSL: every client must show a certificate the test CA signed.
+ssl.keystore.type=PEM
+ssl.keystore.location=$TLS_DIR/server-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+listener.name.ssl.ssl.client.auth=required
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$KAFKA_SASL_USER="$KAFKA_SASL_PASSWORD";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 
 # Single node: every internal topic with replication factor / min ISR 1.
 num.partitions=1
@@ -747,7 +836,10 @@ kafka_probe_classes() {
 kafka_wait_usable() {
   local secs=$1 classes out
   classes=$(kafka_probe_classes)
-  if ! out=$("$JAVA_BIN" -Xmx128m -Djava.awt.headless=true -Dlog4j2.level=OFF \
+  # The SCRAM login of the SASL_SSL listener, stored (again) by the probe; through the
+  # environment, not argv (which `ps` shows).
+  if ! out=$(KAFKA_READY_SCRAM_USER="$KAFKA_SASL_USER" KAFKA_READY_SCRAM_PASSWORD="$KAFKA_SASL_PASSWORD" \
+    "$JAVA_BIN" -Xmx128m -Djava.awt.headless=true -Dlog4j2.level=OFF \
     -Dlog4j2.statusLoggerLevel=OFF -cp "$classes:$KAFKA_LIBS/*" KafkaReady \
     "$KAFKA_HOST:$KAFKA_PORT" "$secs" 1 2>&1); then
     err "kafka: not usable after ${secs}s:"
@@ -762,6 +854,12 @@ up_kafka() {
   install_for kafka
   check_java
   resolve_kafka_libs
+  if port_open "$KAFKA_HOST" "$KAFKA_PORT" && kafka_pid >/dev/null &&
+    ! { port_open "$KAFKA_HOST" "$KAFKA_SASL_SSL_PORT" && port_open "$KAFKA_HOST" "$KAFKA_SSL_PORT"; }; then
+    # Started before the TLS listeners existed (an older checkout).
+    log "kafka: running without the TLS listeners on :$KAFKA_SASL_SSL_PORT/:$KAFKA_SSL_PORT; restarting it"
+    kafka_stop TERM "$KAFKA_STOP_TIMEOUT" || return 1
+  fi
   if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
     if pid=$(kafka_pid); then
       log "kafka: already listening on $KAFKA_HOST:$KAFKA_PORT (pid $pid); checking it is usable"
@@ -803,6 +901,11 @@ up_kafka() {
     kafka_wait_ready "$pid" "$offset" || return 1
   fi
   kafka_wait_usable "$KAFKA_TIMEOUT" || return 1
+  if ! { port_open "$KAFKA_HOST" "$KAFKA_SASL_SSL_PORT" && port_open "$KAFKA_HOST" "$KAFKA_SSL_PORT"; }; then
+    err "kafka: the TLS listeners on $KAFKA_HOST:$KAFKA_SASL_SSL_PORT and :$KAFKA_SSL_PORT are not both open"
+    kafka_log_tail
+    return 1
+  fi
   log "kafka: up on $KAFKA_HOST:$KAFKA_PORT (Kafka $KAFKA_RESOLVED_VERSION, pid $pid; controller, leaders and group coordinator answer) in $(fmt_secs $((SECONDS - t0)))"
 }
 
@@ -1021,7 +1124,11 @@ main() {
   mkdir -p "$STATE_ROOT"
   case $action in
     # One package step for all of them, before any starts (never two apt-gets at once).
-    up | restart) install_for "${brokers[@]}" ;;
+    up | restart)
+      install_for "${brokers[@]}"
+      # Before the brokers (which may start in parallel) read them.
+      [[ ${brokers[*]} == redis ]] || with_lock "$STATE_ROOT/tls.lock" tls_ensure
+      ;;
     install) install_for "${brokers[@]}"; return 0 ;;
   esac
 

@@ -44,6 +44,7 @@ impl Kafka {
                 replication: Replication::default(),
                 timeout: TIMEOUT,
                 linger: Duration::from_millis(u64::from(DEFAULT_KAFKA_LINGER_MS)),
+                security: Default::default(),
             },
             admin,
         })

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
-use jobgate_shared::broker::rabbitmq::{self, declare_topology, RabbitPublisher};
+use jobgate_shared::broker::rabbitmq::{self, declare_topology, AmqpEndpoint, RabbitPublisher};
 use jobgate_shared::broker::{dlq_name, Publisher};
 use jobgate_shared::config::SecretUrl;
 use jobgate_shared::job::{self, JobMeta};
@@ -25,7 +25,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection for setup, probes and cleanup.
 pub struct Rabbit {
-    url: SecretUrl,
+    url: AmqpEndpoint,
     conn: Connection,
     admin: Channel,
 }
@@ -42,7 +42,7 @@ async fn bounded<T>(
 
 impl Rabbit {
     pub async fn connect(url: &str) -> Result<Self> {
-        let url: SecretUrl = url.parse().expect("infallible");
+        let url = AmqpEndpoint::from(url.parse::<SecretUrl>().expect("infallible"));
         let conn = rabbitmq::connect(&url, "jobgate-bench", TIMEOUT)
             .await
             .map_err(|e| anyhow!("cannot connect to RabbitMQ at {url}: {e}"))?;
@@ -152,7 +152,7 @@ impl Rabbit {
         body: &'static str,
     ) -> Result<(Op, Arc<RabbitPublisher>)> {
         let publisher = RabbitPublisher::start(rabbitmq::PublisherOptions {
-            url: self.url.clone(),
+            endpoint: self.url.clone(),
             queues: vec![queue.to_owned()],
             connect_timeout: TIMEOUT,
             publish_timeout: Duration::from_secs(5),

@@ -103,9 +103,10 @@ impl Leftovers {
 
 /// A connected backend: the raw client side of the bench.
 enum Broker {
-    // Boxed: a lapin connection is much larger than the Kafka side.
+    // Boxed: both sides are large (a lapin connection; the Kafka admin client and
+    // topic spec), and only one is held.
     Rabbit(Box<Rabbit>),
-    Kafka(Kafka),
+    Kafka(Box<Kafka>),
 }
 
 /// The context of one backend's phases.
@@ -927,7 +928,10 @@ async fn benches<'a>(
     for &backend in backends {
         let broker = match backend {
             "rabbitmq" => Broker::Rabbit(Box::new(Rabbit::connect(&args.amqp_url).await?)),
-            _ => Broker::Kafka(Kafka::new(&args.kafka_brokers, args.kafka_partitions)?),
+            _ => Broker::Kafka(Box::new(Kafka::new(
+                &args.kafka_brokers,
+                args.kafka_partitions,
+            )?)),
         };
         benches.push(Bench {
             args,

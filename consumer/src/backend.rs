@@ -14,7 +14,7 @@ pub fn source(config: &ConsumerConfig) -> Box<dyn JobSource> {
     let tiers = config.retry_policy().tiers();
     match config.broker.backend {
         Backend::Rabbitmq => Box::new(RabbitSource::new(rabbitmq::SourceOptions {
-            url: config.broker.amqp_url.clone(),
+            endpoint: config.broker.amqp(),
             queues: config.queue.clone(),
             connect_timeout: config.broker.connect_timeout(),
             prefetch: config.prefetch(),
@@ -38,7 +38,7 @@ pub fn outcome_publisher(config: &ConsumerConfig) -> anyhow::Result<SharedPublis
     let tiers = config.retry_policy().tiers();
     Ok(match config.broker.backend {
         Backend::Rabbitmq => RabbitPublisher::start(rabbitmq::PublisherOptions {
-            url: config.broker.amqp_url.clone(),
+            endpoint: config.broker.amqp(),
             queues: config.queue.clone(),
             connect_timeout: config.broker.connect_timeout(),
             publish_timeout: config.publish_timeout(),

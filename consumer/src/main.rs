@@ -9,6 +9,11 @@ mod dlq;
 async fn main() -> ExitCode {
     let config = consumer::ConsumerConfig::parse();
     jobgate_shared::telemetry::init(config.broker.log_format);
+    // TLS/SASL settings that do not fit together: refused before anything connects.
+    if let Err(error) = config.broker.check() {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
     let code = match &config.command {
         Some(Command::Dlq(command)) => dlq::run(&config, command).await,
         None => match run_worker(config).await {

@@ -114,7 +114,7 @@ fn record_answer(
 pub fn start_publisher(config: &ProducerConfig) -> anyhow::Result<SharedPublisher> {
     Ok(match config.broker.backend {
         Backend::Rabbitmq => RabbitPublisher::start(rabbitmq::PublisherOptions {
-            url: config.broker.amqp_url.clone(),
+            endpoint: config.broker.amqp(),
             queues: config.queues.clone(),
             connect_timeout: config.broker.connect_timeout(),
             publish_timeout: config.publish_timeout(),

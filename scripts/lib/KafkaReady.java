@@ -10,7 +10,10 @@
 //   3. a record is produced to it with acks=all (the partition leader takes writes);
 //   4. a consumer group commits an offset and the admin client reads it back: the group
 //      coordinator (and so __consumer_offsets) is loaded. Right after a start this is the
-//      step that fails with NOT_COORDINATOR or COORDINATOR_LOAD_IN_PROGRESS.
+//      step that fails with NOT_COORDINATOR or COORDINATOR_LOAD_IN_PROGRESS;
+//   5. when KAFKA_READY_SCRAM_USER and KAFKA_READY_SCRAM_PASSWORD are set, that user's
+//      SCRAM-SHA-256 and SCRAM-SHA-512 credentials are stored (an upsert: the same
+//      password again is harmless), for the SASL_SSL listener of the TLS tests.
 import java.time.Duration;
 import java.util.Collections;
 import java.util.Map;
@@ -20,6 +23,9 @@ import org.apache.kafka.clients.admin.Admin;
 import org.apache.kafka.clients.admin.AdminClientConfig;
 import org.apache.kafka.clients.admin.DescribeClusterResult;
 import org.apache.kafka.clients.admin.NewTopic;
+import org.apache.kafka.clients.admin.ScramCredentialInfo;
+import org.apache.kafka.clients.admin.ScramMechanism;
+import org.apache.kafka.clients.admin.UserScramCredentialUpsertion;
 import org.apache.kafka.clients.admin.TopicDescription;
 import org.apache.kafka.clients.consumer.ConsumerConfig;
 import org.apache.kafka.clients.consumer.KafkaConsumer;
@@ -121,6 +127,21 @@ public final class KafkaReady {
             throw new IllegalStateException("committed " + want + ", read back " + got);
           }
           return "group " + GROUP + " committed offset " + want;
+        });
+      }
+
+      String scramUser = System.getenv("KAFKA_READY_SCRAM_USER");
+      String scramPassword = System.getenv("KAFKA_READY_SCRAM_PASSWORD");
+      if (scramUser != null && !scramUser.isEmpty() && scramPassword != null) {
+        retry("SCRAM credentials of user " + scramUser, () -> {
+          // One mechanism a request: the broker refuses two changes of one user in one.
+          for (ScramMechanism m : new ScramMechanism[] {
+              ScramMechanism.SCRAM_SHA_256, ScramMechanism.SCRAM_SHA_512}) {
+            admin.alterUserScramCredentials(java.util.List.of(new UserScramCredentialUpsertion(
+                    scramUser, new ScramCredentialInfo(m, 4096), scramPassword)))
+                .all().get(10, TimeUnit.SECONDS);
+          }
+          return "SCRAM-SHA-256 and SCRAM-SHA-512";
         });
       }
     }

@@ -37,6 +37,9 @@ pub struct BrokerArgs {
     )]
     pub amqp_url: SecretUrl,
 
+    #[command(flatten)]
+    pub amqp_tls: crate::broker::rabbitmq::AmqpTls,
+
     /// Kafka bootstrap servers (comma list of host:port).
     #[arg(long, env = "JOBGATE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
@@ -68,6 +71,9 @@ pub struct BrokerArgs {
           value_parser = clap::value_parser!(u32).range(0..=5000))]
     pub kafka_linger_ms: u32,
 
+    #[command(flatten)]
+    pub kafka_security: crate::broker::kafka::KafkaSecurity,
+
     /// How long one connection attempt to the broker may take, in milliseconds.
     #[arg(long, env = "JOBGATE_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
     pub connect_timeout_ms: u64,
@@ -82,6 +88,24 @@ impl BrokerArgs {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
+    /// Checks what clap cannot: that the chosen broker's TLS and SASL settings fit
+    /// together and their files can be read. Both binaries call it right after parsing,
+    /// so a mistake is a start-up error naming the setting, not a reconnect loop.
+    pub fn check(&self) -> Result<(), String> {
+        match self.backend {
+            Backend::Rabbitmq => self.amqp().check(),
+            Backend::Kafka => self.kafka_security.check(),
+        }
+    }
+
+    /// Where RabbitMQ is, with the TLS files of `amqps://`.
+    pub fn amqp(&self) -> crate::broker::rabbitmq::AmqpEndpoint {
+        crate::broker::rabbitmq::AmqpEndpoint {
+            url: self.amqp_url.clone(),
+            tls: self.amqp_tls.clone(),
+        }
+    }
+
     /// Where Kafka topics are created, and how.
     pub fn kafka_topics(&self) -> crate::broker::kafka::TopicSpec {
         crate::broker::kafka::TopicSpec {
@@ -93,6 +117,7 @@ impl BrokerArgs {
             },
             timeout: self.connect_timeout(),
             linger: Duration::from_millis(u64::from(self.kafka_linger_ms)),
+            security: self.kafka_security.clone(),
         }
     }
 }

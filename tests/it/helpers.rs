@@ -72,9 +72,9 @@ pub fn unique(prefix: &str) -> String {
 
 static BROKER_LOCK: RwLock<()> = RwLock::const_new(());
 
-/// The broker lock file shared by every test process on this machine: the state dir
-/// `scripts/brokers.sh` uses, so concurrent `cargo test` runs see the same lock.
-fn broker_lock_path() -> PathBuf {
+/// The state dir of `scripts/brokers.sh` (its `STATE_ROOT`): broker data, the test
+/// certificates (`tls/`) and the broker lock.
+pub fn state_dir() -> PathBuf {
     let root = match std::env::var_os("JOBGATE_STATE_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => std::env::var_os("XDG_STATE_HOME")
@@ -85,7 +85,13 @@ fn broker_lock_path() -> PathBuf {
             .join("jobgate"),
     };
     std::fs::create_dir_all(&root).expect("create the jobgate state dir");
-    root.join("brokers.lock")
+    root
+}
+
+/// The broker lock file shared by every test process on this machine, in the state
+/// dir, so concurrent `cargo test` runs see the same lock.
+fn broker_lock_path() -> PathBuf {
+    state_dir().join("brokers.lock")
 }
 
 /// Takes the OS lock on [`broker_lock_path`] (shared or exclusive) on a blocking thread.
@@ -669,6 +675,7 @@ pub mod kafka {
             replication: Replication::default(),
             timeout: Duration::from_secs(10),
             linger: Duration::ZERO,
+            security: Default::default(),
         };
         ensure_topics(&spec, &[queue.to_owned()], tiers)
             .await
@@ -1050,6 +1057,11 @@ pub mod dlq {
     /// Runs `consumer dlq <args>` against `backend`; returns stdout, panics unless it
     /// exits 0.
     pub async fn run(backend: Backend, args: &[&str]) -> String {
+        run_with(backend, &[], args).await
+    }
+
+    /// [`run`] with extra `JOBGATE_*` settings (over the backend's).
+    pub async fn run_with(backend: Backend, env: &[(&str, String)], args: &[&str]) -> String {
         let mut cmd = Command::new(binary("consumer"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -1059,6 +1071,9 @@ pub mod dlq {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         for (k, v) in backend.env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in env {
             cmd.env(k, v);
         }
         let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())

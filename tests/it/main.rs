@@ -9,7 +9,8 @@
 //! `rabbitmq_only` and `kafka_only` hold what only one broker has; `junk` puts
 //! hand-made, extreme messages on the queues of both; `give_back` and `redelivery`
 //! hold what becomes of a job whose outcome cannot be published, or whose consumer
-//! dies while running it.
+//! dies while running it. `tls` runs both binaries through the brokers' TLS and SASL
+//! listeners.
 //!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
@@ -38,3 +39,4 @@ mod retries;
 mod scenarios;
 mod setup;
 mod slow_clients;
+mod tls;

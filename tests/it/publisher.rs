@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use jobgate_shared::broker::rabbitmq::{PublisherOptions, RabbitPublisher};
 use jobgate_shared::broker::{PublishError, Publisher};
+use jobgate_shared::config::SecretUrl;
 use jobgate_shared::job::JobMeta;
 
 use crate::helpers::{brokers_shared, rabbit, unique, wait_until, Backend, AMQP_URL};
@@ -45,7 +46,7 @@ async fn every_unroutable_publish_is_refused_and_every_routable_one_confirmed() 
     let missing = format!("{queue}-missing");
     let _cleanup = Backend::Rabbitmq.cleanup(&[&queue]);
     let publisher = RabbitPublisher::start(PublisherOptions {
-        url: AMQP_URL.parse().unwrap(),
+        endpoint: AMQP_URL.parse::<SecretUrl>().unwrap().into(),
         queues: vec![queue.clone()],
         connect_timeout: Duration::from_secs(10),
         publish_timeout: Duration::from_secs(30),

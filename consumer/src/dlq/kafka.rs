@@ -29,7 +29,6 @@ use consumer::config::ConsumerConfig;
 use jobgate_shared::broker::kafka::{self, KafkaPublisher};
 use jobgate_shared::broker::{dlq_name, Publisher};
 use jobgate_shared::job;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
@@ -88,10 +87,10 @@ impl Reader {
     async fn open(config: &ConsumerConfig, queue: &str) -> Result<Self> {
         let topic = dlq_name(queue);
         let group = replay_group(config, queue);
-        let brokers = config.broker.kafka_brokers.clone();
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("client.id", format!("jobgate-dlq-{}", std::process::id()))
+        let spec = config.broker.kafka_topics();
+        let brokers = spec.brokers.clone();
+        let consumer: StreamConsumer = spec
+            .client_config("dlq")
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

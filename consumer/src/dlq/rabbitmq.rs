@@ -58,9 +58,9 @@ impl Session {
     /// which creates nothing). Returns the session and how many messages `Q.dlq` holds
     /// ready.
     async fn open(config: &ConsumerConfig, queue: &str) -> Result<(Self, u64)> {
-        let url = &config.broker.amqp_url;
+        let url = config.broker.amqp();
         let timeout = config.broker.connect_timeout();
-        let conn = rabbitmq::connect(url, &rabbitmq::connection_name("dlq"), timeout)
+        let conn = rabbitmq::connect(&url, &rabbitmq::connection_name("dlq"), timeout)
             .await
             .map_err(|e| DlqError::failed(format!("cannot connect to RabbitMQ at {url}: {e}")))?;
         let dlq = dlq_name(queue);
@@ -223,7 +223,7 @@ pub async fn replay(
 ) -> Result<u64> {
     let (session, ready) = Session::open(config, queue).await?;
     let publisher = RabbitPublisher::start(rabbitmq::PublisherOptions {
-        url: config.broker.amqp_url.clone(),
+        endpoint: config.broker.amqp(),
         queues: vec![queue.to_owned()],
         connect_timeout: config.broker.connect_timeout(),
         publish_timeout: config.publish_timeout(),

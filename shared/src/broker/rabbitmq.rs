@@ -27,7 +27,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, Event};
+use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder, Event};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -35,11 +35,13 @@ use super::{
     dlq_name, Delivery, JobSource, PublishError, Publisher, Settle, SettleError, SourceStatus,
 };
 use crate::backoff::Backoff;
-use crate::config::SecretUrl;
 use crate::job::{self, Job, JobMeta};
 use crate::retry::retry_queue_name;
 
 mod confirms;
+mod tls;
+
+pub use tls::{AmqpEndpoint, AmqpTls};
 
 /// AMQP heartbeat interval in seconds when the URL does not set one (see [`connect`]).
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
@@ -208,7 +210,8 @@ async fn declare_queue_and_tiers(
 }
 
 /// Connects with a client-visible connection name (shown in the management UI), at
-/// most `timeout`.
+/// most `timeout`. An `amqps://` URL connects over TLS with the endpoint's files (read
+/// now, so a rotated certificate is used from the next connection).
 ///
 /// The AMQP heartbeat is [`DEFAULT_HEARTBEAT_SECS`] unless the URL's query says
 /// otherwise (`?heartbeat=N`, as in RabbitMQ's URI spec). Without it a broker that stops
@@ -216,14 +219,29 @@ async fn declare_queue_and_tiers(
 /// until RabbitMQ's own proposal (60 s) ran out twice: lapin closes the connection after
 /// two heartbeat intervals without a frame, readiness turns false, and the supervisor
 /// reconnects.
-pub async fn connect(url: &SecretUrl, name: &str, timeout: Duration) -> Result<Connection, String> {
+pub async fn connect(
+    endpoint: &AmqpEndpoint,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection, String> {
+    let url = &endpoint.url;
     let mut uri: AMQPUri = url
         .expose()
         .parse()
         .map_err(|_| format!("invalid AMQP URL {url}"))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(timeout, Connection::connect_uri(uri, props)).await {
+    let builder = DefaultConnectionBuilder::new()
+        .map_err(|e| e.to_string())?
+        .with_uri(uri)
+        .with_properties(props);
+    let builder = if endpoint.is_tls() {
+        builder.with_tls_config(endpoint.tls_config()?)
+    } else {
+        endpoint.check()?;
+        builder
+    };
+    match tokio::time::timeout(timeout, builder.connect()).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no connection within {timeout:?}")),
@@ -352,7 +370,7 @@ fn deadline_after(timeout: Duration) -> Instant {
 /// Options of the RabbitMQ publisher.
 #[derive(Debug, Clone)]
 pub struct PublisherOptions {
-    pub url: SecretUrl,
+    pub endpoint: AmqpEndpoint,
     /// Job queues whose topology is declared at every connect.
     pub queues: Vec<String>,
     pub connect_timeout: Duration,
@@ -486,7 +504,7 @@ impl PublishPath {
     async fn open_session(&self) -> Result<PublishSession, String> {
         let o = &self.options;
         let name = format!("{} {}", connection_name("producer"), o.queues.join(","));
-        let conn = connect(&o.url, &name, o.connect_timeout).await?;
+        let conn = connect(&o.endpoint, &name, o.connect_timeout).await?;
         let setup = async {
             let mut channels = Vec::with_capacity(o.channels.max(1));
             for _ in 0..o.channels.max(1) {
@@ -533,7 +551,7 @@ impl PublishPath {
                     let opened = Instant::now();
                     let session = Arc::new(session);
                     self.set_current(Some(Arc::clone(&session)));
-                    tracing::info!(url = %self.options.url, "publisher connected to RabbitMQ; topology declared");
+                    tracing::info!(url = %self.options.endpoint, "publisher connected to RabbitMQ; topology declared");
                     watch_connection(
                         &session.conn,
                         &session.all_channels(),
@@ -556,7 +574,7 @@ impl PublishPath {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(url = %self.options.url, %error, "cannot connect to RabbitMQ");
+                    tracing::warn!(url = %self.options.endpoint, %error, "cannot connect to RabbitMQ");
                 }
             }
             tokio::select! {
@@ -773,7 +791,7 @@ impl Publisher for RabbitPublisher {
 /// Options of the RabbitMQ job source.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
-    pub url: SecretUrl,
+    pub endpoint: AmqpEndpoint,
     /// Queues to drain.
     pub queues: Vec<String>,
     pub connect_timeout: Duration,
@@ -805,7 +823,7 @@ impl RabbitSource {
 
     async fn open(&self) -> Result<(Connection, Channel, Vec<lapin::Consumer>), String> {
         let o = &self.options;
-        let conn = connect(&o.url, &connection_name("consumer"), o.connect_timeout).await?;
+        let conn = connect(&o.endpoint, &connection_name("consumer"), o.connect_timeout).await?;
         let setup = async {
             let channel = bounded("channel.open", conn.create_channel()).await?;
             bounded(
@@ -957,7 +975,7 @@ impl JobSource for RabbitSource {
             match self.open().await {
                 Ok((conn, channel, consumers)) => {
                     backoff.reset();
-                    tracing::info!(url = %self.options.url, queues = ?self.options.queues, prefetch = self.options.prefetch, "consumer subscribed");
+                    tracing::info!(url = %self.options.endpoint, queues = ?self.options.queues, prefetch = self.options.prefetch, "consumer subscribed");
                     self.status.set_subscribed(true);
                     let stopped = self.serve(&conn, &channel, consumers, &tx, &stop).await;
                     self.status.set_subscribed(false);
@@ -968,7 +986,7 @@ impl JobSource for RabbitSource {
                     close_connection(&conn, "reconnecting").await;
                 }
                 Err(error) => {
-                    tracing::warn!(url = %self.options.url, %error, "cannot connect to RabbitMQ");
+                    tracing::warn!(url = %self.options.endpoint, %error, "cannot connect to RabbitMQ");
                 }
             }
             tokio::select! {

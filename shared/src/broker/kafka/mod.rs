@@ -27,6 +27,9 @@
 
 mod ledger;
 mod retry;
+mod security;
+
+pub use security::{KafkaProperties, KafkaSecurity, SaslMechanism, Secret, SecurityProtocol};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -105,10 +108,15 @@ pub struct TopicSpec {
     pub timeout: Duration,
     /// `linger.ms` of the producers (ingress and retry/dead-letter publishing).
     pub linger: Duration,
+    /// TLS, SASL and pass-through properties of every client.
+    pub security: KafkaSecurity,
 }
 
 impl TopicSpec {
-    fn client_config(&self, role: &str) -> ClientConfig {
+    /// The start of every Kafka client's configuration: where the cluster is, how to
+    /// log in, and the pass-through properties. The caller adds its own properties
+    /// after, which win.
+    pub fn client_config(&self, role: &str) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
@@ -118,6 +126,7 @@ impl TopicSpec {
             )
             .set("reconnect.backoff.ms", "100")
             .set("reconnect.backoff.max.ms", "5000");
+        self.security.apply(&mut config);
         config
     }
 }
