@@ -1,8 +1,6 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = producer::ProducerConfig::parse();
+    let config = producer::ProducerConfig::from_env_and_args();
     jobgate_shared::telemetry::init(config.broker.log_format);
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     let result = producer::run(listener, config, jobgate_shared::shutdown::signal()).await;
