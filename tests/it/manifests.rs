@@ -1400,6 +1400,239 @@ async fn compose_files_match_the_binaries() {
     problems.assert_none();
 }
 
+/// Why `image` is not pinned to one release, if it is not: it needs a tag with a
+/// major, minor and patch version (`4.1.4-management`, `v3.5.0`) or a digest. A
+/// missing tag is `latest`; `4-management` follows every 4.x release.
+fn unpinned_image(image: &str) -> Option<String> {
+    if image.contains("@sha256:") {
+        return None;
+    }
+    if image.contains("${") {
+        return Some("the image comes from a variable".into());
+    }
+    // A ':' after the last '/' starts the tag (before it: a registry's port).
+    let last_part = image.rsplit('/').next().unwrap_or(image);
+    let Some((_, tag)) = last_part.split_once(':') else {
+        return Some("no tag, so `latest`".into());
+    };
+    let version = tag.strip_prefix('v').unwrap_or(tag);
+    let version = version.split('-').next().unwrap_or_default();
+    let parts: Vec<&str> = version.split('.').collect();
+    let pinned = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    (!pinned).then(|| format!("tag {tag} is not an exact major.minor.patch version"))
+}
+
+/// Why a Compose `ports` entry is reachable from beyond this machine, if it is: its
+/// host address must be loopback (`127.0.0.1:8080:8080`, `[::1]:8080:8080`, or
+/// `host_ip: 127.0.0.1` in the long form). Without one Docker binds every interface.
+fn published_beyond_loopback(port: &Value) -> Option<String> {
+    let host_ip = match port {
+        Value::Mapping(_) => text_at(port, &["host_ip"]),
+        other => {
+            let spec = text(other)?;
+            let spec = spec.split('/').next().unwrap_or_default();
+            if let Some(rest) = spec.strip_prefix('[') {
+                rest.split_once(']').map(|(ip, _)| ip.to_owned())
+            } else {
+                let parts: Vec<&str> = spec.split(':').collect();
+                (parts.len() == 3).then(|| parts[0].to_owned())
+            }
+        }
+    };
+    match host_ip.as_deref() {
+        Some(ip)
+            if ip
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()) =>
+        {
+            None
+        }
+        Some(ip) => Some(format!("published on {ip}, not loopback")),
+        None => Some("published on every interface (no 127.0.0.1:)".into()),
+    }
+}
+
+/// Why Grafana's admin account is weak, if it is. Grafana creates `admin`/`admin` on
+/// its first start unless told a password or told not to create the account.
+fn weak_grafana_admin(env: &BTreeMap<String, String>) -> Option<String> {
+    let var = |name: &str| env.get(name).map(String::as_str);
+    if var("GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION") == Some("true") {
+        return None;
+    }
+    if var("GF_SECURITY_ADMIN_PASSWORD__FILE").is_some() {
+        return None;
+    }
+    match var("GF_SECURITY_ADMIN_PASSWORD") {
+        None => Some("no admin password: Grafana's default admin/admin".into()),
+        Some(value) if required_variable(value) => None,
+        Some(value) if value.contains("${") => Some(format!(
+            "admin password {value} has a default or is not required"
+        )),
+        Some(_) => Some("the admin password is written in docker-compose.yml".into()),
+    }
+}
+
+/// Whether `value` is exactly `${NAME:?message}` or `${NAME?message}`: a variable
+/// Compose refuses to start without (and no default).
+fn required_variable(value: &str) -> bool {
+    let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else {
+        return false;
+    };
+    let name_end = inner
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(inner.len());
+    let operator = &inner[name_end..];
+    name_end > 0 && (operator.starts_with(":?") || operator.starts_with('?'))
+}
+
+#[test]
+fn image_pins_ports_and_grafana_admins_are_told_apart() {
+    for pinned in [
+        "rabbitmq:4.1.4-management",
+        "prom/prometheus:v3.5.0",
+        "ghcr.io/kafbat/kafka-ui:v1.3.0",
+        "registry:5000/team/app:1.2.3",
+        "nginx@sha256:0123abcd",
+    ] {
+        assert_eq!(unpinned_image(pinned), None, "{pinned}");
+    }
+    for floating in [
+        "rabbitmq:4-management",
+        "ghcr.io/kafbat/kafka-ui:latest",
+        "grafana/grafana",
+        "registry:5000/team/app",
+        "apache/kafka:4.1",
+        "app:1.2.x",
+        "${IMAGE:-app:1.2.3}",
+    ] {
+        assert!(unpinned_image(floating).is_some(), "{floating}");
+    }
+
+    let port = |yaml: &str| serde_norway::from_str::<Value>(yaml).unwrap();
+    for local in [
+        "127.0.0.1:8080:8080",
+        "127.0.0.1:5672:5672/tcp",
+        "\"[::1]:80:8080\"",
+        "{target: 80, published: 8080, host_ip: 127.0.0.1}",
+    ] {
+        assert_eq!(published_beyond_loopback(&port(local)), None, "{local}");
+    }
+    for open in [
+        "8080:8080",
+        "\"8080\"",
+        "0.0.0.0:8080:8080",
+        "{target: 80, published: 8080}",
+    ] {
+        assert!(published_beyond_loopback(&port(open)).is_some(), "{open}");
+    }
+
+    let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    for safe in [
+        env(&[("GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION", "true")]),
+        env(&[(
+            "GF_SECURITY_ADMIN_PASSWORD",
+            "${GRAFANA_PASSWORD:?set-it in .env}",
+        )]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD__FILE", "/run/secrets/grafana")]),
+    ] {
+        assert_eq!(weak_grafana_admin(&safe), None, "{safe:?}");
+    }
+    for weak in [
+        env(&[]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD", "admin")]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_PASSWORD:-admin}")]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_PASSWORD}")]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_PASSWORD-x?}")]),
+        env(&[("GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION", "false")]),
+    ] {
+        assert!(weak_grafana_admin(&weak).is_some(), "{weak:?}");
+    }
+}
+
+/// The Compose set-up is for one machine: nothing it publishes is reachable from
+/// elsewhere, every image is one known release, and the UIs that come with it cannot
+/// be used to change things with a well-known password (Grafana) or none (Kafka UI).
+#[test]
+fn compose_defaults_are_safe() {
+    let root = workspace_root();
+    let mut problems = Problems::default();
+    let compose = load_yaml(&root.join("docker-compose.yml"))
+        .pop()
+        .expect("docker-compose.yml has a document");
+    let services = compose
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("docker-compose.yml has services");
+    let (mut kafka_uis, mut grafanas) = (0, 0);
+    for (name, service) in services {
+        let name = text(name).unwrap_or_default();
+        let what = format!("docker-compose.yml, service {name}");
+        match text_at(service, &["image"]) {
+            Some(image) => {
+                if let Some(why) = unpinned_image(&image) {
+                    problems.push(format!("{what}: image {image}: {why}"));
+                }
+            }
+            None => problems.check(service.get("build").is_some(), || {
+                format!("{what}: neither image nor build")
+            }),
+        }
+        for port in seq_at(service, &["ports"]) {
+            if let Some(why) = published_beyond_loopback(port) {
+                let shown = text(port).unwrap_or_else(|| format!("{port:?}"));
+                problems.push(format!("{what}: port {shown} {why}"));
+            }
+        }
+        problems.check(
+            text_at(service, &["network_mode"]).as_deref() != Some("host"),
+            || format!("{what}: network_mode host publishes every port on every interface"),
+        );
+        let image = text_at(service, &["image"]).unwrap_or_default();
+        let env = compose_env(service);
+        if image.contains("kafka-ui") {
+            kafka_uis += 1;
+            // Every configured cluster (KAFKA_CLUSTERS_<n>_NAME) is read-only, and the UI
+            // cannot add clusters of its own (dynamic config).
+            for var in env.keys().filter(|v| v.starts_with("KAFKA_CLUSTERS_")) {
+                if let Some(cluster) = var.strip_suffix("_NAME") {
+                    let readonly = format!("{cluster}_READONLY");
+                    problems.check(env.get(&readonly).map(String::as_str) == Some("true"), || {
+                        format!("{what}: {readonly} is not \"true\": Kafka UI can delete topics and write messages")
+                    });
+                }
+            }
+            problems.check(
+                env.get("DYNAMIC_CONFIG_ENABLED").map(String::as_str) != Some("true"),
+                || format!("{what}: DYNAMIC_CONFIG_ENABLED lets UI users add writable clusters"),
+            );
+        }
+        if image.starts_with("grafana/") {
+            grafanas += 1;
+            if let Some(why) = weak_grafana_admin(&env) {
+                problems.push(format!("{what}: {why}"));
+            }
+            if env.get("GF_AUTH_ANONYMOUS_ENABLED").map(String::as_str) == Some("true") {
+                let role = env.get("GF_AUTH_ANONYMOUS_ORG_ROLE").map(String::as_str);
+                problems.check(matches!(role, None | Some("Viewer")), || {
+                    format!("{what}: anonymous visitors get the role {role:?}, not Viewer")
+                });
+            }
+        }
+    }
+    problems.check(kafka_uis == 1 && grafanas == 1, || {
+        format!("expected one Kafka UI and one Grafana, found {kafka_uis} and {grafanas}")
+    });
+    problems.assert_none();
+}
+
 /// Every `datasource.uid` in a Grafana dashboard (panels and their queries).
 fn collect_datasource_uids(value: &serde_json::Value, out: &mut BTreeSet<String>) {
     match value {
