@@ -57,7 +57,9 @@ impl fmt::Debug for ApiKeyList {
 }
 
 /// Parses `k1,k2,...`: items are trimmed, empty ones dropped. A list without any key
-/// (`,`) is an error rather than auth silently off; an empty variable counts as unset.
+/// (`,`, `""`) is an error rather than auth silently off. (`JOBGATE_API_KEYS` set to the
+/// empty string never gets here: it counts as unset, see
+/// [`ProducerConfig::from_env_and_args`](crate::ProducerConfig::from_env_and_args).)
 pub fn parse_key_list(s: &str) -> Result<ApiKeyList, String> {
     let keys: Vec<String> = s
         .split(',')

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser};
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use jobgate_shared::config::{parse_queue_list, BrokerArgs, SecretUrl};
 
 use crate::auth::{ApiKeyList, KeyListParser};
@@ -144,7 +144,46 @@ pub struct SecurityArgs {
     pub rate_limit_burst: Option<u32>,
 }
 
+/// Arguments whose variable counts as unset when it is set to the empty string, as
+/// Compose leaves `JOBGATE_API_KEYS: ${JOBGATE_API_KEYS:-}` without a `.env`. A value
+/// that is there but holds no key (`,`, blanks), or `--api-keys ""` on the command line,
+/// is still refused.
+const EMPTY_VARIABLE_IS_UNSET: &[&str] = &["api_keys"];
+
 impl ProducerConfig {
+    /// The configuration of this process: its flags, then its `JOBGATE_*` variables,
+    /// like clap's `parse()` except for [`EMPTY_VARIABLE_IS_UNSET`]. Exits with clap's
+    /// message when a setting is refused.
+    pub fn from_env_and_args() -> Self {
+        Self::try_from_env_and_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// [`ProducerConfig::from_env_and_args`] with the given flags (the first is the
+    /// program name) and this process's variables.
+    pub fn try_from_env_and_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut command = Self::command();
+        for id in EMPTY_VARIABLE_IS_UNSET {
+            command = command.mut_arg(*id, |arg| {
+                let empty = arg
+                    .get_env()
+                    .and_then(std::env::var_os)
+                    .is_some_and(|value| value.is_empty());
+                // Without its variable clap sees the argument as absent.
+                if empty {
+                    arg.env(None)
+                } else {
+                    arg
+                }
+            });
+        }
+        let mut matches = command.try_get_matches_from(args)?;
+        Self::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut Self::command()))
+    }
+
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
@@ -261,9 +300,88 @@ mod tests {
         .is_err());
     }
 
+    /// Runs the ignored test `child` of this test binary alone, in a process whose
+    /// environment holds only `vars`, and returns what it printed after `OUTCOME `.
+    /// A child process is the only way to hand clap a variable set to the empty string
+    /// without changing the environment the other tests read meanwhile.
+    fn outcome_in_child(child: &str, vars: &[(&str, &str)]) -> String {
+        let module = module_path!().split_once("::").map_or("", |(_, rest)| rest);
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([&format!("{module}::{child}"), "--exact", "--ignored"])
+            .args(["--nocapture", "--test-threads=1"])
+            .env_clear()
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout
+            .lines()
+            .find_map(|line| Some(line.split_once("OUTCOME ")?.1))
+            .unwrap_or_else(|| panic!("the child printed no outcome:\n{stdout}"))
+            .to_owned()
+    }
+
+    /// What `main` makes of this process's environment (no flags): the API keys
+    /// (how many), the keys file, or the kind of the start-up error.
+    #[test]
+    #[ignore = "run in a child process by the tests of empty variables"]
+    fn child_reports_the_settings_of_its_environment() {
+        let outcome = match ProducerConfig::try_from_env_and_args(["producer"]) {
+            Ok(c) => format!(
+                "keys={:?} file={:?}",
+                c.security.api_keys.map(|k| k.keys().len()),
+                c.security.api_keys_file
+            ),
+            Err(e) => format!("error={:?}", e.kind()),
+        };
+        println!("OUTCOME {outcome}");
+    }
+
+    #[test]
+    fn an_empty_api_keys_variable_counts_as_unset() {
+        // Compose's `JOBGATE_API_KEYS: ${JOBGATE_API_KEYS:-}` without a .env.
+        let child = "child_reports_the_settings_of_its_environment";
+        assert_eq!(
+            outcome_in_child(child, &[("JOBGATE_API_KEYS", "")]),
+            "keys=None file=None"
+        );
+        // Nor does it clash with a keys file.
+        assert_eq!(
+            outcome_in_child(
+                child,
+                &[("JOBGATE_API_KEYS", ""), ("JOBGATE_API_KEYS_FILE", "/k")]
+            ),
+            "keys=None file=Some(\"/k\")"
+        );
+        // A list that is there but holds no key stays a start-up error.
+        for blank in [",", " ", " , ,"] {
+            assert_eq!(
+                outcome_in_child(child, &[("JOBGATE_API_KEYS", blank)]),
+                "error=ValueValidation",
+                "JOBGATE_API_KEYS={blank:?}"
+            );
+        }
+        assert_eq!(
+            outcome_in_child(child, &[("JOBGATE_API_KEYS", "a-key-of-16-chars")]),
+            "keys=Some(1) file=None"
+        );
+    }
+
+    #[test]
+    fn an_empty_api_keys_flag_is_a_start_up_error() {
+        for keys in ["", ",", " , "] {
+            let parsed = ProducerConfig::try_from_env_and_args(["producer", "--api-keys", keys]);
+            let error = parsed.unwrap_err();
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{keys:?}"
+            );
+        }
+    }
+
     #[test]
     fn clap_definition_is_consistent() {
-        use clap::CommandFactory;
         ProducerConfig::command().debug_assert();
     }
 }

@@ -1,8 +1,6 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = producer::ProducerConfig::parse();
+    let config = producer::ProducerConfig::from_env_and_args();
     jobgate_shared::telemetry::init(config.broker.log_format);
     // TLS/SASL settings that do not fit together: refused before anything connects.
     config.broker.check().map_err(anyhow::Error::msg)?;

@@ -80,6 +80,35 @@ pub async fn serve(
     tracker.wait().await;
 }
 
+/// Warns when `max_connections` client connections could not all be open at once under
+/// this process's open-file soft limit (`ulimit -n`): the cap would never be reached, and
+/// past the limit `accept` fails (logged, retried every second) instead of connections
+/// waiting their turn in the listen backlog. The limit is read from `/proc/self/limits`
+/// (Linux); where there is none, nothing is said.
+pub fn warn_if_over_open_files_limit(max_connections: usize) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    if let Some(limit) = exceeded_open_files_limit(max_connections, &limits) {
+        tracing::warn!(
+            max_connections,
+            open_files_limit = limit,
+            "JOBGATE_MAX_CONNECTIONS is above the open-file limit (ulimit -n), which the \
+             broker connections share too: raise the limit or lower JOBGATE_MAX_CONNECTIONS"
+        );
+    }
+}
+
+/// The open-file soft limit in the text of `/proc/<pid>/limits` when `max_connections`
+/// is above it; `None` when it is not, or the limit is unlimited or not in the text.
+fn exceeded_open_files_limit(max_connections: usize, proc_limits: &str) -> Option<u64> {
+    let soft_limit: u64 = proc_limits.lines().find_map(|line| {
+        // "Max open files            1024                 1048576              files"
+        let values = line.strip_prefix("Max open files")?;
+        values.split_whitespace().next()?.parse().ok()
+    })?;
+    let over = u64::try_from(max_connections).map_or(true, |n| n > soft_limit);
+    over.then_some(soft_limit)
+}
+
 /// Waits for a free connection slot, then for a connection.
 async fn accept(
     listener: &TcpListener,
@@ -215,4 +244,54 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/proc/self/limits` of a shell with `ulimit -n 1024` (the header and some rows).
+    const LIMITS: &str = "\
+Limit                     Soft Limit           Hard Limit           Units
+Max processes             96363                96363                processes
+Max open files            1024                 1048576              files
+Max locked memory         8388608              8388608              bytes
+";
+
+    #[test]
+    fn more_connections_than_open_files_is_reported_with_the_soft_limit() {
+        assert_eq!(exceeded_open_files_limit(4096, LIMITS), Some(1024));
+        assert_eq!(exceeded_open_files_limit(1025, LIMITS), Some(1024));
+    }
+
+    #[test]
+    fn connections_within_the_limit_are_fine() {
+        assert_eq!(exceeded_open_files_limit(1024, LIMITS), None);
+        assert_eq!(exceeded_open_files_limit(100, LIMITS), None);
+    }
+
+    #[test]
+    fn an_unlimited_missing_or_garbled_limit_says_nothing() {
+        let unlimited = LIMITS.replace("1024                 1048576", "unlimited   unlimited");
+        for text in [
+            unlimited.as_str(),
+            "",
+            "Max open files",
+            "Max open files  -1  x",
+        ] {
+            assert_eq!(
+                exceeded_open_files_limit(usize::MAX, text),
+                None,
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn this_process_has_a_readable_limit_on_linux() {
+        if cfg!(target_os = "linux") {
+            let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+            assert!(exceeded_open_files_limit(usize::MAX, &limits).is_some());
+        }
+    }
 }

@@ -183,6 +183,7 @@ pub async fn run(
     tracing::info!(security = ?security, "auth and rate limit");
     let addr = listener.local_addr()?;
     tracing::info!(%addr, queues = ?config.queues, backend = ?config.broker.backend, limits = ?config.server_limits(), "producer listening");
+    crate::server::warn_if_over_open_files_limit(config.server_limits().max_connections);
 
     let stop = draining.clone();
     let server = crate::server::serve(listener, app(state), config.server_limits(), async move {

@@ -371,6 +371,12 @@ struct Workload {
     name: String,
     labels: BTreeMap<String, String>,
     ports: Vec<ContainerPort>,
+    /// The ports the liveness and readiness probes ask.
+    probe_ports: BTreeSet<u16>,
+    /// The `prometheus.io/port` annotation's port, when the pod is scraped.
+    scrape_port: Option<u16>,
+    /// The container's environment as written: `valueFrom` references unresolved.
+    container: Value,
     settings: Settings,
 }
 
@@ -384,7 +390,12 @@ struct Cluster {
     services: Vec<Value>,
     budgets: Vec<Value>,
     scaled_objects: Vec<Value>,
+    network_policies: Vec<Value>,
     kustomizations: Vec<(PathBuf, Value)>,
+    /// Every file with objects other than Kustomizations: each must be deployed.
+    resource_files: BTreeSet<PathBuf>,
+    /// `stringData` of the Secrets (example values, in the repository).
+    secret_data: BTreeMap<(String, String), String>,
 }
 
 impl Cluster {
@@ -404,6 +415,9 @@ impl Cluster {
                             .iter()
                             .flat_map(|field| string_map(doc.get(*field)).into_keys())
                             .collect();
+                        for (key, value) in string_map(doc.get("stringData")) {
+                            cluster.secret_data.insert((name.clone(), key), value);
+                        }
                         cluster.secrets.insert(name, keys);
                     }
                     Some("TriggerAuthentication") => {
@@ -413,12 +427,17 @@ impl Cluster {
                     Some("Service") => cluster.services.push(doc),
                     Some("PodDisruptionBudget") => cluster.budgets.push(doc),
                     Some("ScaledObject") => cluster.scaled_objects.push(doc),
-                    Some("Kustomization") => cluster.kustomizations.push((path.clone(), doc)),
+                    Some("NetworkPolicy") => cluster.network_policies.push(doc),
+                    Some("Kustomization") => {
+                        cluster.kustomizations.push((path.clone(), doc));
+                        continue;
+                    }
                     other => problems.push(format!(
                         "{}: a {other:?} that this test does not check; add a check for it",
                         path.display()
                     )),
                 }
+                cluster.resource_files.insert(path.clone());
             }
         }
         cluster
@@ -558,6 +577,7 @@ impl Cluster {
             }
 
             // Probes: liveness on /healthz, readiness on /readyz, on the listener.
+            let mut probe_ports = BTreeSet::new();
             for (probe, want_path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]
             {
                 let Some(get) = at(container, &[probe, "httpGet"]) else {
@@ -572,6 +592,7 @@ impl Cluster {
                     format!("{what}: {probe} path {path} is not served by the {binary:?}")
                 });
                 let port = get.get("port").and_then(|p| resolve_port(&ports, p));
+                probe_ports.extend(port);
                 problems.check(
                     port.is_some() && port == listen.as_ref().ok().copied(),
                     || {
@@ -585,10 +606,12 @@ impl Cluster {
 
             // Prometheus discovery by annotation: the listener's port and a served path.
             let annotations = string_map(at(&pod, &["metadata", "annotations"]));
+            let mut scrape_port = None;
             if annotations.get("prometheus.io/scrape").map(String::as_str) == Some("true") {
                 let port = annotations
                     .get("prometheus.io/port")
                     .and_then(|p| p.parse().ok());
+                scrape_port = port;
                 problems.check(
                     port.is_some() && port == listen.as_ref().ok().copied(),
                     || format!("{what}: prometheus.io/port {port:?} is not the listener port"),
@@ -631,6 +654,9 @@ impl Cluster {
                 name,
                 labels,
                 ports,
+                probe_ports,
+                scrape_port,
+                container: container.clone(),
                 settings,
             });
         }
@@ -773,12 +799,227 @@ impl Cluster {
         }
     }
 
+    /// Every pod spec: no service account token (jobgate never calls the API server),
+    /// and no emptyDir without a size limit (a full one evicts the pod, not the node).
+    fn check_pod_specs(&self, problems: &mut Problems) {
+        for deployment in &self.deployments {
+            let name = text_at(deployment, &["metadata", "name"]).unwrap_or_default();
+            let spec = at(deployment, &["spec", "template", "spec"])
+                .cloned()
+                .unwrap_or_default();
+            problems.check(
+                spec.get("automountServiceAccountToken") == Some(&Value::Bool(false)),
+                || {
+                    format!(
+                        "Deployment {name}: the pod spec lacks automountServiceAccountToken: false"
+                    )
+                },
+            );
+            for volume in seq_at(&spec, &["volumes"]) {
+                if let Some(empty_dir) = volume.get("emptyDir") {
+                    let volume_name = text_at(volume, &["name"]).unwrap_or_default();
+                    problems.check(text_at(empty_dir, &["sizeLimit"]).is_some(), || {
+                        format!("Deployment {name}: emptyDir {volume_name} has no sizeLimit")
+                    });
+                }
+            }
+        }
+    }
+
+    /// The NetworkPolicies selecting `workload` (an empty podSelector selects every pod).
+    fn policies_of<'a>(&'a self, workload: &Workload) -> Vec<&'a Value> {
+        self.network_policies
+            .iter()
+            .filter(|policy| {
+                let selector = string_map(at(policy, &["spec", "podSelector", "matchLabels"]));
+                selector.is_empty() || selects(&selector, &workload.labels)
+            })
+            .collect()
+    }
+
+    /// Each workload's ingress is isolated and opens exactly the ports its probes,
+    /// Services and scrape annotation use; its egress, when isolated, reaches DNS and
+    /// both brokers.
+    fn check_network_policies(&self, workloads: &[Workload], problems: &mut Problems) {
+        for policy in &self.network_policies {
+            let name = text_at(policy, &["metadata", "name"]).unwrap_or_default();
+            problems.check(
+                at(policy, &["spec", "podSelector", "matchExpressions"]).is_none(),
+                || format!("NetworkPolicy {name}: matchExpressions are not checked here"),
+            );
+            problems.check(
+                workloads
+                    .iter()
+                    .any(|w| self.policies_of(w).contains(&policy)),
+                || format!("NetworkPolicy {name}: selects no jobgate pods"),
+            );
+        }
+        for workload in workloads {
+            let what = format!("Deployment {}", workload.name);
+            let policies = self.policies_of(workload);
+            let isolates = |direction: &str| {
+                policies.iter().any(|policy| {
+                    let types: Vec<String> = seq_at(policy, &["spec", "policyTypes"])
+                        .iter()
+                        .filter_map(text)
+                        .collect();
+                    // Without policyTypes a policy isolates ingress, and egress if it
+                    // has egress rules.
+                    types.iter().any(|t| t == direction)
+                        || (types.is_empty()
+                            && (direction == "Ingress"
+                                || at(policy, &["spec", "egress"]).is_some()))
+                })
+            };
+            // The ports each direction's rules open, by number and protocol; None: all.
+            let opened = |direction: &str, problems: &mut Problems| {
+                let mut ports: Option<BTreeSet<(u16, String)>> = Some(BTreeSet::new());
+                for policy in &policies {
+                    let policy_name = text_at(policy, &["metadata", "name"]).unwrap_or_default();
+                    for rule in seq_at(policy, &["spec", direction]) {
+                        let rule_ports = seq_at(rule, &["ports"]);
+                        if rule_ports.is_empty() {
+                            ports = None;
+                        }
+                        for port in rule_ports {
+                            let protocol =
+                                text_at(port, &["protocol"]).unwrap_or_else(|| "TCP".into());
+                            let number = match (direction, port.get("port")) {
+                                // Ingress: a container port of the pod (name or number).
+                                ("ingress", Some(p)) => resolve_port(&workload.ports, p),
+                                // Egress: a port somewhere else, by number.
+                                (_, Some(p)) => text(p).and_then(|p| p.parse().ok()),
+                                (_, None) => None,
+                            };
+                            match number {
+                                Some(number) => {
+                                    if let Some(ports) = ports.as_mut() {
+                                        ports.insert((number, protocol));
+                                    }
+                                }
+                                None => problems.push(format!(
+                                    "NetworkPolicy {policy_name}: {direction} port {:?} is no \
+                                     port of {} (or not a number)",
+                                    port.get("port"),
+                                    workload.name
+                                )),
+                            }
+                        }
+                    }
+                }
+                ports
+            };
+
+            problems.check(isolates("Ingress"), || {
+                format!("{what}: no NetworkPolicy isolates its ingress (default deny)")
+            });
+            // Who needs which port of the pod.
+            let mut needed: BTreeMap<u16, BTreeSet<String>> = BTreeMap::new();
+            for port in &workload.probe_ports {
+                needed.entry(*port).or_default().insert("its probes".into());
+            }
+            if let Some(port) = workload.scrape_port {
+                needed.entry(port).or_default().insert("Prometheus".into());
+            }
+            for service in &self.services {
+                let service_name = text_at(service, &["metadata", "name"]).unwrap_or_default();
+                if !selects(
+                    &string_map(at(service, &["spec", "selector"])),
+                    &workload.labels,
+                ) {
+                    continue;
+                }
+                for port in seq_at(service, &["spec", "ports"]) {
+                    let target = port.get("targetPort").or_else(|| port.get("port"));
+                    if let Some(number) = target.and_then(|t| resolve_port(&workload.ports, t)) {
+                        needed
+                            .entry(number)
+                            .or_default()
+                            .insert(format!("Service {service_name}"));
+                    }
+                }
+            }
+            match opened("ingress", problems) {
+                None => problems.push(format!(
+                    "{what}: a NetworkPolicy ingress rule opens every port; name the ports"
+                )),
+                Some(open) => {
+                    for (port, users) in &needed {
+                        problems.check(open.contains(&(*port, "TCP".to_owned())), || {
+                            let users: Vec<&str> = users.iter().map(String::as_str).collect();
+                            format!(
+                                "{what}: no NetworkPolicy lets {} reach port {port}",
+                                users.join(", ")
+                            )
+                        });
+                    }
+                    for (port, protocol) in &open {
+                        problems.check(needed.contains_key(port), || {
+                            format!("{what}: ingress opens {port}/{protocol}, which no probe or Service uses")
+                        });
+                    }
+                }
+            }
+
+            // Egress is checked where it is isolated: unisolated, everything may leave.
+            let egress_isolated = isolates("Egress");
+            problems.check(egress_isolated, || {
+                format!("{what}: no NetworkPolicy limits its egress")
+            });
+            if let Some(open) = opened("egress", problems).filter(|_| egress_isolated) {
+                let mut needed = vec![
+                    (53, "UDP".to_owned(), "DNS".to_owned()),
+                    (53, "TCP".to_owned(), "DNS".to_owned()),
+                ];
+                let amqp = self.amqp_url_of(workload);
+                match amqp.as_deref().and_then(amqp_port) {
+                    Some(port) => needed.push((port, "TCP".into(), "RabbitMQ".into())),
+                    None => problems.push(format!("{what}: no AMQP URL with a port ({amqp:?})")),
+                }
+                let brokers = workload
+                    .settings
+                    .get("JOBGATE_KAFKA_BROKERS")
+                    .unwrap_or_default();
+                for broker in brokers.split(',') {
+                    match port_of_host_port(broker.trim()) {
+                        Some((_, port)) => needed.push((port, "TCP".into(), "Kafka".into())),
+                        None => problems.push(format!("{what}: Kafka broker {broker} has no port")),
+                    }
+                }
+                for (port, protocol, whom) in needed {
+                    problems.check(open.contains(&(port, protocol.clone())), || {
+                        format!("{what}: egress to {whom} ({port}/{protocol}) is not allowed")
+                    });
+                }
+            }
+        }
+    }
+
+    /// The example value of a workload's `JOBGATE_AMQP_URL` (literal or from a Secret).
+    fn amqp_url_of(&self, workload: &Workload) -> Option<String> {
+        let var = seq_at(&workload.container, &["env"])
+            .iter()
+            .find(|var| text_at(var, &["name"]).as_deref() == Some("JOBGATE_AMQP_URL"));
+        match var {
+            Some(var) => text_at(var, &["value"]).or_else(|| {
+                let secret = at(var, &["valueFrom", "secretKeyRef"])?;
+                let key = (text_at(secret, &["name"])?, text_at(secret, &["key"])?);
+                self.secret_data.get(&key).cloned()
+            }),
+            None => workload.settings.get("JOBGATE_AMQP_URL"),
+        }
+    }
+
     fn check_kustomizations(&self, problems: &mut Problems) {
+        let mut deployed = BTreeSet::new();
         for (path, kustomization) in &self.kustomizations {
             let dir = path.parent().expect("a file has a directory");
             for resource in seq_at(kustomization, &["resources"]) {
                 let resource = text(resource).unwrap_or_default();
                 let target = dir.join(&resource);
+                if target.is_file() {
+                    deployed.insert(normalize(&target));
+                }
                 let exists = if target.is_dir() {
                     target.join("kustomization.yaml").is_file()
                 } else {
@@ -792,6 +1033,32 @@ impl Cluster {
                 });
             }
         }
+        for file in &self.resource_files {
+            problems.check(deployed.contains(&normalize(file)), || {
+                format!("{}: no kustomization.yaml lists it", file.display())
+            });
+        }
+    }
+}
+
+/// `path` without `.` and `..` components (the files exist: `canonicalize`).
+fn normalize(path: &Path) -> PathBuf {
+    path.canonicalize()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The port of an `amqp://` or `amqps://` URL: explicit, or the scheme's default.
+fn amqp_port(url: &str) -> Option<u16> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match port_of_host_port(host_port) {
+        Some((_, port)) => Some(port),
+        None => match scheme {
+            "amqp" => Some(5672),
+            "amqps" => Some(5671),
+            _ => None,
+        },
     }
 }
 
@@ -861,6 +1128,17 @@ async fn kubernetes_manifests_match_the_binaries() {
     cluster.check_budgets(&workloads, &mut problems);
     cluster.check_scaled_objects(&workloads, &mut problems);
     cluster.check_kustomizations(&mut problems);
+    problems.assert_none();
+}
+
+#[tokio::test]
+async fn kubernetes_pods_are_locked_down() {
+    let root = workspace_root();
+    let mut problems = Problems::default();
+    let cluster = Cluster::load(&root.join("deploy/kubernetes"), &mut problems);
+    let workloads = cluster.check_deployments(&mut Problems::default()).await;
+    cluster.check_pod_specs(&mut problems);
+    cluster.check_network_policies(&workloads, &mut problems);
     problems.assert_none();
 }
 
@@ -1118,6 +1396,239 @@ async fn compose_files_match_the_binaries() {
     }
     problems.check(dashboards > 0, || {
         "Grafana provisions no dashboard".to_owned()
+    });
+    problems.assert_none();
+}
+
+/// Why `image` is not pinned to one release, if it is not: it needs a tag with a
+/// major, minor and patch version (`4.1.4-management`, `v3.5.0`) or a digest. A
+/// missing tag is `latest`; `4-management` follows every 4.x release.
+fn unpinned_image(image: &str) -> Option<String> {
+    if image.contains("@sha256:") {
+        return None;
+    }
+    if image.contains("${") {
+        return Some("the image comes from a variable".into());
+    }
+    // A ':' after the last '/' starts the tag (before it: a registry's port).
+    let last_part = image.rsplit('/').next().unwrap_or(image);
+    let Some((_, tag)) = last_part.split_once(':') else {
+        return Some("no tag, so `latest`".into());
+    };
+    let version = tag.strip_prefix('v').unwrap_or(tag);
+    let version = version.split('-').next().unwrap_or_default();
+    let parts: Vec<&str> = version.split('.').collect();
+    let pinned = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    (!pinned).then(|| format!("tag {tag} is not an exact major.minor.patch version"))
+}
+
+/// Why a Compose `ports` entry is reachable from beyond this machine, if it is: its
+/// host address must be loopback (`127.0.0.1:8080:8080`, `[::1]:8080:8080`, or
+/// `host_ip: 127.0.0.1` in the long form). Without one Docker binds every interface.
+fn published_beyond_loopback(port: &Value) -> Option<String> {
+    let host_ip = match port {
+        Value::Mapping(_) => text_at(port, &["host_ip"]),
+        other => {
+            let spec = text(other)?;
+            let spec = spec.split('/').next().unwrap_or_default();
+            if let Some(rest) = spec.strip_prefix('[') {
+                rest.split_once(']').map(|(ip, _)| ip.to_owned())
+            } else {
+                let parts: Vec<&str> = spec.split(':').collect();
+                (parts.len() == 3).then(|| parts[0].to_owned())
+            }
+        }
+    };
+    match host_ip.as_deref() {
+        Some(ip)
+            if ip
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()) =>
+        {
+            None
+        }
+        Some(ip) => Some(format!("published on {ip}, not loopback")),
+        None => Some("published on every interface (no 127.0.0.1:)".into()),
+    }
+}
+
+/// Why Grafana's admin account is weak, if it is. Grafana creates `admin`/`admin` on
+/// its first start unless told a password or told not to create the account.
+fn weak_grafana_admin(env: &BTreeMap<String, String>) -> Option<String> {
+    let var = |name: &str| env.get(name).map(String::as_str);
+    if var("GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION") == Some("true") {
+        return None;
+    }
+    if var("GF_SECURITY_ADMIN_PASSWORD__FILE").is_some() {
+        return None;
+    }
+    match var("GF_SECURITY_ADMIN_PASSWORD") {
+        None => Some("no admin password: Grafana's default admin/admin".into()),
+        Some(value) if required_variable(value) => None,
+        Some(value) if value.contains("${") => Some(format!(
+            "admin password {value} has a default or is not required"
+        )),
+        Some(_) => Some("the admin password is written in docker-compose.yml".into()),
+    }
+}
+
+/// Whether `value` is exactly `${NAME:?message}` or `${NAME?message}`: a variable
+/// Compose refuses to start without (and no default).
+fn required_variable(value: &str) -> bool {
+    let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else {
+        return false;
+    };
+    let name_end = inner
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(inner.len());
+    let operator = &inner[name_end..];
+    name_end > 0 && (operator.starts_with(":?") || operator.starts_with('?'))
+}
+
+#[test]
+fn image_pins_ports_and_grafana_admins_are_told_apart() {
+    for pinned in [
+        "rabbitmq:4.1.4-management",
+        "prom/prometheus:v3.5.0",
+        "ghcr.io/kafbat/kafka-ui:v1.3.0",
+        "registry:5000/team/app:1.2.3",
+        "nginx@sha256:0123abcd",
+    ] {
+        assert_eq!(unpinned_image(pinned), None, "{pinned}");
+    }
+    for floating in [
+        "rabbitmq:4-management",
+        "ghcr.io/kafbat/kafka-ui:latest",
+        "grafana/grafana",
+        "registry:5000/team/app",
+        "apache/kafka:4.1",
+        "app:1.2.x",
+        "${IMAGE:-app:1.2.3}",
+    ] {
+        assert!(unpinned_image(floating).is_some(), "{floating}");
+    }
+
+    let port = |yaml: &str| serde_norway::from_str::<Value>(yaml).unwrap();
+    for local in [
+        "127.0.0.1:8080:8080",
+        "127.0.0.1:5672:5672/tcp",
+        "\"[::1]:80:8080\"",
+        "{target: 80, published: 8080, host_ip: 127.0.0.1}",
+    ] {
+        assert_eq!(published_beyond_loopback(&port(local)), None, "{local}");
+    }
+    for open in [
+        "8080:8080",
+        "\"8080\"",
+        "0.0.0.0:8080:8080",
+        "{target: 80, published: 8080}",
+    ] {
+        assert!(published_beyond_loopback(&port(open)).is_some(), "{open}");
+    }
+
+    let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    for safe in [
+        env(&[("GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION", "true")]),
+        env(&[(
+            "GF_SECURITY_ADMIN_PASSWORD",
+            "${GRAFANA_PASSWORD:?set-it in .env}",
+        )]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD__FILE", "/run/secrets/grafana")]),
+    ] {
+        assert_eq!(weak_grafana_admin(&safe), None, "{safe:?}");
+    }
+    for weak in [
+        env(&[]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD", "admin")]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_PASSWORD:-admin}")]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_PASSWORD}")]),
+        env(&[("GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_PASSWORD-x?}")]),
+        env(&[("GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION", "false")]),
+    ] {
+        assert!(weak_grafana_admin(&weak).is_some(), "{weak:?}");
+    }
+}
+
+/// The Compose set-up is for one machine: nothing it publishes is reachable from
+/// elsewhere, every image is one known release, and the UIs that come with it cannot
+/// be used to change things with a well-known password (Grafana) or none (Kafka UI).
+#[test]
+fn compose_defaults_are_safe() {
+    let root = workspace_root();
+    let mut problems = Problems::default();
+    let compose = load_yaml(&root.join("docker-compose.yml"))
+        .pop()
+        .expect("docker-compose.yml has a document");
+    let services = compose
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("docker-compose.yml has services");
+    let (mut kafka_uis, mut grafanas) = (0, 0);
+    for (name, service) in services {
+        let name = text(name).unwrap_or_default();
+        let what = format!("docker-compose.yml, service {name}");
+        match text_at(service, &["image"]) {
+            Some(image) => {
+                if let Some(why) = unpinned_image(&image) {
+                    problems.push(format!("{what}: image {image}: {why}"));
+                }
+            }
+            None => problems.check(service.get("build").is_some(), || {
+                format!("{what}: neither image nor build")
+            }),
+        }
+        for port in seq_at(service, &["ports"]) {
+            if let Some(why) = published_beyond_loopback(port) {
+                let shown = text(port).unwrap_or_else(|| format!("{port:?}"));
+                problems.push(format!("{what}: port {shown} {why}"));
+            }
+        }
+        problems.check(
+            text_at(service, &["network_mode"]).as_deref() != Some("host"),
+            || format!("{what}: network_mode host publishes every port on every interface"),
+        );
+        let image = text_at(service, &["image"]).unwrap_or_default();
+        let env = compose_env(service);
+        if image.contains("kafka-ui") {
+            kafka_uis += 1;
+            // Every configured cluster (KAFKA_CLUSTERS_<n>_NAME) is read-only, and the UI
+            // cannot add clusters of its own (dynamic config).
+            for var in env.keys().filter(|v| v.starts_with("KAFKA_CLUSTERS_")) {
+                if let Some(cluster) = var.strip_suffix("_NAME") {
+                    let readonly = format!("{cluster}_READONLY");
+                    problems.check(env.get(&readonly).map(String::as_str) == Some("true"), || {
+                        format!("{what}: {readonly} is not \"true\": Kafka UI can delete topics and write messages")
+                    });
+                }
+            }
+            problems.check(
+                env.get("DYNAMIC_CONFIG_ENABLED").map(String::as_str) != Some("true"),
+                || format!("{what}: DYNAMIC_CONFIG_ENABLED lets UI users add writable clusters"),
+            );
+        }
+        if image.starts_with("grafana/") {
+            grafanas += 1;
+            if let Some(why) = weak_grafana_admin(&env) {
+                problems.push(format!("{what}: {why}"));
+            }
+            if env.get("GF_AUTH_ANONYMOUS_ENABLED").map(String::as_str) == Some("true") {
+                let role = env.get("GF_AUTH_ANONYMOUS_ORG_ROLE").map(String::as_str);
+                problems.check(matches!(role, None | Some("Viewer")), || {
+                    format!("{what}: anonymous visitors get the role {role:?}, not Viewer")
+                });
+            }
+        }
+    }
+    problems.check(kafka_uis == 1 && grafanas == 1, || {
+        format!("expected one Kafka UI and one Grafana, found {kafka_uis} and {grafanas}")
     });
     problems.assert_none();
 }
