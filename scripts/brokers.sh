@@ -71,6 +71,8 @@ REDIS_STATE="$STATE_ROOT/redis"
 
 # shellcheck source=lib/tls.sh
 source "$SCRIPT_DIR/lib/tls.sh"
+# shellcheck source=lib/cluster.sh
+source "$SCRIPT_DIR/lib/cluster.sh"
 
 # ---------------------------------------------------------------- helpers
 log()  { printf 'brokers: %s\n' "$*"; }
@@ -80,7 +82,11 @@ die()  { err "$@"; exit 1; }
 
 usage() {
   cat <<EOF
-usage: $PROG up|down|status|restart|kill|install|pause|resume [rabbitmq|kafka|redis|all]   (default: all)
+usage: $PROG up|down|status|restart|kill|install|pause|resume|env [TARGET]   (default: all)
+
+TARGET: all (rabbitmq, kafka, redis), rabbitmq, kafka, redis; the loopback clusters
+rabbitmq-cluster and kafka-cluster (three nodes each, scripts/lib/cluster.sh); one node
+of them: rabbitmq-1..3, kafka-1..3.
 
   up       start the broker(s) (install/fetch on first use) and wait until each is usable;
            reuse one already answering (after the same usability check)
@@ -91,6 +97,7 @@ usage: $PROG up|down|status|restart|kill|install|pause|resume [rabbitmq|kafka|re
   kill     SIGKILL the broker(s) immediately (crash tests); data survives
   pause    SIGSTOP the broker (rabbitmq or kafka): frozen, its sockets stay open
   resume   SIGCONT a paused broker
+  env      print the JOBGATE_* settings that point both binaries at TARGET, NAME=value a line
 
 RabbitMQ: amqp://guest:guest@127.0.0.1:5672  management http://127.0.0.1:15672 (guest/guest)
           amqps://guest:guest@127.0.0.1:$RABBITMQ_TLS_PORT (TLS; CA $TLS_DIR/ca.pem)
@@ -98,6 +105,8 @@ Kafka:    127.0.0.1:$KAFKA_PORT (PLAINTEXT), KRaft controller 127.0.0.1:$KAFKA_C
           127.0.0.1:$KAFKA_SASL_SSL_PORT (SASL_SSL: PLAIN/SCRAM-SHA-256/512, $KAFKA_SASL_USER/$KAFKA_SASL_PASSWORD)
           127.0.0.1:$KAFKA_SSL_PORT (SSL, client certificate $TLS_DIR/client.pem required)
 Redis:    redis://127.0.0.1:$REDIS_PORT (no persistence)
+rabbitmq-cluster: nodes jobgate-1..3@localhost, AMQP 127.0.0.1:5681..5683, management :15681..15683
+kafka-cluster:    127.0.0.1:9192,127.0.0.1:9292,127.0.0.1:9392 (KRaft, three voters)
 
 environment:
   KAFKA_VERSION           Kafka version from Maven Central (default 4.1.1)
@@ -153,9 +162,9 @@ fmt_secs() { printf '%ss' "$1"; }
 # ones are installed; tools that came with the machine by other means count as present).
 packages_for() {
   case $1 in
-    rabbitmq) printf '%s\n' rabbitmq-server curl ;;
+    rabbitmq*) printf '%s\n' rabbitmq-server curl ;;
     redis) printf '%s\n' redis-server ;;
-    kafka)
+    kafka*)
       # Java 17+ runs Kafka; javac compiles the readiness probe; Maven fetches the jars.
       command -v java >/dev/null 2>&1 || printf '%s\n' openjdk-17-jre-headless
       command -v javac >/dev/null 2>&1 || printf '%s\n' openjdk-17-jdk-headless
@@ -164,7 +173,7 @@ packages_for() {
   esac
   # The test certificates of the TLS listeners (scripts/lib/tls.sh).
   case $1 in
-    rabbitmq | kafka) command -v openssl >/dev/null 2>&1 || printf '%s\n' openssl ;;
+    rabbitmq* | kafka*) command -v openssl >/dev/null 2>&1 || printf '%s\n' openssl ;;
   esac
 }
 
@@ -711,7 +720,11 @@ log.retention.hours=24
 log.segment.bytes=67108864
 EOF
   mv "$KAFKA_PROPS.tmp" "$KAFKA_PROPS"
+  write_kafka_log4j
+}
 
+# write_kafka_log4j: Kafka's log configuration, logging to $KAFKA_SERVER_LOG.
+write_kafka_log4j() {
   cat >"$KAFKA_LOG4J.tmp" <<EOF
 # Written by $PROG: Kafka logs INFO to $KAFKA_SERVER_LOG (not stdout).
 name=jobgate-kafka
@@ -834,14 +847,16 @@ kafka_probe_classes() {
 # offsets (scripts/lib/KafkaReady.java). A port that accepts connections is not enough:
 # right after a start, group calls fail with NOT_COORDINATOR for a while.
 kafka_wait_usable() {
-  local secs=$1 classes out
+  local secs=$1 bootstrap=${2:-$KAFKA_HOST:$KAFKA_PORT} replication=${3:-1} classes out
+  local scram_user=$KAFKA_SASL_USER
   classes=$(kafka_probe_classes)
-  # The SCRAM login of the SASL_SSL listener, stored (again) by the probe; through the
-  # environment, not argv (which `ps` shows).
-  if ! out=$(KAFKA_READY_SCRAM_USER="$KAFKA_SASL_USER" KAFKA_READY_SCRAM_PASSWORD="$KAFKA_SASL_PASSWORD" \
+  # The SCRAM login of the single node's SASL_SSL listener, stored (again) by the probe;
+  # through the environment, not argv (which `ps` shows).
+  ((replication == 1)) || scram_user=
+  if ! out=$(KAFKA_READY_SCRAM_USER="$scram_user" KAFKA_READY_SCRAM_PASSWORD="$KAFKA_SASL_PASSWORD" \
     "$JAVA_BIN" -Xmx128m -Djava.awt.headless=true -Dlog4j2.level=OFF \
     -Dlog4j2.statusLoggerLevel=OFF -cp "$classes:$KAFKA_LIBS/*" KafkaReady \
-    "$KAFKA_HOST:$KAFKA_PORT" "$secs" 1 2>&1); then
+    "$bootstrap" "$secs" "$replication" 2>&1); then
     err "kafka: not usable after ${secs}s:"
     printf '%s\n' "$out" >&2
     kafka_log_tail
@@ -876,28 +891,9 @@ up_kafka() {
   else
     write_kafka_config
     kafka_format_storage
-    offset=$(stat -c %s "$KAFKA_SERVER_LOG" 2>/dev/null || echo 0)
-    local -a heap
-    read -r -a heap <<<"$KAFKA_HEAP_OPTS"
+    offset=$(kafka_log_offset)
     log "kafka: starting Kafka $KAFKA_RESOLVED_VERSION (state: $KAFKA_STATE)"
-    printf -- '--- start %s ---\n' "$(date -Is)" >>"$KAFKA_STDOUT"
-    # A new session, detached from this script; the inner shell records its own pid
-    # and then becomes java (exec keeps the pid).
-    # shellcheck disable=SC2016 # expanded by the inner bash
-    setsid nohup bash -c 'printf "%s\n" "$$" >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
-      "$JAVA_BIN" "${heap[@]}" -Djava.awt.headless=true \
-      -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
-      -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
-      >>"$KAFKA_STDOUT" 2>&1 </dev/null 9>&- &
-    local deadline=$((SECONDS + 10))
-    until pid=$(kafka_pid); do
-      if ((SECONDS >= deadline)); then
-        err "kafka: the java process did not start"
-        kafka_log_tail
-        return 1
-      fi
-      sleep 0.2
-    done
+    pid=$(kafka_launch) || return 1
     kafka_wait_ready "$pid" "$offset" || return 1
   fi
   kafka_wait_usable "$KAFKA_TIMEOUT" || return 1
@@ -907,6 +903,36 @@ up_kafka() {
     return 1
   fi
   log "kafka: up on $KAFKA_HOST:$KAFKA_PORT (Kafka $KAFKA_RESOLVED_VERSION, pid $pid; controller, leaders and group coordinator answer) in $(fmt_secs $((SECONDS - t0)))"
+}
+
+# kafka_log_offset: the size of the server log now (kafka_wait_ready reads past it).
+kafka_log_offset() { stat -c %s "$KAFKA_SERVER_LOG" 2>/dev/null || echo 0; }
+
+# kafka_launch: starts the broker of $KAFKA_PROPS (heap $KAFKA_HEAP_OPTS) detached and
+# prints its pid once the pid file names it.
+kafka_launch() {
+  local -a heap
+  local pid deadline
+  read -r -a heap <<<"$KAFKA_HEAP_OPTS"
+  printf -- '--- start %s ---\n' "$(date -Is)" >>"$KAFKA_STDOUT"
+  # A new session, detached from this script; the inner shell records its own pid
+  # and then becomes java (exec keeps the pid).
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  setsid nohup bash -c 'printf "%s\n" "$$" >"$1"; shift; exec "$@"' _ "$KAFKA_PIDFILE" \
+    "$JAVA_BIN" "${heap[@]}" -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+    >>"$KAFKA_STDOUT" 2>&1 </dev/null 9>&- &
+  deadline=$((SECONDS + 10))
+  until pid=$(kafka_pid); do
+    if ((SECONDS >= deadline)); then
+      err "kafka: the java process did not start ($KAFKA_PROPS)"
+      kafka_log_tail
+      return 1
+    fi
+    sleep 0.2
+  done
+  printf '%s\n' "$pid"
 }
 
 # kafka_stop SIGNAL WAIT_SECONDS
@@ -1086,24 +1112,40 @@ status_redis() {
 
 # ---------------------------------------------------------------- dispatch
 # act ACTION BROKER: run one action for one broker under that broker's lock.
+# target_kind TARGET: the function suffix of TARGET and, for one node of a cluster, its
+# number: "rabbitmq", "kafka_cluster", "rabbitmq_node 2", ...
+target_kind() {
+  case $1 in
+    rabbitmq-[1-3] | kafka-[1-3]) printf '%s_node %s\n' "${1%-*}" "${1##*-}" ;;
+    rabbitmq-cluster | kafka-cluster) printf '%s_cluster\n' "${1%-cluster}" ;;
+    *) printf '%s\n' "$1" ;;
+  esac
+}
+
 act() {
-  local action=$1 broker=$2
+  local action=$1 target=$2 kind node lock
+  read -r kind node <<<"$(target_kind "$target")"
+  # One lock for a cluster and its nodes.
+  case $kind in
+    *_node | *_cluster) lock="${target%-*}-cluster" ;;
+    *) lock=$target ;;
+  esac
   case $action in
-    status) "status_$broker" ;;
-    restart) with_lock "$STATE_ROOT/$broker.lock" sh_restart "$broker" ;;
-    *) with_lock "$STATE_ROOT/$broker.lock" "${action}_$broker" ;;
+    status | env) "${action}_$kind" ${node:+"$node"} ;;
+    restart) with_lock "$STATE_ROOT/$lock.lock" sh_restart "$kind" ${node:+"$node"} ;;
+    *) with_lock "$STATE_ROOT/$lock.lock" "${action}_$kind" ${node:+"$node"} ;;
   esac
 }
 
 sh_restart() {
-  "down_$1"
-  "up_$1"
+  "down_$1" "${@:2}"
+  "up_$1" "${@:2}"
 }
 
 main() {
   local action=${1:-} target=${2:-all}
   case $action in
-    up | down | status | restart | kill | install | pause | resume) ;;
+    up | down | status | restart | kill | install | pause | resume | env) ;;
     -h | --help | help) usage; return 0 ;;
     "") usage >&2; return 2 ;;
     *) err "unknown action '$action'"; usage >&2; return 2 ;;
@@ -1115,11 +1157,25 @@ main() {
     redis) brokers=(redis) ;;
     rabbitmq | rabbit) brokers=(rabbitmq) ;;
     kafka) brokers=(kafka) ;;
+    rabbitmq-cluster | kafka-cluster | rabbitmq-[1-3] | kafka-[1-3]) brokers=("$target") ;;
     *) err "unknown broker '$target'"; usage >&2; return 2 ;;
   esac
-  if [[ $action == pause || $action == resume ]] && [[ ${#brokers[@]} -ne 1 || ${brokers[0]} == redis ]]; then
-    err "'$action' takes one broker: rabbitmq or kafka"
+  local b kind
+  for b in "${brokers[@]}"; do
+    read -r kind _ <<<"$(target_kind "$b")"
+    [[ $action == install || $action == restart ]] && continue
+    declare -F "${action}_$kind" >/dev/null || {
+      err "'$action' does not apply to '$b'"
+      return 2
+    }
+  done
+  if [[ $action == pause || $action == resume || $action == env ]] && [[ ${#brokers[@]} -ne 1 ]]; then
+    err "'$action' takes one broker, cluster or node"
     return 2
+  fi
+  if [[ $action == env ]]; then
+    for b in "${brokers[@]}"; do act env "$b"; done
+    return 0
   fi
   mkdir -p "$STATE_ROOT"
   case $action in

@@ -21,13 +21,13 @@ use serde_json::Value;
 
 use crate::consumer_metrics::listener_url;
 use crate::helpers::{
-    brokers_exclusive, brokers_sh, rabbit, unique, wait_until, Backend, Consumer, Producer,
+    brokers_exclusive, brokers_sh, rabbit, unique, wait_until, Backend, Consumer, Producer, Site,
     KAFKA_PARTITIONS,
 };
 use crate::macros::SCENARIO_LIMIT;
 
 /// The producer's `JOBGATE_PUBLISH_TIMEOUT_MS` in these scenarios.
-const PUBLISH_TIMEOUT: Duration = Duration::from_millis(2000);
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_millis(2000);
 /// A request's limit on the client side. The producer answers within its publish
 /// timeout; a request still unanswered this long after is a hang, and fails the test.
 const ANSWER_LIMIT: Duration = PUBLISH_TIMEOUT.saturating_add(Duration::from_secs(5));
@@ -141,7 +141,7 @@ impl BrokerFault {
 
 /// Jobs one disruption of `replicas` consumer replicas can run twice: those whose
 /// processing finished (the trace is written) but whose settlement the broker never got.
-fn in_flight_window(
+pub(crate) fn in_flight_window(
     backend: Backend,
     replicas: usize,
     concurrency: usize,
@@ -369,16 +369,16 @@ async fn producer_sigterm_under_load_answers_every_request_and_loses_no_job(back
 }
 
 /// What a scenario allows.
-struct Expect {
+pub(crate) struct Expect {
     /// Names the fault in the summary.
-    fault: &'static str,
+    pub(crate) fault: &'static str,
     /// The broker is taken away: 503 `broker-unavailable` answers are allowed.
-    broker_down: bool,
+    pub(crate) broker_down: bool,
     /// The producer stops: 503 `shutting-down` answers, and requests cut off or refused
     /// after the signal, are allowed.
-    producer_stops: bool,
+    pub(crate) producer_stops: bool,
     /// Most extra processing runs (a job processed 3 times counts 2).
-    max_duplicates: usize,
+    pub(crate) max_duplicates: usize,
 }
 
 /// How one request ended.
@@ -408,8 +408,10 @@ struct Request {
 }
 
 /// Every request and its answer, the processing trace, and the verdict.
-struct Ledger {
+pub(crate) struct Ledger {
     backend: Backend,
+    /// Where the queue is: the single nodes, or a cluster.
+    site: Site,
     queue: String,
     /// The file the consumers' `exec` command appends each processed job id to.
     trace: PathBuf,
@@ -421,7 +423,7 @@ struct Ledger {
 }
 
 /// Posting tasks started by [`Ledger::load`].
-struct Load {
+pub(crate) struct Load {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The number of the next job to post.
     next: Arc<AtomicUsize>,
@@ -430,14 +432,14 @@ struct Load {
 
 impl Load {
     /// Waits until every job was posted.
-    async fn finish(self) {
+    pub(crate) async fn finish(self) {
         for task in self.tasks {
             task.await.expect("a posting task panicked");
         }
     }
 
     /// Posts no new job, and waits for the requests under way.
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.next.store(self.jobs, Ordering::SeqCst);
         self.finish().await;
     }
@@ -445,10 +447,16 @@ impl Load {
 
 impl Ledger {
     fn new(backend: Backend, queue: &str) -> Arc<Self> {
+        Self::at(backend, Site::Single, queue)
+    }
+
+    /// A ledger of `queue` on the brokers of `site`.
+    pub(crate) fn at(backend: Backend, site: Site, queue: &str) -> Arc<Self> {
         let trace = std::env::temp_dir().join(format!("{}.trace", unique("ledger")));
         std::fs::write(&trace, "").expect("create the trace file");
         Arc::new(Self {
             backend,
+            site,
             queue: queue.to_owned(),
             trace,
             http: reqwest::Client::builder()
@@ -461,7 +469,7 @@ impl Ledger {
         })
     }
 
-    fn producer_env(&self) -> Vec<(&'static str, String)> {
+    pub(crate) fn producer_env(&self) -> Vec<(&'static str, String)> {
         vec![(
             "JOBGATE_PUBLISH_TIMEOUT_MS",
             PUBLISH_TIMEOUT.as_millis().to_string(),
@@ -469,7 +477,11 @@ impl Ledger {
     }
 
     /// A consumer whose handler takes `handler`, then appends the job id to the trace.
-    fn consumer_env(&self, concurrency: usize, handler: Duration) -> Vec<(&'static str, String)> {
+    pub(crate) fn consumer_env(
+        &self,
+        concurrency: usize,
+        handler: Duration,
+    ) -> Vec<(&'static str, String)> {
         let script = format!(
             "sleep {}; echo \"$JOB_ID\" >> \"$LEDGER_TRACE\"",
             handler.as_secs_f64()
@@ -509,12 +521,12 @@ impl Ledger {
             .collect()
     }
 
-    fn fault_begins(&self) {
+    pub(crate) fn fault_begins(&self) {
         self.times.lock().unwrap().1 = Some(Instant::now());
         self.fault.store(true, Ordering::SeqCst);
     }
 
-    fn fault_ends(&self) {
+    pub(crate) fn fault_ends(&self) {
         self.fault.store(false, Ordering::SeqCst);
         self.times.lock().unwrap().2 = Some(Instant::now());
     }
@@ -546,7 +558,7 @@ impl Ledger {
 
     /// Posts at most `jobs` jobs from `tasks` tasks, each pausing `pause` after a 202 and
     /// [`BACK_OFF`] after anything else.
-    fn load(
+    pub(crate) fn load(
         self: &Arc<Self>,
         producer: &Producer,
         jobs: usize,
@@ -579,14 +591,14 @@ impl Ledger {
         Load { tasks, next, jobs }
     }
 
-    async fn wait_accepted(&self, count: usize) {
+    pub(crate) async fn wait_accepted(&self, count: usize) {
         wait_until(Duration::from_secs(60), "jobs to be accepted", || {
             std::future::ready(self.accepted().len() >= count)
         })
         .await;
     }
 
-    async fn wait_answered_during_fault(&self, count: usize) {
+    pub(crate) async fn wait_answered_during_fault(&self, count: usize) {
         wait_until(
             Duration::from_secs(60),
             "requests during the fault to be answered",
@@ -605,7 +617,7 @@ impl Ledger {
     }
 
     /// Posts `count` jobs one after the other; each must get 202.
-    async fn post_expecting_202(&self, producer: &Producer, count: usize) {
+    pub(crate) async fn post_expecting_202(&self, producer: &Producer, count: usize) {
         let url = producer.url(&format!("/jobs/{}", self.queue));
         for n in 0..count {
             let answer = self.post(&url, 1_000_000 + n).await;
@@ -619,13 +631,13 @@ impl Ledger {
     /// Waits (at most [`DRAIN_LIMIT`]) until every accepted job was processed and the
     /// queue is empty, then stops `consumers` gracefully so nothing runs any more, and
     /// checks the ledger against `expect` ([`Ledger::verify`]).
-    async fn settle_and_verify(&self, consumers: &mut [Consumer], expect: &Expect) {
+    pub(crate) async fn settle_and_verify(&self, consumers: &mut [Consumer], expect: &Expect) {
         let start = Instant::now();
         let accepted: BTreeSet<String> = self.accepted().into_iter().collect();
         while start.elapsed() < DRAIN_LIMIT {
             let traced = self.traced();
             if accepted.iter().all(|id| traced.contains_key(id))
-                && self.backend.pending(&self.queue).await == 0
+                && self.backend.pending_at(self.site, &self.queue).await == 0
             {
                 break;
             }
@@ -643,7 +655,7 @@ impl Ledger {
         }
         // With every consumer gone, RabbitMQ has requeued what they held unacked and
         // Kafka has their final commits: what is pending now would run again.
-        let left = self.backend.pending(&self.queue).await;
+        let left = self.backend.pending_at(self.site, &self.queue).await;
         self.verify(expect, left);
     }
 

@@ -241,6 +241,11 @@ impl Process {
         assert!(status.success());
     }
 
+    /// The process id (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("process still running")
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         self.signal("-TERM");
@@ -472,6 +477,66 @@ pub async fn assert_problem(response: reqwest::Response, status: u16, slug: &str
     assert!(problem["detail"].as_str().is_some_and(|t| !t.is_empty()));
 }
 
+/// Where a test's brokers are: the single nodes of `scripts/brokers.sh up all`, or its
+/// loopback clusters (`up rabbitmq-cluster`, `up kafka-cluster`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    Single,
+    Cluster,
+}
+
+impl Site {
+    /// The `scripts/brokers.sh env` target of `backend` here.
+    fn target(self, backend: Backend) -> &'static str {
+        match (backend, self) {
+            (Backend::Rabbitmq, Site::Single) => "rabbitmq",
+            (Backend::Kafka, Site::Single) => "kafka",
+            (Backend::Rabbitmq, Site::Cluster) => "rabbitmq-cluster",
+            (Backend::Kafka, Site::Cluster) => "kafka-cluster",
+        }
+    }
+
+    /// The `JOBGATE_*` settings that point both binaries at `backend` here, as
+    /// `scripts/brokers.sh env` prints them.
+    pub fn env(self, backend: Backend) -> Vec<(&'static str, String)> {
+        let out = std::process::Command::new("bash")
+            .arg(workspace_root().join("scripts/brokers.sh"))
+            .args(["env", self.target(backend)])
+            .output()
+            .expect("run scripts/brokers.sh env");
+        assert!(
+            out.status.success(),
+            "scripts/brokers.sh env failed: {out:?}"
+        );
+        String::from_utf8(out.stdout)
+            .expect("UTF-8")
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (&*Box::leak(k.to_owned().into_boxed_str()), v.to_owned()))
+            .collect()
+    }
+
+    fn setting(self, backend: Backend, name: &str) -> String {
+        self.env(backend)
+            .into_iter()
+            .find(|(k, _)| *k == name)
+            .unwrap_or_else(|| panic!("scripts/brokers.sh env prints {name}"))
+            .1
+    }
+
+    /// The AMQP URL of each node.
+    pub fn amqp_urls(self) -> Vec<String> {
+        self.setting(Backend::Rabbitmq, "JOBGATE_AMQP_URL")
+            .split(',')
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn kafka_bootstrap(self) -> String {
+        self.setting(Backend::Kafka, "JOBGATE_KAFKA_BROKERS")
+    }
+}
+
 /// The message broker a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -503,9 +568,17 @@ impl Backend {
     /// the offset committed by group `jobgate.<queue>` (the low watermark when the group
     /// committed nothing there).
     pub async fn pending(self, queue: &str) -> u64 {
-        match self {
-            Backend::Rabbitmq => u64::from(rabbit::ready_count(queue).await),
-            Backend::Kafka => kafka::pending(queue).await,
+        self.pending_at(Site::Single, queue).await
+    }
+
+    /// [`Backend::pending`] on the brokers of `site`.
+    pub async fn pending_at(self, site: Site, queue: &str) -> u64 {
+        match (self, site) {
+            (Backend::Rabbitmq, Site::Single) => u64::from(rabbit::ready_count(queue).await),
+            (Backend::Rabbitmq, Site::Cluster) => {
+                u64::from(rabbit::ready_count_at(&site.amqp_urls(), queue).await)
+            }
+            (Backend::Kafka, _) => kafka::pending_at(&site.kafka_bootstrap(), queue).await,
         }
     }
 
@@ -691,8 +764,13 @@ pub mod kafka {
     /// A client in group `group` that never joins it (no subscribe, no auto commit): it
     /// only reads metadata, watermarks and committed offsets, or records it assigns.
     pub fn client(group: &str) -> BaseConsumer {
+        client_at(KAFKA_BROKERS, group)
+    }
+
+    /// [`client`] of the cluster at `bootstrap`.
+    pub fn client_at(bootstrap: &str, group: &str) -> BaseConsumer {
         ClientConfig::new()
-            .set("bootstrap.servers", KAFKA_BROKERS)
+            .set("bootstrap.servers", bootstrap)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -832,10 +910,12 @@ pub mod kafka {
     }
 
     /// See [`Backend::pending`].
-    pub async fn pending(queue: &str) -> u64 {
-        let queue = queue.to_owned();
+    /// Jobs of `queue` on the cluster at `bootstrap` not yet committed by its group
+    /// (see [`super::Backend::pending`]).
+    pub async fn pending_at(bootstrap: &str, queue: &str) -> u64 {
+        let (bootstrap, queue) = (bootstrap.to_owned(), queue.to_owned());
         tokio::task::spawn_blocking(move || {
-            let client = client(&group(&queue));
+            let client = client_at(&bootstrap, &group(&queue));
             let partitions =
                 partitions_of(&client, &queue).unwrap_or_else(|| panic!("topic {queue} exists"));
             let mut tpl = TopicPartitionList::new();
@@ -902,14 +982,20 @@ pub mod rabbit {
     /// connections or stalls the handshake for a while: each try is bounded, and tries
     /// go on for up to a minute before the test fails saying so.
     pub async fn connect() -> lapin::Connection {
+        connect_to(&[AMQP_URL.to_owned()]).await
+    }
+
+    /// A connection to the first of `urls` (the nodes of a cluster) that answers.
+    pub async fn connect_to(urls: &[String]) -> lapin::Connection {
         const LIMIT: Duration = Duration::from_secs(60);
         let start = Instant::now();
         let mut tries = 0u32;
         loop {
+            let url = &urls[tries as usize % urls.len()];
             tries += 1;
             let attempt = tokio::time::timeout(
                 Duration::from_secs(10),
-                lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()),
+                lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
             )
             .await;
             let error = match attempt {
@@ -919,7 +1005,7 @@ pub mod rabbit {
             };
             assert!(
                 start.elapsed() < LIMIT,
-                "RabbitMQ: no AMQP connection to {AMQP_URL} after {tries} tries in {:?}: {error}",
+                "RabbitMQ: no AMQP connection to {urls:?} after {tries} tries in {:?}: {error}",
                 start.elapsed()
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -940,9 +1026,14 @@ pub mod rabbit {
 
     /// Messages ready in `queue`, exact (a passive declare, not the sampled stats).
     pub async fn ready_count(queue: &str) -> u32 {
+        ready_count_at(&[AMQP_URL.to_owned()], queue).await
+    }
+
+    /// [`ready_count`] on the first of the nodes `urls` that answers.
+    pub async fn ready_count_at(urls: &[String], queue: &str) -> u32 {
         use lapin::options::QueueDeclareOptions;
         let count = async {
-            let conn = connect().await;
+            let conn = connect_to(urls).await;
             let channel = conn.create_channel().await.unwrap();
             let q = channel
                 .queue_declare(

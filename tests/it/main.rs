@@ -20,6 +20,7 @@ mod macros;
 mod alarm;
 mod auth;
 mod batch;
+mod clusters;
 mod consumer_metrics;
 mod faults;
 mod give_back;
