@@ -810,7 +810,9 @@ kafka_wait_ready() {
     if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
       size=$(stat -c %s "$KAFKA_SERVER_LOG" 2>/dev/null || echo 0)
       ((size < offset)) && offset=0 # the log rolled over
-      if tail -c +"$((offset + 1))" "$KAFKA_SERVER_LOG" 2>/dev/null | grep -q 'Kafka Server started'; then
+      # grep reads to the end (no -q): a grep that quits early would kill tail with
+      # SIGPIPE, and pipefail would make a match look like a miss.
+      if tail -c +"$((offset + 1))" "$KAFKA_SERVER_LOG" 2>/dev/null | grep 'Kafka Server started' >/dev/null; then
         return 0
       fi
     fi

@@ -308,12 +308,13 @@ EOF
   write_kafka_log4j
 }
 
-# knode_start N: starts node N (detached) unless it runs; prints "pid offset".
+# knode_start N: starts node N (detached) unless it runs; prints "pid offset", the
+# offset "running" when it ran already.
 knode_start() {
   local n=$1 pid offset
   knode_select "$n"
   if pid=$(kafka_pid); then
-    printf '%s 0\n' "$pid"
+    printf '%s running\n' "$pid"
     return 0
   fi
   knode_write_config "$n"
@@ -337,6 +338,7 @@ up_kafka_cluster() {
     offsets[$n]=${started#* }
   done
   for n in "${CLUSTER_NODES[@]}"; do
+    [[ ${offsets[$n]} == running ]] && continue
     (knode_select "$n"; kafka_wait_ready "${pids[$n]}" "${offsets[$n]}") || return 1
   done
   kafka_wait_usable "$KAFKA_TIMEOUT" "$(kafka_cluster_bootstrap)" "${#CLUSTER_NODES[@]}" || return 1
@@ -360,7 +362,9 @@ up_kafka_node() {
   check_java
   resolve_kafka_libs
   started=$(knode_start "$1") || return 1
-  (knode_select "$1"; kafka_wait_ready "${started% *}" "${started#* }") || return 1
+  if [[ ${started#* } != running ]]; then
+    (knode_select "$1"; kafka_wait_ready "${started% *}" "${started#* }") || return 1
+  fi
   log "kafka-$1: up on 127.0.0.1:$(knode_port "$1")"
 }
 
