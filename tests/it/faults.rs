@@ -21,8 +21,8 @@ use serde_json::Value;
 
 use crate::consumer_metrics::listener_url;
 use crate::helpers::{
-    brokers_exclusive, brokers_sh, rabbit, unique, wait_until, Backend, Consumer, Producer, Site,
-    KAFKA_PARTITIONS,
+    brokers_exclusive, brokers_sh, http_client, rabbit, unique, wait_until, Backend, Consumer,
+    Producer, Site, KAFKA_PARTITIONS,
 };
 use crate::macros::SCENARIO_LIMIT;
 
@@ -459,10 +459,7 @@ impl Ledger {
             site,
             queue: queue.to_owned(),
             trace,
-            http: reqwest::Client::builder()
-                .timeout(ANSWER_LIMIT)
-                .build()
-                .expect("HTTP client"),
+            http: http_client(ANSWER_LIMIT),
             requests: Mutex::new(Vec::new()),
             fault: AtomicBool::new(false),
             times: Mutex::new((Instant::now(), None, None)),

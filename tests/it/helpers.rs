@@ -309,10 +309,7 @@ impl Producer {
             base_url: format!("http://{}", addr.unwrap()),
             // Never hang a test on one request: the producer answers within its publish
             // timeout, so this only turns a hang into a failure.
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("HTTP client"),
+            http: http_client(Duration::from_secs(60)),
         };
         producer.wait_ready(Duration::from_secs(30)).await;
         producer
@@ -361,6 +358,19 @@ impl Producer {
         })
         .await;
     }
+}
+
+/// An HTTP client for the producer whose requests fail after `timeout`. It keeps an idle
+/// connection 1 s at most, as the README asks of pooling clients: the producer closes a
+/// keep-alive connection idle for `JOBGATE_IDLE_TIMEOUT_MS` (5 s), and a POST sent on it
+/// at that moment fails unanswered (HTTP/1.1's keep-alive race, RFC 9112 9.6), which a
+/// client cannot retry blindly.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(1))
+        .build()
+        .expect("HTTP client")
 }
 
 /// A running `consumer`.
