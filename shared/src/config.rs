@@ -28,7 +28,9 @@ pub struct BrokerArgs {
     #[arg(long, env = "JOBGATE_BACKEND", value_enum, default_value_t = Backend::Rabbitmq)]
     pub backend: Backend,
 
-    /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`); the password is never logged.
+    /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`), or a comma-separated
+    /// list of them, one per node of a cluster: each connection starts at its own node
+    /// and fails over to the next. Passwords are never logged.
     #[arg(
         long,
         env = "JOBGATE_AMQP_URL",
@@ -88,8 +90,8 @@ impl BrokerArgs {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
-    /// Checks what clap cannot: that the chosen broker's TLS and SASL settings fit
-    /// together and their files can be read. Both binaries call it right after parsing,
+    /// Checks what clap cannot: that every RabbitMQ node is an AMQP URL, that the chosen
+    /// broker's TLS and SASL settings fit together and their files can be read. Both binaries call it right after parsing,
     /// so a mistake is a start-up error naming the setting, not a reconnect loop.
     pub fn check(&self) -> Result<(), String> {
         match self.backend {
