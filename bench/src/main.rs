@@ -80,7 +80,8 @@ pub struct Args {
     /// Skip the knob variants (channels, in-flight limits, concurrency).
     #[arg(long)]
     pub no_knobs: bool,
-    /// AMQP URL of RabbitMQ (the one of scripts/brokers.sh).
+    /// AMQP URL of RabbitMQ (the one of scripts/brokers.sh), or a comma-separated list
+    /// of a cluster's nodes.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
     /// Kafka bootstrap servers (the one of scripts/brokers.sh).

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
-use jobgate_shared::broker::rabbitmq::{self, declare_topology, AmqpEndpoint, RabbitPublisher};
+use jobgate_shared::broker::rabbitmq::{
+    self, declare_topology, AmqpEndpoint, NodeCursor, RabbitPublisher,
+};
 use jobgate_shared::broker::{dlq_name, Publisher};
 use jobgate_shared::config::SecretUrl;
 use jobgate_shared::job::{self, JobMeta};
@@ -43,9 +45,14 @@ async fn bounded<T>(
 impl Rabbit {
     pub async fn connect(url: &str) -> Result<Self> {
         let url = AmqpEndpoint::from(url.parse::<SecretUrl>().expect("infallible"));
-        let conn = rabbitmq::connect(&url, "jobgate-bench", TIMEOUT)
-            .await
-            .map_err(|e| anyhow!("cannot connect to RabbitMQ at {url}: {e}"))?;
+        let conn = rabbitmq::connect(
+            &url,
+            "jobgate-bench",
+            TIMEOUT,
+            &mut NodeCursor::next_in_process(),
+        )
+        .await
+        .map_err(|e| anyhow!("cannot connect to RabbitMQ at {url}: {e}"))?;
         let admin = bounded("channel.open", conn.create_channel()).await?;
         Ok(Self { url, conn, admin })
     }
@@ -95,9 +102,14 @@ impl Rabbit {
         channels: usize,
         body: &'static str,
     ) -> Result<Op> {
-        let conn = rabbitmq::connect(&self.url, "jobgate-bench-publisher", TIMEOUT)
-            .await
-            .map_err(|e| anyhow!("cannot connect to RabbitMQ: {e}"))?;
+        let conn = rabbitmq::connect(
+            &self.url,
+            "jobgate-bench-publisher",
+            TIMEOUT,
+            &mut NodeCursor::next_in_process(),
+        )
+        .await
+        .map_err(|e| anyhow!("cannot connect to RabbitMQ: {e}"))?;
         let mut list = Vec::new();
         for _ in 0..channels.max(1) {
             let channel = bounded("channel.open", conn.create_channel()).await?;
@@ -185,9 +197,14 @@ impl Rabbit {
     /// delivery, as a jobgate worker settles.
     pub async fn raw_consume(&self, queue: &str, prefetch: u16, jobs: u64) -> Result<Phase> {
         let start = Instant::now();
-        let conn = rabbitmq::connect(&self.url, "jobgate-bench-consumer", TIMEOUT)
-            .await
-            .map_err(|e| anyhow!("cannot connect to RabbitMQ: {e}"))?;
+        let conn = rabbitmq::connect(
+            &self.url,
+            "jobgate-bench-consumer",
+            TIMEOUT,
+            &mut NodeCursor::next_in_process(),
+        )
+        .await
+        .map_err(|e| anyhow!("cannot connect to RabbitMQ: {e}"))?;
         let channel = bounded("channel.open", conn.create_channel()).await?;
         bounded(
             "basic.qos",

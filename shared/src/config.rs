@@ -28,7 +28,9 @@ pub struct BrokerArgs {
     #[arg(long, env = "JOBGATE_BACKEND", value_enum, default_value_t = Backend::Rabbitmq)]
     pub backend: Backend,
 
-    /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`); the password is never logged.
+    /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`), or a comma-separated
+    /// list of them, one per node of a cluster: each connection starts at its own node
+    /// and fails over to the next. Passwords are never logged.
     #[arg(
         long,
         env = "JOBGATE_AMQP_URL",
@@ -88,8 +90,8 @@ impl BrokerArgs {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
-    /// Checks what clap cannot: that the chosen broker's TLS and SASL settings fit
-    /// together and their files can be read. Both binaries call it right after parsing,
+    /// Checks what clap cannot: that every RabbitMQ node is an AMQP URL, that the chosen
+    /// broker's TLS and SASL settings fit together and their files can be read. Both binaries call it right after parsing,
     /// so a mistake is a start-up error naming the setting, not a reconnect loop.
     pub fn check(&self) -> Result<(), String> {
         match self.backend {
@@ -164,24 +166,68 @@ impl SecretUrl {
     }
 
     /// The URL with any password masked, also when the URL does not parse: a password
-    /// with an unencoded `/`, `?` or `#`, a missing or broken `scheme://`. Whatever
-    /// comes before the LAST `@` is user information, and past the first `:` in it all
-    /// is masked (a path or query with an `@` may be over-masked, never under-masked).
+    /// with an unencoded `/`, `?` or `#`, a missing or broken `scheme://`.
+    ///
+    /// A comma-separated list of URLs (`JOBGATE_AMQP_URL` of a cluster) is masked node
+    /// by node, so every host stays visible. A node starts only at a `,` followed by a
+    /// `scheme://` (blanks allowed between): a password with an unencoded `,` is then
+    /// still one secret, masked whole, never cut in two with its first part shown.
     pub fn redacted(&self) -> String {
-        let url = &self.0;
-        let Some(at) = url.rfind('@') else {
-            return url.clone();
-        };
-        let start = url.find("://").map_or(0, |i| i + 3).min(at);
-        let userinfo = &url[start..at];
-        // Without a well-formed scheme, a `scheme:` or `scheme:/` prefix may precede it.
-        let masked = match userinfo.find(':') {
-            Some(colon) if url.contains("://") => format!("{}:***", &userinfo[..colon]),
-            Some(_) => "***".to_owned(),
-            None => userinfo.to_owned(),
-        };
-        format!("{}{}{}", &url[..start], masked, &url[at..])
+        url_pieces(&self.0)
+            .map(redact_one)
+            .collect::<Vec<_>>()
+            .join(",")
     }
+}
+
+/// The pieces of `list` between the commas that start a new URL (see
+/// [`SecretUrl::redacted`]); one piece when there is no such comma.
+fn url_pieces(list: &str) -> impl Iterator<Item = &str> {
+    let starts_url = |rest: &str| {
+        let rest = rest.trim_start();
+        let scheme_len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .unwrap_or(rest.len());
+        scheme_len > 0
+            && rest.starts_with(|c: char| c.is_ascii_alphabetic())
+            && rest[scheme_len..].starts_with("://")
+    };
+    let mut rest = Some(list);
+    std::iter::from_fn(move || {
+        let piece = rest?;
+        let end = piece
+            .match_indices(',')
+            .map(|(i, _)| i)
+            .find(|&i| starts_url(&piece[i + 1..]));
+        match end {
+            Some(i) => {
+                rest = Some(&piece[i + 1..]);
+                Some(&piece[..i])
+            }
+            None => {
+                rest = None;
+                Some(piece)
+            }
+        }
+    })
+}
+
+/// One URL with its password masked. Whatever comes before the LAST `@` is user
+/// information, and past the first `:` in it all is masked (a path or query with an `@`
+/// may be over-masked, never under-masked).
+fn redact_one(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
+    };
+    let start = url.find("://").map_or(0, |i| i + 3).min(at);
+    let userinfo = &url[start..at];
+    // Without a well-formed scheme, a `scheme:` or `scheme:/` prefix may precede it.
+    let masked = match userinfo.find(':') {
+        Some(colon) if url.contains("://") => format!("{}:***", &userinfo[..colon]),
+        Some(_) => "***".to_owned(),
+        None => userinfo.to_owned(),
+    };
+    format!("{}{}{}", &url[..start], masked, &url[at..])
 }
 
 impl FromStr for SecretUrl {
@@ -289,6 +335,37 @@ mod tests {
                 );
             }
             assert_eq!(url.expose(), typed);
+        }
+    }
+
+    #[test]
+    fn every_password_of_a_node_list_is_masked_and_every_host_shown() {
+        let list: SecretUrl =
+            "amqp://a:pw1@n1:5672/%2f, amqp://b:pw2@n2:5673/%2f,amqps://c:pw3@n3/v"
+                .parse()
+                .unwrap();
+        let expected = "amqp://a:***@n1:5672/%2f, amqp://b:***@n2:5673/%2f,amqps://c:***@n3/v";
+        assert_eq!(list.to_string(), expected);
+        assert_eq!(format!("{list:?}"), format!("{expected:?}"));
+        // Nodes without a password, and a stray comma, are shown as they are.
+        let list: SecretUrl = "amqp://n1,,amqp://u:pw@n2".parse().unwrap();
+        assert_eq!(list.to_string(), "amqp://n1,,amqp://u:***@n2");
+    }
+
+    #[test]
+    fn a_comma_in_a_password_never_unmasks_part_of_it() {
+        // A `,` not followed by a `scheme://` does not start a node: the password
+        // `a,b` stays one secret, masked whole.
+        for (typed, secret) in [
+            ("amqp://u:a,b@host/%2f", "a,b"),
+            ("amqp://u:12,amqp@host", "12,amqp"),
+            ("amqp://u:x@h1,u:s3cret@host", "s3cret"),
+        ] {
+            let url: SecretUrl = typed.parse().unwrap();
+            let shown = url.to_string();
+            assert!(!shown.contains(secret), "{typed} shown as {shown}");
+            assert!(!shown.contains(":a,") && !shown.contains(":12"), "{shown}");
+            assert!(shown.contains("host"), "{shown}");
         }
     }
 

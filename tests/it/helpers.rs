@@ -373,6 +373,56 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
         .expect("HTTP client")
 }
 
+/// A producer that is not expected to become ready: started, and its address read.
+pub async fn unready_producer(
+    backend: Backend,
+    queue: &str,
+    env: &[(&'static str, String)],
+) -> (Process, String) {
+    let mut all = vec![
+        ("JOBGATE_LISTEN", "127.0.0.1:0".to_owned()),
+        ("JOBGATE_QUEUES", queue.to_owned()),
+    ];
+    all.extend(backend.env());
+    all.extend(env.iter().cloned());
+    let process = Process::spawn("producer", "producer", &all).await;
+    let mut addr = None;
+    wait_until(Duration::from_secs(20), "the producer to listen", || {
+        addr = process
+            .lines("producer listening")
+            .first()
+            .and_then(|l| l["addr"].as_str().map(str::to_owned));
+        std::future::ready(addr.is_some())
+    })
+    .await;
+    (process, format!("http://{}", addr.unwrap()))
+}
+
+/// Waits until the producer logged a line containing `reason`, then checks that it is
+/// not ready and answers a job with a 503 problem (nothing was accepted).
+pub async fn refused_with(process: &Process, base: &str, queue: &str, reason: &str) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("a log line with {reason:?}"),
+        || std::future::ready(process.dump().contains(reason)),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "ready without a usable broker connection"
+    );
+    let response = http
+        .post(format!("{base}/jobs/{queue}"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 503, "broker-unavailable").await;
+}
+
 /// A running `consumer`.
 pub struct Consumer {
     pub process: Process,

@@ -10,7 +10,8 @@
 //! hand-made, extreme messages on the queues of both; `give_back` and `redelivery`
 //! hold what becomes of a job whose outcome cannot be published, or whose consumer
 //! dies while running it. `tls` runs both binaries through the brokers' TLS and SASL
-//! listeners.
+//! listeners. `amqp_nodes` gives `JOBGATE_AMQP_URL` a list of RabbitMQ nodes, some
+//! dead.
 //!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
@@ -18,6 +19,7 @@
 mod macros;
 
 mod alarm;
+mod amqp_nodes;
 mod auth;
 mod batch;
 mod clusters;

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::helpers::{
-    assert_problem, assert_processed_exactly_once, brokers_shared, dlq, rabbit, state_dir, unique,
-    wait_until, Backend, Consumer, Process, Producer,
+    assert_processed_exactly_once, brokers_shared, dlq, rabbit, refused_with, state_dir, unique,
+    unready_producer, wait_until, Backend, Consumer, Process, Producer,
 };
 
 /// The listeners and login of `scripts/brokers.sh` (same values there).
@@ -87,56 +87,6 @@ async fn carries_jobs(backend: Backend, env: &[(&'static str, String)], n: usize
     let ids = producer.post_many(&queue, n).await;
     let consumer = Consumer::start(backend, &queue, env).await;
     assert_processed_exactly_once(&[&consumer], &ids, PROCESS_LIMIT).await;
-}
-
-/// A producer that is not expected to become ready: started, and its address read.
-async fn unready_producer(
-    backend: Backend,
-    queue: &str,
-    env: &[(&'static str, String)],
-) -> (Process, String) {
-    let mut all = vec![
-        ("JOBGATE_LISTEN", "127.0.0.1:0".to_owned()),
-        ("JOBGATE_QUEUES", queue.to_owned()),
-    ];
-    all.extend(backend.env());
-    all.extend(env.iter().cloned());
-    let process = Process::spawn("producer", "producer", &all).await;
-    let mut addr = None;
-    wait_until(Duration::from_secs(20), "the producer to listen", || {
-        addr = process
-            .lines("producer listening")
-            .first()
-            .and_then(|l| l["addr"].as_str().map(str::to_owned));
-        std::future::ready(addr.is_some())
-    })
-    .await;
-    (process, format!("http://{}", addr.unwrap()))
-}
-
-/// Waits until the producer logged a line containing `reason`, then checks that it is
-/// not ready and answers a job with a 503 problem (nothing was accepted).
-async fn refused_with(process: &Process, base: &str, queue: &str, reason: &str) {
-    wait_until(
-        Duration::from_secs(30),
-        &format!("a log line with {reason:?}"),
-        || std::future::ready(process.dump().contains(reason)),
-    )
-    .await;
-    let http = reqwest::Client::new();
-    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
-    assert_eq!(
-        ready.status(),
-        503,
-        "ready without a usable broker connection"
-    );
-    let response = http
-        .post(format!("{base}/jobs/{queue}"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_problem(response, 503, "broker-unavailable").await;
 }
 
 #[tokio::test]

@@ -60,7 +60,9 @@ impl Session {
     async fn open(config: &ConsumerConfig, queue: &str) -> Result<(Self, u64)> {
         let url = config.broker.amqp();
         let timeout = config.broker.connect_timeout();
-        let conn = rabbitmq::connect(&url, &rabbitmq::connection_name("dlq"), timeout)
+        let name = rabbitmq::connection_name("dlq");
+        let mut cursor = rabbitmq::NodeCursor::next_in_process();
+        let conn = rabbitmq::connect(&url, &name, timeout, &mut cursor)
             .await
             .map_err(|e| DlqError::failed(format!("cannot connect to RabbitMQ at {url}: {e}")))?;
         let dlq = dlq_name(queue);

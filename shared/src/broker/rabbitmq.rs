@@ -26,7 +26,6 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder, Event};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -39,8 +38,10 @@ use crate::job::{self, Job, JobMeta};
 use crate::retry::retry_queue_name;
 
 mod confirms;
+mod nodes;
 mod tls;
 
+pub use nodes::NodeCursor;
 pub use tls::{AmqpEndpoint, AmqpTls};
 
 /// AMQP heartbeat interval in seconds when the URL does not set one (see [`connect`]).
@@ -209,9 +210,17 @@ async fn declare_queue_and_tiers(
     Ok(())
 }
 
-/// Connects with a client-visible connection name (shown in the management UI), at
-/// most `timeout`. An `amqps://` URL connects over TLS with the endpoint's files (read
-/// now, so a rotated certificate is used from the next connection).
+/// Connects to a node of `endpoint` with a client-visible connection name (shown in the
+/// management UI), at most `timeout` per node. An `amqps://` URL connects over TLS with
+/// the endpoint's files (read now, so a rotated certificate is used from the next
+/// connection).
+///
+/// With several nodes this is one attempt round: each node once, in the order of
+/// `cursor` (see [`NodeCursor`]: spread over the nodes, failover to the next), until one
+/// answers; the cursor then moves past that node. The node connected to is logged
+/// (`node`, password masked), as are the nodes that did not answer before it; when none
+/// does, the error names each node and its reason. The caller waits out its backoff
+/// before the next round.
 ///
 /// The AMQP heartbeat is [`DEFAULT_HEARTBEAT_SECS`] unless the URL's query says
 /// otherwise (`?heartbeat=N`, as in RabbitMQ's URI spec). Without it a broker that stops
@@ -223,23 +232,53 @@ pub async fn connect(
     endpoint: &AmqpEndpoint,
     name: &str,
     timeout: Duration,
+    cursor: &mut NodeCursor,
 ) -> Result<Connection, String> {
-    let url = &endpoint.url;
-    let mut uri: AMQPUri = url
-        .expose()
-        .parse()
-        .map_err(|_| format!("invalid AMQP URL {url}"))?;
+    let nodes = endpoint.parsed_nodes()?;
+    let tls = if endpoint.is_tls() {
+        Some(endpoint.tls_config()?)
+    } else {
+        endpoint.check_tls_files()?;
+        None
+    };
+    let mut failed = Vec::new();
+    for i in cursor.round(nodes.len()) {
+        let node = &nodes[i];
+        match connect_node(node, name, timeout, tls.clone()).await {
+            Ok(conn) => {
+                cursor.connected_to(i);
+                if !failed.is_empty() {
+                    let failed = failed.join("; ");
+                    tracing::warn!(node = %node.url, %failed, "RabbitMQ nodes did not answer; connected to the next");
+                }
+                tracing::info!(node = %node.url, connection = name, "connected to RabbitMQ");
+                return Ok(conn);
+            }
+            // One node: its error as it is, as before lists existed.
+            Err(error) if nodes.len() == 1 => return Err(error),
+            Err(error) => failed.push(format!("{}: {error}", node.url)),
+        }
+    }
+    Err(format!("no RabbitMQ node answered ({})", failed.join("; ")))
+}
+
+/// One connection attempt to one node.
+async fn connect_node(
+    node: &tls::AmqpNode,
+    name: &str,
+    timeout: Duration,
+    tls: Option<lapin::tcp::OwnedTLSConfig>,
+) -> Result<Connection, String> {
+    let mut uri = node.uri.clone();
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let builder = DefaultConnectionBuilder::new()
         .map_err(|e| e.to_string())?
         .with_uri(uri)
         .with_properties(props);
-    let builder = if endpoint.is_tls() {
-        builder.with_tls_config(endpoint.tls_config()?)
-    } else {
-        endpoint.check()?;
-        builder
+    let builder = match tls {
+        Some(tls) => builder.with_tls_config(tls),
+        None => builder,
     };
     match tokio::time::timeout(timeout, builder.connect()).await {
         Ok(Ok(conn)) => Ok(conn),
@@ -501,10 +540,10 @@ impl PublishPath {
         }
     }
 
-    async fn open_session(&self) -> Result<PublishSession, String> {
+    async fn open_session(&self, cursor: &mut NodeCursor) -> Result<PublishSession, String> {
         let o = &self.options;
         let name = format!("{} {}", connection_name("producer"), o.queues.join(","));
-        let conn = connect(&o.endpoint, &name, o.connect_timeout).await?;
+        let conn = connect(&o.endpoint, &name, o.connect_timeout, cursor).await?;
         let setup = async {
             let mut channels = Vec::with_capacity(o.channels.max(1));
             for _ in 0..o.channels.max(1) {
@@ -545,8 +584,9 @@ impl PublishPath {
 
     async fn supervise(self: Arc<Self>) {
         let mut backoff = Backoff::for_reconnect();
+        let mut cursor = NodeCursor::next_in_process();
         while !self.cancel.is_cancelled() {
-            match self.open_session().await {
+            match self.open_session(&mut cursor).await {
                 Ok(session) => {
                     let opened = Instant::now();
                     let session = Arc::new(session);
@@ -821,9 +861,13 @@ impl RabbitSource {
         }
     }
 
-    async fn open(&self) -> Result<(Connection, Channel, Vec<lapin::Consumer>), String> {
+    async fn open(
+        &self,
+        cursor: &mut NodeCursor,
+    ) -> Result<(Connection, Channel, Vec<lapin::Consumer>), String> {
         let o = &self.options;
-        let conn = connect(&o.endpoint, &connection_name("consumer"), o.connect_timeout).await?;
+        let name = connection_name("consumer");
+        let conn = connect(&o.endpoint, &name, o.connect_timeout, cursor).await?;
         let setup = async {
             let channel = bounded("channel.open", conn.create_channel()).await?;
             bounded(
@@ -971,8 +1015,9 @@ async fn stop_consuming(
 impl JobSource for RabbitSource {
     async fn run(&mut self, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
         let mut backoff = Backoff::for_reconnect();
+        let mut cursor = NodeCursor::next_in_process();
         while !stop.is_cancelled() {
-            match self.open().await {
+            match self.open(&mut cursor).await {
                 Ok((conn, channel, consumers)) => {
                     backoff.reset();
                     tracing::info!(url = %self.options.endpoint, queues = ?self.options.queues, prefetch = self.options.prefetch, "consumer subscribed");
@@ -1077,6 +1122,47 @@ mod tests {
         let error = settle_result("basic.ack", Ok(Ok(false))).unwrap_err();
         assert!(error.0.contains("not sent"), "{error}");
         assert!(settle_result("basic.nack", Ok(Ok(false))).is_err());
+    }
+
+    /// A loopback port nobody listens on: bound, then let go.
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn when_no_node_answers_the_error_names_each_node_and_no_password() {
+        let (a, b) = (closed_port(), closed_port());
+        let list =
+            format!("amqp://u:s3cret-a@127.0.0.1:{a}/%2f,amqp://u:s3cret-b@127.0.0.1:{b}/%2f");
+        let endpoint = AmqpEndpoint::from(list.parse::<crate::config::SecretUrl>().unwrap());
+        let mut cursor = NodeCursor::starting_at(1);
+        let error = connect(&endpoint, "test", Duration::from_secs(5), &mut cursor)
+            .await
+            .unwrap_err();
+        // Tried in the cursor's order (node 2 first), each once.
+        let first = format!("amqp://u:***@127.0.0.1:{b}/%2f: ");
+        let second = format!("amqp://u:***@127.0.0.1:{a}/%2f: ");
+        assert!(error.starts_with("no RabbitMQ node answered"), "{error}");
+        let (at_first, at_second) = (error.find(&first), error.find(&second));
+        assert!(at_first.is_some() && at_first < at_second, "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
+        // A failed round leaves the cursor where it was.
+        assert_eq!(cursor, NodeCursor::starting_at(1));
+    }
+
+    #[tokio::test]
+    async fn a_list_that_does_not_fit_is_refused_before_connecting() {
+        let endpoint = AmqpEndpoint::from(
+            "amqp://127.0.0.1:1,amqps://127.0.0.1:2"
+                .parse::<crate::config::SecretUrl>()
+                .unwrap(),
+        );
+        let mut cursor = NodeCursor::starting_at(0);
+        let error = connect(&endpoint, "test", Duration::from_secs(5), &mut cursor)
+            .await
+            .unwrap_err();
+        assert!(error.contains("mixes amqp:// and amqps://"), "{error}");
     }
 
     #[test]

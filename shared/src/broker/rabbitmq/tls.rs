@@ -1,5 +1,10 @@
-//! Where RabbitMQ is and how to reach it: the AMQP URL and, for `amqps://`, the TLS
-//! files (a CA to trust beside the system's, a client certificate and its key).
+//! Where RabbitMQ is and how to reach it: the AMQP URL of each node (one, or a
+//! comma-separated list for a cluster) and, for `amqps://`, the TLS files (a CA to trust
+//! beside the system's, a client certificate and its key).
+//!
+//! Every node of a list is a full AMQP URL; they all use TLS or none ([`AmqpEndpoint::check`]
+//! refuses a mix), so a failover never drops encryption and the TLS files mean the same
+//! for every node. Which node a connection tries first is [`super::nodes`]' business.
 //!
 //! The files are read at each connection, not once: a certificate rotated on disk (a
 //! Kubernetes Secret, cert-manager) is used from the next reconnect. They are checked at
@@ -11,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -35,15 +41,26 @@ pub struct AmqpTls {
     pub amqp_key_file: Option<PathBuf>,
 }
 
-/// A RabbitMQ to connect to: its URL and the TLS files of `amqps://`.
+/// A RabbitMQ to connect to: the URLs of its nodes and the TLS files of `amqps://`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AmqpEndpoint {
+    /// One AMQP URL, or a comma-separated list of them, one per node of a cluster
+    /// (blanks around each are trimmed), as `JOBGATE_AMQP_URL` gives it.
     pub url: SecretUrl,
     pub tls: AmqpTls,
 }
 
+/// One node of an [`AmqpEndpoint`], parsed.
+#[derive(Clone)]
+pub(crate) struct AmqpNode {
+    /// The node's own URL (shown password masked, in logs).
+    pub url: SecretUrl,
+    pub uri: AMQPUri,
+}
+
 impl From<SecretUrl> for AmqpEndpoint {
-    /// A URL alone: `amqp://`, or `amqps://` trusting the system's CAs only.
+    /// A URL (or a list of them) alone: `amqp://`, or `amqps://` trusting the system's
+    /// CAs only.
     fn from(url: SecretUrl) -> Self {
         Self {
             url,
@@ -52,7 +69,8 @@ impl From<SecretUrl> for AmqpEndpoint {
     }
 }
 
-/// Shows the URL, password masked; the TLS files are named, never read out.
+/// Shows the URL (every node of a list), passwords masked; the TLS files are named,
+/// never read out.
 impl fmt::Display for AmqpEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.url, f)
@@ -69,7 +87,8 @@ impl fmt::Debug for AmqpEndpoint {
 }
 
 impl AmqpEndpoint {
-    /// Whether the URL asks for TLS (`amqps://`, in any case).
+    /// Whether the URL asks for TLS (`amqps://`, in any case): that of the first node,
+    /// which [`AmqpEndpoint::check`] holds every other node to.
     pub fn is_tls(&self) -> bool {
         self.url
             .expose()
@@ -78,9 +97,59 @@ impl AmqpEndpoint {
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
     }
 
-    /// Checks, before anything connects, that the TLS settings fit the URL and that each
-    /// file holds what it should. The error names the setting.
+    /// Checks, before anything connects, that every node is an AMQP URL, that they all
+    /// use TLS or none, that the TLS settings fit the URL and that each file holds what
+    /// it should. The error names the setting.
     pub fn check(&self) -> Result<(), String> {
+        self.parsed_nodes()?;
+        self.check_tls_files()
+    }
+
+    /// The nodes in the order given. An empty element (a stray comma), an element that
+    /// is not an AMQP URL and a list mixing `amqp://` and `amqps://` are errors, which
+    /// name the node's place and show the list with its passwords masked (a node cut
+    /// out of the list by a `,` in a password is never shown alone: it could be a piece
+    /// of the password).
+    pub(crate) fn parsed_nodes(&self) -> Result<Vec<AmqpNode>, String> {
+        let elements: Vec<&str> = self.url.expose().split(',').map(str::trim).collect();
+        let count = elements.len();
+        let mut nodes = Vec::with_capacity(count);
+        for (i, element) in elements.into_iter().enumerate() {
+            let place = format!("node {} of {count}", i + 1);
+            if element.is_empty() {
+                return Err(format!(
+                    "JOBGATE_AMQP_URL: {place} is empty (a stray comma?): {}",
+                    self.url
+                ));
+            }
+            // The parser's own message quotes the URL, password and all: not shown.
+            let uri: AMQPUri = element.parse().map_err(|_| {
+                format!(
+                    "JOBGATE_AMQP_URL: {place} is not an AMQP URL \
+                     (amqp[s]://user:password@host:port/vhost; write a `,` in a password \
+                     as %2C): {}",
+                    self.url
+                )
+            })?;
+            nodes.push(AmqpNode {
+                url: element.parse().unwrap_or_else(|never| match never {}),
+                uri,
+            });
+        }
+        let tls = |node: &AmqpNode| node.uri.scheme == AMQPScheme::AMQPS;
+        if nodes.iter().any(tls) && !nodes.iter().all(tls) {
+            return Err(format!(
+                "JOBGATE_AMQP_URL mixes amqp:// and amqps:// nodes ({}): use TLS with every \
+                 node or with none, so that a failover never drops encryption",
+                self.url
+            ));
+        }
+        Ok(nodes)
+    }
+
+    /// The TLS half of [`AmqpEndpoint::check`]: files only with `amqps://`, a
+    /// certificate with its key, and files that hold what they should.
+    pub(crate) fn check_tls_files(&self) -> Result<(), String> {
         let AmqpTls {
             amqp_ca_file: ca,
             amqp_cert_file: cert,
@@ -197,6 +266,67 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("jobgate-amqp-tls-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    fn nodes_of(list: &str) -> Result<Vec<String>, String> {
+        let ep = endpoint(list, None, None, None);
+        ep.parsed_nodes()
+            .map(|nodes| nodes.iter().map(|n| n.url.expose().to_owned()).collect())
+    }
+
+    #[test]
+    fn a_node_list_is_split_at_commas_with_blanks_trimmed() {
+        assert_eq!(
+            nodes_of(" amqp://u:p@a:5672/%2f ,\tamqp://u:p@b:5673/%2f ").unwrap(),
+            ["amqp://u:p@a:5672/%2f", "amqp://u:p@b:5673/%2f"]
+        );
+        assert_eq!(nodes_of("amqp://a").unwrap(), ["amqp://a"]);
+        let ep = endpoint("amqps://a, amqps://b", None, None, None);
+        assert!(ep.is_tls());
+        assert_eq!(ep.check(), Ok(()));
+    }
+
+    #[test]
+    fn an_empty_node_is_refused_naming_its_place() {
+        for (list, place) in [
+            ("amqp://a,,amqp://b", "node 2 of 3"),
+            ("amqp://a,", "node 2 of 2"),
+            (" , amqp://a", "node 1 of 2"),
+            ("", "node 1 of 1"),
+        ] {
+            let error = endpoint(list, None, None, None).check().unwrap_err();
+            assert!(
+                error.contains(place) && error.contains("empty"),
+                "{list:?}: {error}"
+            );
+            assert!(error.contains("JOBGATE_AMQP_URL"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_node_that_is_not_an_amqp_url_is_refused_without_showing_its_password() {
+        for (list, place) in [
+            ("amqp://u:p1@a,http://u:s3cret@b", "node 2 of 2"),
+            ("u:s3cret@b", "node 1 of 1"),
+            // An unencoded comma in a password splits the node: refused, not cut in two.
+            ("amqp://u:12,s3cret@b", "node 2 of 2"),
+        ] {
+            let error = endpoint(list, None, None, None).check().unwrap_err();
+            assert!(error.contains(place), "{list:?}: {error}");
+            assert!(error.contains("%2C"), "{error}");
+            assert!(
+                !error.contains("s3cret") && !error.contains("p1"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_list_mixing_amqp_and_amqps_is_refused() {
+        for list in ["amqp://a,amqps://b", "AMQPS://a, amqp://b"] {
+            let error = endpoint(list, None, None, None).check().unwrap_err();
+            assert!(error.contains("mixes amqp:// and amqps://"), "{error}");
+        }
     }
 
     #[test]
