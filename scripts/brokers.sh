@@ -702,25 +702,34 @@ listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.p
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 
-# Single node: every internal topic with replication factor / min ISR 1.
-num.partitions=1
-default.replication.factor=1
-min.insync.replicas=1
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
 
-# Faster, more predictable tests.
+# Single node: every internal topic with replication factor / min ISR 1.
+EOF
+  kafka_test_properties 1 1 >>"$KAFKA_PROPS.tmp"
+  mv "$KAFKA_PROPS.tmp" "$KAFKA_PROPS"
+  write_kafka_log4j
+}
+
+# kafka_test_properties REPLICATION MIN_ISR: the properties every test broker shares:
+# the replication of its topics (internal ones too) and settings for faster, more
+# predictable tests.
+kafka_test_properties() {
+  cat <<EOF
+num.partitions=1
+default.replication.factor=$1
+min.insync.replicas=$2
+offsets.topic.replication.factor=$1
+transaction.state.log.replication.factor=$1
+transaction.state.log.min.isr=$2
+share.coordinator.state.topic.replication.factor=$1
+share.coordinator.state.topic.min.isr=$2
+
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 delete.topic.enable=true
 log.retention.hours=24
 log.segment.bytes=67108864
 EOF
-  mv "$KAFKA_PROPS.tmp" "$KAFKA_PROPS"
-  write_kafka_log4j
 }
 
 # write_kafka_log4j: Kafka's log configuration, logging to $KAFKA_SERVER_LOG.

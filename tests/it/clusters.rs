@@ -107,6 +107,24 @@ async fn under_load(ledger: &Ledger, fault: &Fault, answered: usize) {
     }
 }
 
+/// A ledger of `queue` on `backend`'s cluster, a producer and [`REPLICAS`] consumers
+/// pointed at the cluster (`scripts/brokers.sh env`).
+async fn on_the_cluster(
+    backend: Backend,
+    queue: &str,
+) -> (std::sync::Arc<Ledger>, Producer, Vec<Consumer>) {
+    let env = Site::Cluster.env(backend);
+    let ledger = Ledger::at(backend, Site::Cluster, queue);
+    let producer =
+        Producer::start(backend, &[queue], &[env.clone(), ledger.producer_env()].concat()).await;
+    let mut consumers = Vec::new();
+    for _ in 0..REPLICAS {
+        let settings = [env.clone(), ledger.consumer_env(CONCURRENCY, HANDLER)].concat();
+        consumers.push(Consumer::start(backend, queue, &settings).await);
+    }
+    (ledger, producer, consumers)
+}
+
 /// A GET of the RabbitMQ cluster's management API, from the first node that answers.
 async fn cluster_management(path: &str) -> Value {
     let http = reqwest::Client::builder()
@@ -158,20 +176,8 @@ async fn rabbitmq_cluster_failover() {
     let _brokers = brokers_exclusive().await;
     let _cluster = ClusterUp::start("rabbitmq-cluster").await;
     let backend = Backend::Rabbitmq;
-    let env = Site::Cluster.env(backend);
     let queue = unique("cluster");
-    let ledger = Ledger::at(backend, Site::Cluster, &queue);
-    let producer = Producer::start(
-        backend,
-        &[&queue],
-        &[env.clone(), ledger.producer_env()].concat(),
-    )
-    .await;
-    let mut consumers = Vec::new();
-    for _ in 0..REPLICAS {
-        let settings = [env.clone(), ledger.consumer_env(CONCURRENCY, HANDLER)].concat();
-        consumers.push(Consumer::start(backend, &queue, &settings).await);
-    }
+    let (ledger, producer, mut consumers) = on_the_cluster(backend, &queue).await;
     let load = ledger.load(&producer, 1_000_000, 4, Duration::from_millis(100));
     ledger.wait_accepted(50).await;
 
@@ -277,20 +283,8 @@ async fn kafka_cluster_failover() {
     let _brokers = brokers_exclusive().await;
     let _cluster = ClusterUp::start("kafka-cluster").await;
     let backend = Backend::Kafka;
-    let env = Site::Cluster.env(backend);
     let queue = unique("cluster");
-    let ledger = Ledger::at(backend, Site::Cluster, &queue);
-    let producer = Producer::start(
-        backend,
-        &[&queue],
-        &[env.clone(), ledger.producer_env()].concat(),
-    )
-    .await;
-    let mut consumers = Vec::new();
-    for _ in 0..REPLICAS {
-        let settings = [env.clone(), ledger.consumer_env(CONCURRENCY, HANDLER)].concat();
-        consumers.push(Consumer::start(backend, &queue, &settings).await);
-    }
+    let (ledger, producer, mut consumers) = on_the_cluster(backend, &queue).await;
     backend
         .wait_group_stable(&consumers.iter().collect::<Vec<_>>(), KAFKA_PARTITIONS)
         .await;

@@ -288,25 +288,10 @@ impl Producer {
     /// Starts a producer on `backend` for `queues` on a free port, with extra
     /// `JOBGATE_*` settings; returns once it is ready.
     pub async fn start(backend: Backend, queues: &[&str], env: &[(&str, String)]) -> Self {
-        let mut all = vec![
-            ("JOBGATE_LISTEN", "127.0.0.1:0".to_owned()),
-            ("JOBGATE_QUEUES", queues.join(",")),
-        ];
-        all.extend(backend.env());
-        all.extend(env.iter().cloned());
-        let process = Process::spawn("producer", "producer", &all).await;
-        let mut addr = None;
-        wait_until(Duration::from_secs(20), "the producer to listen", || {
-            addr = process
-                .lines("producer listening")
-                .first()
-                .and_then(|l| l["addr"].as_str().map(str::to_owned));
-            std::future::ready(addr.is_some())
-        })
-        .await;
+        let (process, base_url) = spawn_producer(backend, queues, env).await;
         let producer = Self {
             process,
-            base_url: format!("http://{}", addr.unwrap()),
+            base_url,
             // Never hang a test on one request: the producer answers within its publish
             // timeout, so this only turns a hang into a failure.
             http: http_client(Duration::from_secs(60)),
@@ -379,9 +364,19 @@ pub async fn unready_producer(
     queue: &str,
     env: &[(&'static str, String)],
 ) -> (Process, String) {
+    spawn_producer(backend, &[queue], env).await
+}
+
+/// Starts a producer on `backend` for `queues` on a free port, with extra `JOBGATE_*`
+/// settings; returns it and its base URL once it listens (ready or not).
+async fn spawn_producer(
+    backend: Backend,
+    queues: &[&str],
+    env: &[(&str, String)],
+) -> (Process, String) {
     let mut all = vec![
         ("JOBGATE_LISTEN", "127.0.0.1:0".to_owned()),
-        ("JOBGATE_QUEUES", queue.to_owned()),
+        ("JOBGATE_QUEUES", queues.join(",")),
     ];
     all.extend(backend.env());
     all.extend(env.iter().cloned());
