@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use clap::CommandFactory;
+use clap::{CommandFactory, FromArgMatches};
 use jobgate_shared::broker::memory::MemoryBroker;
 use jobgate_shared::broker::JobSource;
 use serde::Deserialize;
@@ -243,6 +243,16 @@ impl Problems {
         self.0.push(problem);
     }
 
+    /// Takes `other`'s problems, each prefixed with `what` (an overlay's name).
+    fn extend_from(&mut self, what: &str, other: Problems) {
+        self.0.extend(
+            other
+                .0
+                .into_iter()
+                .map(|problem| format!("{what}: {problem}")),
+        );
+    }
+
     fn assert_none(self) {
         assert!(
             self.0.is_empty(),
@@ -391,6 +401,11 @@ struct Cluster {
     budgets: Vec<Value>,
     scaled_objects: Vec<Value>,
     network_policies: Vec<Value>,
+    /// The brokers' operators' resources: `RabbitmqCluster` (RabbitMQ Cluster
+    /// Operator), `Kafka` and `KafkaNodePool` (Strimzi).
+    rabbitmq_clusters: Vec<Value>,
+    kafkas: Vec<Value>,
+    kafka_node_pools: Vec<Value>,
     kustomizations: Vec<(PathBuf, Value)>,
     /// Every file with objects other than Kustomizations: each must be deployed.
     resource_files: BTreeSet<PathBuf>,
@@ -399,10 +414,26 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Every document of every file under `dir`, as written (no overlay applied).
     fn load(dir: &Path, problems: &mut Problems) -> Cluster {
+        let documents = files_under(dir, &["yaml", "yml"])
+            .into_iter()
+            .flat_map(|path| {
+                load_yaml(&path)
+                    .into_iter()
+                    .map(move |doc| (path.clone(), doc))
+            });
+        Cluster::from_documents(documents, problems)
+    }
+
+    /// The objects of `documents`, each with the file it comes from.
+    fn from_documents(
+        documents: impl IntoIterator<Item = (PathBuf, Value)>,
+        problems: &mut Problems,
+    ) -> Cluster {
         let mut cluster = Cluster::default();
-        for path in files_under(dir, &["yaml", "yml"]) {
-            for doc in load_yaml(&path) {
+        {
+            for (path, doc) in documents {
                 let name = text_at(&doc, &["metadata", "name"]).unwrap_or_default();
                 match text_at(&doc, &["kind"]).as_deref() {
                     Some("ConfigMap") => {
@@ -428,6 +459,31 @@ impl Cluster {
                     Some("PodDisruptionBudget") => cluster.budgets.push(doc),
                     Some("ScaledObject") => cluster.scaled_objects.push(doc),
                     Some("NetworkPolicy") => cluster.network_policies.push(doc),
+                    Some("RabbitmqCluster") => {
+                        // The operator creates this Secret; example values stand in for
+                        // the generated ones (a base64url user and password, as it makes
+                        // them) so that URLs built from it can be parsed.
+                        let secret = format!("{name}-default-user");
+                        let samples = [
+                            ("username", "default_user_c2FtcGxlLXVzZXI".to_owned()),
+                            ("password", "c2FtcGxlLXBhc3N3b3Jk-_0".to_owned()),
+                            ("host", format!("{name}.sample-namespace.svc")),
+                            ("port", "5672".to_owned()),
+                            ("provider", "rabbitmq".to_owned()),
+                            ("type", "rabbitmq".to_owned()),
+                            ("default_user.conf", "<secret>".to_owned()),
+                        ];
+                        for (key, value) in &samples {
+                            cluster
+                                .secret_data
+                                .insert((secret.clone(), (*key).to_owned()), value.clone());
+                        }
+                        let keys = samples.iter().map(|(key, _)| (*key).to_owned()).collect();
+                        cluster.secrets.insert(secret, keys);
+                        cluster.rabbitmq_clusters.push(doc);
+                    }
+                    Some("Kafka") => cluster.kafkas.push(doc),
+                    Some("KafkaNodePool") => cluster.kafka_node_pools.push(doc),
                     Some("Kustomization") => {
                         cluster.kustomizations.push((path.clone(), doc));
                         continue;
@@ -444,7 +500,11 @@ impl Cluster {
     }
 
     /// The environment of a container: `envFrom` ConfigMaps and Secrets, then `env`.
-    /// Secret values are not in the repository; they read as `<secret>`.
+    /// Secret values are not in the repository; they read as `<secret>`. A `value`
+    /// with `$(VAR)` references is expanded as the kubelet does, from the variables
+    /// defined before it, a Secret's standing in with its example value (`stringData`
+    /// here, or the sample of a Secret an operator creates); a reference to a variable
+    /// not defined before it is a problem (Kubernetes would leave it as it is).
     fn container_env(
         &self,
         what: &str,
@@ -452,16 +512,28 @@ impl Cluster {
         problems: &mut Problems,
     ) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
+        // What $(VAR) expands to: the values, with Secrets' example values.
+        let mut samples: BTreeMap<String, String> = BTreeMap::new();
         for source in seq_at(container, &["envFrom"]) {
             if let Some(name) = text_at(source, &["configMapRef", "name"]) {
                 match self.config_maps.get(&name) {
-                    Some(data) => env.extend(data.clone()),
+                    Some(data) => {
+                        env.extend(data.clone());
+                        samples.extend(data.clone());
+                    }
                     None => problems.push(format!("{what}: envFrom names no ConfigMap {name}")),
                 }
             }
             if let Some(name) = text_at(source, &["secretRef", "name"]) {
                 match self.secrets.get(&name) {
-                    Some(keys) => env.extend(keys.iter().map(|k| (k.clone(), "<secret>".into()))),
+                    Some(keys) => {
+                        for key in keys {
+                            let sample = self.secret_data.get(&(name.clone(), key.clone()));
+                            samples
+                                .insert(key.clone(), sample.cloned().unwrap_or("<secret>".into()));
+                            env.insert(key.clone(), "<secret>".into());
+                        }
+                    }
                     None => problems.push(format!("{what}: envFrom names no Secret {name}")),
                 }
             }
@@ -469,7 +541,15 @@ impl Cluster {
         for var in seq_at(container, &["env"]) {
             let name = text_at(var, &["name"]).unwrap_or_default();
             let value = if let Some(value) = text_at(var, &["value"]) {
-                value
+                let (expanded, undefined) = expand_references(&value, &samples);
+                for reference in undefined {
+                    problems.push(format!(
+                        "{what}: {name} refers to $({reference}), which is not defined before it \
+                         in the container's env or envFrom (Kubernetes would pass it on as it is)"
+                    ));
+                }
+                samples.insert(name.clone(), expanded.clone());
+                expanded
             } else if let Some(secret) = at(var, &["valueFrom", "secretKeyRef"]) {
                 let (secret_name, key) = (
                     text_at(secret, &["name"]).unwrap_or_default(),
@@ -481,6 +561,8 @@ impl Cluster {
                         .is_some_and(|keys| keys.contains(&key)),
                     || format!("{what}: {name} refers to {secret_name}/{key}, no such Secret key"),
                 );
+                let sample = self.secret_data.get(&(secret_name, key));
+                samples.insert(name.clone(), sample.cloned().unwrap_or("<secret>".into()));
                 "<secret>".to_owned()
             } else if let Some(cm) = at(var, &["valueFrom", "configMapKeyRef"]) {
                 let (cm_name, key) = (
@@ -492,7 +574,10 @@ impl Cluster {
                     .get(&cm_name)
                     .and_then(|data| data.get(&key))
                 {
-                    Some(value) => value.clone(),
+                    Some(value) => {
+                        samples.insert(name.clone(), value.clone());
+                        value.clone()
+                    }
                     None => {
                         problems.push(format!(
                             "{what}: {name} refers to {cm_name}/{key}, no such ConfigMap key"
@@ -760,6 +845,24 @@ impl Cluster {
                                 "ScaledObject {name}: authenticationRef {auth:?} is no TriggerAuthentication"
                             )),
                             Some(auth_doc) => {
+                                // Parameters read from the target's container env.
+                                for reference in seq_at(auth_doc, &["spec", "env"]) {
+                                    let var = text_at(reference, &["name"]).unwrap_or_default();
+                                    let container = text_at(reference, &["containerName"]);
+                                    let container_name = text_at(&workload.container, &["name"]);
+                                    problems.check(container.is_none() || container == container_name, || {
+                                        format!("TriggerAuthentication {auth}: containerName {container:?} is not {target}'s container {container_name:?}")
+                                    });
+                                    let Some(value) = settings.env.get(&var) else {
+                                        problems.push(format!("TriggerAuthentication {auth}: {target} has no variable {var}"));
+                                        continue;
+                                    };
+                                    if text_at(reference, &["parameter"]).as_deref() == Some("host") {
+                                        problems.check(management_url(value).is_some(), || {
+                                            format!("TriggerAuthentication {auth}: host ({var}) is not an http://user:password@host:15672/ URL: {value}")
+                                        });
+                                    }
+                                }
                                 for reference in seq_at(auth_doc, &["spec", "secretTargetRef"]) {
                                     let secret = text_at(reference, &["name"]).unwrap_or_default();
                                     let key = text_at(reference, &["key"]).unwrap_or_default();
@@ -783,10 +886,19 @@ impl Cluster {
                         problems.check(meta("consumerGroup") == group, || {
                             format!("ScaledObject {name}: consumerGroup {} is not the consumer's group {group}", meta("consumerGroup"))
                         });
+                        // The same Services and ports; KEDA, in its own namespace, may
+                        // need the namespace in the name (`svc.ns.svc:9092`).
                         let brokers = settings.get("JOBGATE_KAFKA_BROKERS").unwrap_or_default();
-                        problems.check(meta("bootstrapServers") == brokers, || {
-                            format!("ScaledObject {name}: bootstrapServers {} are not JOBGATE_KAFKA_BROKERS {brokers}", meta("bootstrapServers"))
-                        });
+                        let services = |list: &str| -> Vec<Option<(String, u16)>> {
+                            list.split(',')
+                                .map(|b| service_and_port(b.trim()))
+                                .collect()
+                        };
+                        problems.check(
+                            services(&meta("bootstrapServers")) == services(&brokers)
+                                && !services(&brokers).contains(&None),
+                            || format!("ScaledObject {name}: bootstrapServers {} are not JOBGATE_KAFKA_BROKERS {brokers}", meta("bootstrapServers")),
+                        );
                         problems.check(meta("lagThreshold").parse::<u64>().is_ok(), || {
                             format!("ScaledObject {name}: lagThreshold is not a number")
                         });
@@ -971,10 +1083,14 @@ impl Cluster {
                     (53, "UDP".to_owned(), "DNS".to_owned()),
                     (53, "TCP".to_owned(), "DNS".to_owned()),
                 ];
-                let amqp = self.amqp_url_of(workload);
-                match amqp.as_deref().and_then(amqp_port) {
-                    Some(port) => needed.push((port, "TCP".into(), "RabbitMQ".into())),
-                    None => problems.push(format!("{what}: no AMQP URL with a port ({amqp:?})")),
+                let amqp = self.amqp_url_of(workload).unwrap_or_default();
+                for node in amqp.split(',') {
+                    match amqp_port(node.trim()) {
+                        Some(port) => needed.push((port, "TCP".into(), "RabbitMQ".into())),
+                        None => {
+                            problems.push(format!("{what}: no AMQP URL with a port ({node:?})"))
+                        }
+                    }
                 }
                 let brokers = workload
                     .settings
@@ -995,17 +1111,17 @@ impl Cluster {
         }
     }
 
-    /// The example value of a workload's `JOBGATE_AMQP_URL` (literal or from a Secret).
+    /// The example value of a workload's `JOBGATE_AMQP_URL` (literal, with its `$(VAR)`
+    /// references expanded, or from a Secret).
     fn amqp_url_of(&self, workload: &Workload) -> Option<String> {
         let var = seq_at(&workload.container, &["env"])
             .iter()
             .find(|var| text_at(var, &["name"]).as_deref() == Some("JOBGATE_AMQP_URL"));
-        match var {
-            Some(var) => text_at(var, &["value"]).or_else(|| {
-                let secret = at(var, &["valueFrom", "secretKeyRef"])?;
+        match var.and_then(|var| at(var, &["valueFrom", "secretKeyRef"])) {
+            Some(secret) => {
                 let key = (text_at(secret, &["name"])?, text_at(secret, &["key"])?);
                 self.secret_data.get(&key).cloned()
-            }),
+            }
             None => workload.settings.get("JOBGATE_AMQP_URL"),
         }
     }
@@ -1095,51 +1211,575 @@ fn check_settings(what: &str, settings: &Settings, problems: &mut Problems) {
         let Some(value) = settings.env.get(&*env.to_string_lossy()) else {
             continue;
         };
-        if value == "<secret>" || value.contains("${") {
+        if value.contains("<secret>") || value.contains("${") {
             continue;
         }
         argv.push(format!("--{long}={value}"));
     }
-    let parsed = command.try_get_matches_from(&argv);
-    problems.check(parsed.is_ok(), || {
-        format!(
-            "{what}: the {:?} refuses its settings: {}",
-            settings.binary,
-            parsed.unwrap_err()
-        )
-    });
+    let matches = match command.try_get_matches_from(&argv) {
+        Ok(matches) => matches,
+        Err(e) => {
+            problems.push(format!(
+                "{what}: the {:?} refuses its settings: {e}",
+                settings.binary
+            ));
+            return;
+        }
+    };
+    // What the binaries check right after parsing (BrokerArgs::check): every node of
+    // JOBGATE_AMQP_URL an AMQP URL, none mixing TLS, the Kafka security settings.
+    let broker = match settings.binary {
+        Binary::Producer => {
+            producer::ProducerConfig::from_arg_matches(&matches).map(|config| config.broker)
+        }
+        Binary::Consumer => {
+            consumer::ConsumerConfig::from_arg_matches(&matches).map(|config| config.broker)
+        }
+    };
+    match broker.map(|broker| broker.check()) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!(
+            "{what}: the {:?} would not start: {e}",
+            settings.binary
+        )),
+        Err(e) => problems.push(format!("{what}: {e}")),
+    }
 }
 
+/// `value` with its `$(VAR)` references expanded as the kubelet expands an env value:
+/// `$(NAME)` of a variable in `defined` becomes its value, `$$` is one `$`, anything
+/// else stays as written. Also returns the names referred to but not defined.
+fn expand_references(value: &str, defined: &BTreeMap<String, String>) -> (String, Vec<String>) {
+    let mut out = String::new();
+    let mut undefined = Vec::new();
+    let mut rest = value;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some((name, after)) = tail
+            .strip_prefix("$(")
+            .and_then(|inner| inner.split_once(')'))
+        {
+            match defined.get(name) {
+                Some(expanded) => out.push_str(expanded),
+                None => {
+                    if !undefined.iter().any(|u| u == name) {
+                        undefined.push(name.to_owned());
+                    }
+                    out.push_str(&tail[..name.len() + 3]);
+                }
+            }
+            rest = after;
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    (out, undefined)
+}
+
+/// `host:port` as the Service it names and the port: the first DNS label
+/// (`svc`, `svc.ns`, `svc.ns.svc.cluster.local` are one Service).
+fn service_and_port(server: &str) -> Option<(String, u16)> {
+    let (host, port) = port_of_host_port(server)?;
+    let service = host.split('.').next().filter(|s| !s.is_empty())?;
+    Some((service.to_owned(), port))
+}
+
+/// The host of a RabbitMQ management API URL as KEDA's rabbitmq trigger takes it:
+/// `http://user:password@host:15672/` (or https).
+fn management_url(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?;
+    let authority = rest.split('/').next()?;
+    let (userinfo, host_port) = authority.rsplit_once('@')?;
+    let (user, password) = userinfo.split_once(':')?;
+    let (host, port) = port_of_host_port(host_port)?;
+    (!user.is_empty() && !password.is_empty() && !host.is_empty() && port == 15672).then_some(host)
+}
+
+impl Cluster {
+    /// The brokers an operator runs in this overlay (`RabbitmqCluster`, Strimzi's
+    /// `Kafka`), and jobgate pointed at them: the backend, each node or bootstrap
+    /// server one the operator creates, on a port it opens, with its credentials.
+    fn check_operator_brokers(&self, workloads: &[Workload], problems: &mut Problems) {
+        // The operators copy their resource's labels to the brokers' pods: a label
+        // jobgate's NetworkPolicies select would cut the brokers' own traffic.
+        for resource in self
+            .rabbitmq_clusters
+            .iter()
+            .chain(&self.kafkas)
+            .chain(&self.kafka_node_pools)
+        {
+            let kind = text_at(resource, &["kind"]).unwrap_or_default();
+            let name = text_at(resource, &["metadata", "name"]).unwrap_or_default();
+            let labels = string_map(at(resource, &["metadata", "labels"]));
+            for policy in &self.network_policies {
+                let selector = string_map(at(policy, &["spec", "podSelector", "matchLabels"]));
+                let policy_name = text_at(policy, &["metadata", "name"]).unwrap_or_default();
+                problems.check(!selects(&selector, &labels), || {
+                    format!(
+                        "{kind} {name}: NetworkPolicy {policy_name} selects its labels \
+                         {labels:?}, and so the broker's pods the operator labels alike"
+                    )
+                });
+            }
+        }
+
+        for cluster in &self.rabbitmq_clusters {
+            let name = text_at(cluster, &["metadata", "name"]).unwrap_or_default();
+            let replicas = at(cluster, &["spec", "replicas"])
+                .and_then(Value::as_u64)
+                .unwrap_or(1);
+            let port = if at(cluster, &["spec", "tls", "secretName"]).is_some() {
+                5671
+            } else {
+                5672
+            };
+            let secret = format!("{name}-default-user");
+            let sample = |key: &str| self.secret_data.get(&(secret.clone(), key.to_owned()));
+            for workload in workloads {
+                let what = format!("Deployment {}", workload.name);
+                let backend = workload.settings.get("JOBGATE_BACKEND").unwrap_or_default();
+                problems.check(backend == "rabbitmq", || {
+                    format!("{what}: JOBGATE_BACKEND is {backend}, beside RabbitmqCluster {name}")
+                });
+                let url = self.amqp_url_of(workload).unwrap_or_default();
+                if url.contains("<secret>") || self.secret_data.values().any(|v| *v == url) {
+                    problems.push(format!(
+                        "{what}: JOBGATE_AMQP_URL is not built from RabbitmqCluster {name}'s \
+                         Secret {secret} (with $(VAR) references)"
+                    ));
+                    continue;
+                }
+                let mut pods = BTreeSet::new();
+                for node in url.split(',').map(str::trim) {
+                    // A node that does not parse is reported by check_settings.
+                    let Ok(uri) = node.parse::<lapin::uri::AMQPUri>() else {
+                        continue;
+                    };
+                    let host = &uri.authority.host;
+                    let labels: Vec<&str> = host.split('.').collect();
+                    let pod = labels[0]
+                        .strip_prefix(&format!("{name}-server-"))
+                        .and_then(|i| i.parse::<u64>().ok())
+                        .filter(|_| labels.get(1) == Some(&format!("{name}-nodes").as_str()));
+                    match pod {
+                        Some(i) => {
+                            problems.check(i < replicas, || {
+                                format!("{what}: JOBGATE_AMQP_URL names pod {i} of RabbitmqCluster {name}, which has {replicas}")
+                            });
+                            pods.insert(i);
+                        }
+                        None => problems.check(labels[0] == name, || {
+                            format!(
+                                "{what}: JOBGATE_AMQP_URL node {host} is neither RabbitmqCluster \
+                                 {name}'s Service nor one of its pods ({name}-server-N.{name}-nodes)"
+                            )
+                        }),
+                    }
+                    problems.check(uri.authority.port == port, || {
+                        format!("{what}: JOBGATE_AMQP_URL node {host} on port {}, RabbitmqCluster {name} listens on {port}", uri.authority.port)
+                    });
+                    let userinfo = &uri.authority.userinfo;
+                    problems.check(
+                        Some(&userinfo.username) == sample("username")
+                            && Some(&userinfo.password) == sample("password"),
+                        || format!("{what}: JOBGATE_AMQP_URL node {host} does not log in as {secret}'s username and password"),
+                    );
+                }
+                problems.check(
+                    pods.is_empty() || pods.len() as u64 == replicas,
+                    || format!("{what}: JOBGATE_AMQP_URL lists pods {pods:?} of RabbitmqCluster {name}'s {replicas}: one left out is never tried"),
+                );
+            }
+        }
+
+        for kafka in &self.kafkas {
+            let name = text_at(kafka, &["metadata", "name"]).unwrap_or_default();
+            let listeners: Vec<(u16, bool)> = seq_at(kafka, &["spec", "kafka", "listeners"])
+                .iter()
+                .filter_map(|l| {
+                    let port = text_at(l, &["port"])?.parse().ok()?;
+                    Some((port, l.get("tls") == Some(&Value::Bool(true))))
+                })
+                .collect();
+            let brokers: u64 = self
+                .kafka_node_pools
+                .iter()
+                .filter(|pool| {
+                    string_map(at(pool, &["metadata", "labels"])).get("strimzi.io/cluster")
+                        == Some(&name)
+                        && seq_at(pool, &["spec", "roles"])
+                            .iter()
+                            .any(|role| text(role).as_deref() == Some("broker"))
+                })
+                .filter_map(|pool| at(pool, &["spec", "replicas"]).and_then(Value::as_u64))
+                .sum();
+            problems.check(brokers > 0, || {
+                format!("Kafka {name}: no KafkaNodePool (label strimzi.io/cluster: {name}) gives it brokers")
+            });
+            let bootstrap = format!("{name}-kafka-bootstrap");
+            for workload in workloads {
+                let what = format!("Deployment {}", workload.name);
+                let settings = &workload.settings;
+                let backend = settings.get("JOBGATE_BACKEND").unwrap_or_default();
+                problems.check(backend == "kafka", || {
+                    format!("{what}: JOBGATE_BACKEND is {backend}, beside Kafka {name}")
+                });
+                let protocol = settings
+                    .get("JOBGATE_KAFKA_SECURITY_PROTOCOL")
+                    .unwrap_or_default()
+                    .to_ascii_lowercase();
+                let tls = protocol == "ssl" || protocol == "sasl_ssl";
+                let servers = settings.get("JOBGATE_KAFKA_BROKERS").unwrap_or_default();
+                for server in servers.split(',').map(str::trim) {
+                    match service_and_port(server) {
+                        Some((service, port)) => {
+                            problems.check(service == bootstrap, || {
+                                format!("{what}: JOBGATE_KAFKA_BROKERS names {service}, not {bootstrap}, the bootstrap Service of Kafka {name}")
+                            });
+                            problems.check(listeners.contains(&(port, tls)), || {
+                                format!("{what}: JOBGATE_KAFKA_BROKERS port {port} is no listener of Kafka {name} with tls {tls} (JOBGATE_KAFKA_SECURITY_PROTOCOL {protocol}); listeners {listeners:?}")
+                            });
+                        }
+                        None => problems.push(format!(
+                            "{what}: JOBGATE_KAFKA_BROKERS {server} is not host:port"
+                        )),
+                    }
+                }
+                let factor = settings
+                    .get("JOBGATE_KAFKA_REPLICATION_FACTOR")
+                    .unwrap_or_default();
+                if let Ok(factor) = factor.parse::<u64>() {
+                    problems.check(factor <= brokers, || {
+                        format!("{what}: JOBGATE_KAFKA_REPLICATION_FACTOR {factor} is above Kafka {name}'s {brokers} brokers: no topic could be created")
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// What `kubectl apply -k dir` applies, each object with the file it comes from: the
+/// `resources` (files, and kustomization directories rendered in turn), then the
+/// `patches` in order. Enough of Kustomize for these overlays, and strict about the
+/// rest: a field or patch it does not apply is an error, not skipped.
+///
+/// Patches: JSON 6902 operations (`add`, `replace`, `remove`, `test`) on one `target`,
+/// or a strategic merge patch of mappings (`null` deletes a key, `$patch: delete` the
+/// object). A strategic merge of a list is refused: Kustomize releases put new items
+/// first or last (kustomize issues 2907, 3157), and in `env` the order decides whether
+/// a `$(VAR)` reference is expanded, so such patches use JSON 6902 indices.
+fn render_kustomization(dir: &Path) -> Result<Vec<(PathBuf, Value)>, String> {
+    let path = dir.join("kustomization.yaml");
+    let kustomization = load_yaml(&path)
+        .pop()
+        .ok_or_else(|| format!("{} is empty", path.display()))?;
+    for field in kustomization
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, _)| text(k))
+    {
+        if !["apiVersion", "kind", "resources", "patches", "images"].contains(&field.as_str()) {
+            return Err(format!(
+                "{}: this test does not render `{field}`",
+                path.display()
+            ));
+        }
+    }
+    let mut objects = Vec::new();
+    for resource in seq_at(&kustomization, &["resources"]) {
+        let target = dir.join(text(resource).unwrap_or_default());
+        if target.is_dir() {
+            objects.extend(render_kustomization(&target)?);
+        } else {
+            objects.extend(
+                load_yaml(&target)
+                    .into_iter()
+                    .map(|doc| (target.clone(), doc)),
+            );
+        }
+    }
+    for (i, patch) in seq_at(&kustomization, &["patches"]).iter().enumerate() {
+        let what = format!("{}, patch {}", path.display(), i + 1);
+        let body = match (text_at(patch, &["patch"]), text_at(patch, &["path"])) {
+            (Some(inline), None) => inline,
+            (None, Some(file)) => std::fs::read_to_string(dir.join(&file))
+                .map_err(|e| format!("{what}: {file}: {e}"))?,
+            _ => return Err(format!("{what}: needs one of `patch` and `path`")),
+        };
+        let body: Value =
+            serde_norway::from_str(&body).map_err(|e| format!("{what}: not YAML: {e}"))?;
+        let (kind, name) = match patch.get("target") {
+            Some(target) => {
+                for key in target
+                    .as_mapping()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, _)| text(k))
+                {
+                    if key != "kind" && key != "name" {
+                        return Err(format!("{what}: target {key} is not rendered by this test"));
+                    }
+                }
+                (text_at(target, &["kind"]), text_at(target, &["name"]))
+            }
+            None => (
+                text_at(&body, &["kind"]),
+                text_at(&body, &["metadata", "name"]),
+            ),
+        };
+        let is_target = |doc: &Value| {
+            kind.is_some()
+                && name.is_some()
+                && text_at(doc, &["kind"]) == kind
+                && text_at(doc, &["metadata", "name"]) == name
+        };
+        let matched = objects.iter().filter(|(_, doc)| is_target(doc)).count();
+        if matched != 1 {
+            return Err(format!(
+                "{what}: target {kind:?} {name:?} matches {matched} objects"
+            ));
+        }
+        let (_, doc) = objects
+            .iter_mut()
+            .find(|(_, doc)| is_target(doc))
+            .expect("one target");
+        match &body {
+            Value::Sequence(ops) => json_patch(doc, ops).map_err(|e| format!("{what}: {e}"))?,
+            _ if text_at(&body, &["$patch"]).as_deref() == Some("delete") => {
+                objects.retain(|(_, doc)| !is_target(doc));
+            }
+            _ => merge_patch(doc, &body, "").map_err(|e| format!("{what}: {e}"))?,
+        }
+    }
+    Ok(objects)
+}
+
+/// Applies JSON 6902 operations to `doc`, in order; a failed `test` is an error (as it
+/// fails `kustomize build`).
+fn json_patch(doc: &mut Value, ops: &[Value]) -> Result<(), String> {
+    fn child<'a>(value: &'a mut Value, token: &str) -> Option<&'a mut Value> {
+        match value {
+            Value::Sequence(items) => items.get_mut(token.parse::<usize>().ok()?),
+            Value::Mapping(map) => map.get_mut(token),
+            _ => None,
+        }
+    }
+    for op in ops {
+        let kind = text_at(op, &["op"]).unwrap_or_default();
+        let path = text_at(op, &["path"]).unwrap_or_default();
+        let tokens: Vec<String> = path
+            .strip_prefix('/')
+            .ok_or_else(|| format!("path {path:?} does not start with /"))?
+            .split('/')
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect();
+        let (last, parents) = tokens.split_last().expect("split yields one token");
+        let mut parent = &mut *doc;
+        for token in parents {
+            parent = child(parent, token).ok_or_else(|| format!("{kind} {path}: no {token}"))?;
+        }
+        let value = op.get("value").cloned();
+        let missing = || format!("{kind} {path}: nothing at {last}");
+        match (kind.as_str(), parent) {
+            ("test", parent) => {
+                let found = child(parent, last).map(|v| v.clone());
+                if found != value {
+                    return Err(format!(
+                        "test {path} failed: it is {found:?}, not {value:?}"
+                    ));
+                }
+            }
+            ("replace", parent) => {
+                *child(parent, last).ok_or_else(missing)? = value.ok_or("replace without value")?;
+            }
+            ("add", Value::Sequence(items)) => {
+                let value = value.ok_or("add without value")?;
+                match last.as_str() {
+                    "-" => items.push(value),
+                    index => match index.parse::<usize>() {
+                        Ok(i) if i <= items.len() => items.insert(i, value),
+                        _ => return Err(missing()),
+                    },
+                }
+            }
+            ("add", Value::Mapping(map)) => {
+                map.insert(
+                    Value::String(last.clone()),
+                    value.ok_or("add without value")?,
+                );
+            }
+            ("remove", Value::Sequence(items)) => match last.parse::<usize>() {
+                Ok(i) if i < items.len() => {
+                    items.remove(i);
+                }
+                _ => return Err(missing()),
+            },
+            ("remove", Value::Mapping(map)) => {
+                map.remove(last.as_str()).ok_or_else(missing)?;
+            }
+            (other, _) => return Err(format!("{other} {path}: not applied by this test")),
+        }
+    }
+    Ok(())
+}
+
+/// Merges a strategic merge patch of mappings into `target` (see
+/// [`render_kustomization`]); `at` is the path so far, for errors.
+fn merge_patch(target: &mut Value, patch: &Value, at: &str) -> Result<(), String> {
+    let (Value::Mapping(target), Value::Mapping(patch)) = (target, patch) else {
+        return Err(format!("{at}: a strategic merge patch of a non-mapping"));
+    };
+    for (key, value) in patch {
+        let here = format!("{at}.{}", text(key).unwrap_or_default());
+        if value.is_null() {
+            target.remove(key);
+            continue;
+        }
+        match target.get_mut(key) {
+            Some(existing @ Value::Mapping(_)) if value.is_mapping() => {
+                merge_patch(existing, value, &here)?;
+            }
+            Some(Value::Sequence(_)) => {
+                return Err(format!(
+                    "{here}: a strategic merge of a list, whose new items kustomize releases \
+                     place differently: use a JSON 6902 patch"
+                ));
+            }
+            _ => {
+                target.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every overlay under `dir` (each directory with a kustomization.yaml but `base`,
+/// which is never applied alone), rendered, by its path.
+fn kubernetes_overlays(dir: &Path, problems: &mut Problems) -> Vec<(String, Cluster)> {
+    let mut overlays = Vec::new();
+    for path in files_under(dir, &["yaml"]) {
+        let Some(overlay) = path
+            .parent()
+            .filter(|_| path.file_name().is_some_and(|f| f == "kustomization.yaml"))
+        else {
+            continue;
+        };
+        if overlay == dir.join("base") {
+            continue;
+        }
+        let name = match overlay.strip_prefix(dir) {
+            Ok(rel) if rel.as_os_str().is_empty() => "deploy/kubernetes".to_owned(),
+            Ok(rel) => format!("deploy/kubernetes/{}", rel.display()),
+            Err(_) => overlay.display().to_string(),
+        };
+        match render_kustomization(overlay) {
+            Ok(objects) => {
+                let mut found = Problems::default();
+                let cluster = Cluster::from_documents(objects, &mut found);
+                problems.extend_from(&name, found);
+                overlays.push((name, cluster));
+            }
+            Err(e) => problems.push(format!("{name}: {e}")),
+        }
+    }
+    overlays
+}
+
+/// Each overlay as `kubectl apply -k` would apply it, checked against the binaries;
+/// and every file under deploy/kubernetes part of a kustomization.
 #[tokio::test]
 async fn kubernetes_manifests_match_the_binaries() {
-    let root = workspace_root();
+    let dir = workspace_root().join("deploy/kubernetes");
     let mut problems = Problems::default();
-    let cluster = Cluster::load(&root.join("deploy/kubernetes"), &mut problems);
-
-    let workloads = cluster.check_deployments(&mut problems).await;
-    let binaries: BTreeSet<Binary> = workloads.iter().map(|w| w.settings.binary).collect();
-    assert_eq!(
-        binaries,
-        BTreeSet::from([Binary::Producer, Binary::Consumer]),
-        "deploy/kubernetes deploys both binaries"
-    );
-    assert!(!cluster.services.is_empty() && !cluster.scaled_objects.is_empty());
-    cluster.check_services(&workloads, &mut problems);
-    cluster.check_budgets(&workloads, &mut problems);
-    cluster.check_scaled_objects(&workloads, &mut problems);
-    cluster.check_kustomizations(&mut problems);
+    Cluster::load(&dir, &mut problems).check_kustomizations(&mut problems);
+    let overlays = kubernetes_overlays(&dir, &mut problems);
+    assert!(!overlays.is_empty(), "deploy/kubernetes has overlays");
+    for (name, cluster) in &overlays {
+        let mut found = Problems::default();
+        let workloads = cluster.check_deployments(&mut found).await;
+        let binaries: BTreeSet<Binary> = workloads.iter().map(|w| w.settings.binary).collect();
+        found.check(
+            binaries == BTreeSet::from([Binary::Producer, Binary::Consumer]),
+            || format!("deploys {binaries:?}, not both binaries"),
+        );
+        found.check(
+            !cluster.services.is_empty() && !cluster.scaled_objects.is_empty(),
+            || "has no Service or no ScaledObject".to_owned(),
+        );
+        cluster.check_services(&workloads, &mut found);
+        cluster.check_budgets(&workloads, &mut found);
+        cluster.check_scaled_objects(&workloads, &mut found);
+        cluster.check_operator_brokers(&workloads, &mut found);
+        problems.extend_from(name, found);
+    }
     problems.assert_none();
 }
 
 #[tokio::test]
 async fn kubernetes_pods_are_locked_down() {
-    let root = workspace_root();
+    let dir = workspace_root().join("deploy/kubernetes");
     let mut problems = Problems::default();
-    let cluster = Cluster::load(&root.join("deploy/kubernetes"), &mut problems);
-    let workloads = cluster.check_deployments(&mut Problems::default()).await;
-    cluster.check_pod_specs(&mut problems);
-    cluster.check_network_policies(&workloads, &mut problems);
+    for (name, cluster) in kubernetes_overlays(&dir, &mut Problems::default()) {
+        let mut found = Problems::default();
+        let workloads = cluster.check_deployments(&mut Problems::default()).await;
+        cluster.check_pod_specs(&mut found);
+        cluster.check_network_policies(&workloads, &mut found);
+        problems.extend_from(&name, found);
+    }
     problems.assert_none();
+}
+
+#[test]
+fn env_references_and_overlay_patches_work_as_kubernetes_and_kustomize_do() {
+    let defined = BTreeMap::from([("USER".to_owned(), "u".to_owned())]);
+    assert_eq!(
+        expand_references("a://$(USER):$(PASS)@h/$$(USER)$", &defined),
+        (
+            "a://u:$(PASS)@h/$(USER)$".to_owned(),
+            vec!["PASS".to_owned()]
+        )
+    );
+
+    let yaml = |text: &str| serde_norway::from_str::<Value>(text).unwrap();
+    let mut doc = yaml("env: [{name: URL, value: x}, {name: B}]");
+    let ops = yaml(
+        "[{op: test, path: /env/0/name, value: URL},
+          {op: replace, path: /env/0, value: {name: URL, value: y}},
+          {op: add, path: /env/0, value: {name: USER}},
+          {op: add, path: /env/-, value: {name: LAST}},
+          {op: remove, path: /env/2}]",
+    );
+    json_patch(&mut doc, ops.as_sequence().unwrap()).unwrap();
+    assert_eq!(
+        doc,
+        yaml("env: [{name: USER}, {name: URL, value: y}, {name: LAST}]")
+    );
+    let failing = yaml("[{op: test, path: /env/0/name, value: URL}]");
+    assert!(json_patch(&mut doc, failing.as_sequence().unwrap()).is_err());
+
+    let mut config = yaml("data: {A: '1', B: '2'}\nlist: [1]");
+    merge_patch(&mut config, &yaml("data: {A: '3', B: null, C: '4'}"), "").unwrap();
+    assert_eq!(config, yaml("data: {A: '3', C: '4'}\nlist: [1]"));
+    assert!(merge_patch(&mut config, &yaml("list: [2]"), "").is_err());
+
+    assert_eq!(
+        service_and_port("kafka-bootstrap.ns.svc:9092"),
+        Some(("kafka-bootstrap".to_owned(), 9092))
+    );
+    assert_eq!(
+        management_url("http://u:p@r.ns.svc:15672/").as_deref(),
+        Some("r.ns.svc")
+    );
+    assert_eq!(management_url("http://r.ns.svc:15672/"), None);
 }
 
 // ---------------------------------------------------------------- Compose
