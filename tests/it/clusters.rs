@@ -115,8 +115,12 @@ async fn on_the_cluster(
 ) -> (std::sync::Arc<Ledger>, Producer, Vec<Consumer>) {
     let env = Site::Cluster.env(backend);
     let ledger = Ledger::at(backend, Site::Cluster, queue);
-    let producer =
-        Producer::start(backend, &[queue], &[env.clone(), ledger.producer_env()].concat()).await;
+    let producer = Producer::start(
+        backend,
+        &[queue],
+        &[env.clone(), ledger.producer_env()].concat(),
+    )
+    .await;
     let mut consumers = Vec::new();
     for _ in 0..REPLICAS {
         let settings = [env.clone(), ledger.consumer_env(CONCURRENCY, HANDLER)].concat();
