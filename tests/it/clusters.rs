@@ -84,6 +84,43 @@ impl Fault {
     }
 }
 
+/// SIGKILLs node `n` of the `family` cluster (`rabbitmq`, `kafka`) under load and
+/// starts it again once `answered` requests met the fault; returns `answered`.
+async fn sigkilled_under_load(
+    ledger: &Ledger,
+    family: &str,
+    n: usize,
+    whose: &str,
+    answered: usize,
+) -> usize {
+    let node = format!("{family}-{n}");
+    let fault = Fault::new(
+        format!("SIGKILL of {node}, {whose}"),
+        &["kill", &node],
+        &["up", &node],
+    );
+    under_load(ledger, &fault, answered).await;
+    answered
+}
+
+/// Restarts the three nodes of the `family` cluster one after the other under load
+/// (a rolling restart), each once `answered` (+4 a node) requests met it; returns the
+/// count reached.
+async fn restarted_one_by_one_under_load(ledger: &Ledger, family: &str, answered: usize) -> usize {
+    let mut answered = answered;
+    for n in 1..=3 {
+        answered += 4;
+        let node = format!("{family}-{n}");
+        let fault = Fault::new(
+            format!("rolling restart: {node}"),
+            &["restart", &node],
+            &["up", &node],
+        );
+        under_load(ledger, &fault, answered).await;
+    }
+    answered
+}
+
 async fn brokers(args: &[String]) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     brokers_sh(&args).await;
@@ -185,47 +222,19 @@ async fn rabbitmq_cluster_failover() {
     let load = ledger.load(&producer, 1_000_000, 4, Duration::from_millis(100));
     ledger.wait_accepted(50).await;
 
-    let node = |n: usize| format!("rabbitmq-{n}");
-    let scenario = async {
-        let producer_node = rabbit_node_of(producer.process.pid()).await;
-        let mut answered = 8;
-        under_load(
-            &ledger,
-            &Fault::new(
-                format!("SIGKILL of node {producer_node}, the producer's"),
-                &["kill", &node(producer_node)],
-                &["up", &node(producer_node)],
-            ),
-            answered,
-        )
-        .await;
-        let consumer_node = rabbit_node_of(consumers[0].process.pid()).await;
-        answered += 8;
-        under_load(
-            &ledger,
-            &Fault::new(
-                format!("SIGKILL of node {consumer_node}, a consumer's"),
-                &["kill", &node(consumer_node)],
-                &["up", &node(consumer_node)],
-            ),
-            answered,
-        )
-        .await;
-        for n in 1..=3 {
-            answered += 4;
-            under_load(
-                &ledger,
-                &Fault::new(
-                    format!("rolling restart: node {n}"),
-                    &["restart", &node(n)],
-                    &["up", &node(n)],
-                ),
-                answered,
-            )
-            .await;
-        }
-    };
-    scenario.await;
+    let producer_node = rabbit_node_of(producer.process.pid()).await;
+    let answered =
+        sigkilled_under_load(&ledger, "rabbitmq", producer_node, "the producer's", 8).await;
+    let consumer_node = rabbit_node_of(consumers[0].process.pid()).await;
+    let answered = sigkilled_under_load(
+        &ledger,
+        "rabbitmq",
+        consumer_node,
+        "a consumer's",
+        answered + 8,
+    )
+    .await;
+    restarted_one_by_one_under_load(&ledger, "rabbitmq", answered).await;
     load.stop().await;
 
     // The same processes, no restart: ready again, and new jobs get 202.
@@ -295,32 +304,10 @@ async fn kafka_cluster_failover() {
     let load = ledger.load(&producer, 1_000_000, 4, Duration::from_millis(100));
     ledger.wait_accepted(50).await;
 
-    let node = |n: usize| format!("kafka-{n}");
     let leader = kafka_leader_of(&queue).await;
-    let mut answered = 8;
-    under_load(
-        &ledger,
-        &Fault::new(
-            format!("SIGKILL of broker {leader}, leader of {queue}/0"),
-            &["kill", &node(leader)],
-            &["up", &node(leader)],
-        ),
-        answered,
-    )
-    .await;
-    for n in 1..=3 {
-        answered += 4;
-        under_load(
-            &ledger,
-            &Fault::new(
-                format!("rolling restart: broker {n}"),
-                &["restart", &node(n)],
-                &["up", &node(n)],
-            ),
-            answered,
-        )
-        .await;
-    }
+    let answered =
+        sigkilled_under_load(&ledger, "kafka", leader, "the partition leader's", 8).await;
+    restarted_one_by_one_under_load(&ledger, "kafka", answered).await;
     load.stop().await;
 
     producer.wait_ready(Duration::from_secs(60)).await;
