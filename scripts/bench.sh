@@ -3,11 +3,14 @@
 # bench/results.json.
 #
 #   scripts/bench.sh [bench options]     e.g. --backend rabbitmq --duration 5 --jobs 10000
+#   scripts/bench.sh --cluster           also on the three-node clusters, beside the single node
 #
 # Brings RabbitMQ and Kafka up (scripts/brokers.sh, reused when already up), builds the
 # release `producer`, `consumer` and `bench` binaries, and runs target/release/bench with
 # the options given (`target/release/bench --help` lists them). A few minutes for both
-# backends with the defaults. Run it on a quiet machine: other work skews every figure.
+# backends with the defaults. With --cluster the bench itself starts each backend's
+# cluster (scripts/brokers.sh up rabbitmq-cluster / up kafka-cluster) after the
+# single-node phases and stops it after its own. Run it on a quiet machine: other work skews every figure.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

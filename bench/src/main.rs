@@ -80,6 +80,11 @@ pub struct Args {
     /// Skip the knob variants (channels, in-flight limits, concurrency).
     #[arg(long)]
     pub no_knobs: bool,
+    /// Also measure each backend on its three-node loopback cluster (`scripts/brokers.sh
+    /// up rabbitmq-cluster` / `up kafka-cluster`, started for those phases and stopped
+    /// after them): the main phases without the knobs, shown beside the single node.
+    #[arg(long, conflicts_with_all = ["soak", "big_batches"])]
+    pub cluster: bool,
     /// AMQP URL of RabbitMQ (the one of scripts/brokers.sh), or a comma-separated list
     /// of a cluster's nodes.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -119,8 +124,8 @@ pub struct Args {
     /// The soak's report [default: bench/soak.md].
     #[arg(long)]
     pub soak_report: Option<PathBuf>,
-    /// The whole run is abandoned (exit 1) after this many seconds (a soak gets at least
-    /// its own length plus 5 minutes).
+    /// The whole run is abandoned (exit 1) after this many seconds (twice as many with
+    /// `--cluster`; a soak gets at least its own length plus 5 minutes).
     #[arg(long, default_value_t = 1200)]
     pub max_seconds: u64,
 }
@@ -196,7 +201,10 @@ async fn main() -> ExitCode {
     };
     // A soak lasts what it was asked to, plus start-up and shutdown.
     let soak_limit = args.soak.map_or(0.0, |seconds| seconds + 300.0);
-    let limit = Duration::from_secs(args.max_seconds).max(Duration::from_secs_f64(soak_limit));
+    // The cluster phases repeat the main ones (without the knobs) on slower brokers.
+    let sites = if args.cluster { 2 } else { 1 };
+    let limit =
+        (Duration::from_secs(args.max_seconds) * sites).max(Duration::from_secs_f64(soak_limit));
     let leftovers = run::Leftovers::default();
     let outcome = tokio::select! {
         r = tokio::time::timeout(limit, run::run(&args, workspace_root(), &leftovers)) => match r {

@@ -13,6 +13,9 @@ pub struct Report {
     pub machine: Machine,
     pub settings: Settings,
     pub backends: Vec<BackendResults>,
+    /// `--cluster`: the main phases again on the three-node clusters (no knobs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<BackendResults>,
 }
 
 /// Where and when the run happened.
@@ -423,11 +426,119 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
         }
     }
 
+    if !r.clusters.is_empty() {
+        clusters_section(&mut out, r);
+    }
+
     let _ = writeln!(out, "{}", HOW_TO_RUN.trim_end());
     if let Some(notes) = notes {
         let _ = writeln!(out, "\n{}", notes.trim_end());
     }
     out
+}
+
+/// `--cluster`: each backend's single-node figures beside its three-node cluster's.
+fn clusters_section(out: &mut String, r: &Report) {
+    let _ = writeln!(
+        out,
+        "## Single node and three-node cluster\n\n\
+         `scripts/bench.sh --cluster`: the main phases again (no knobs) on the loopback \
+         clusters of `scripts/brokers.sh` (`up rabbitmq-cluster`: three RabbitMQ nodes, \
+         jobgate's quorum queues replicated on all three, the AMQP URL list of \
+         `brokers.sh env`; `up kafka-cluster`: three KRaft brokers, topics with \
+         replication factor 3 and `min.insync.replicas` 2, `acks=all`), each cluster \
+         started for its phases and stopped after them. All three nodes share the same \
+         {} cores as the single node and the load generator, so this shows what \
+         replication costs on one machine, not what a cluster of separate machines \
+         gains.\n",
+        r.machine.nproc
+    );
+    let _ = writeln!(
+        out,
+        "| backend | measured | single node | 3-node cluster | cluster / single |\n\
+         |---|---|---|---|---|"
+    );
+    for cluster in &r.clusters {
+        let Some(single) = r.backends.iter().find(|b| b.backend == cluster.backend) else {
+            continue;
+        };
+        let title = backend_title(&cluster.backend);
+        let p99 = |p: &Phase| p.latency.map_or(0.0, |l| l.p99_ms);
+        // (what, single node, cluster, decimals shown)
+        let mut rows: Vec<(String, f64, f64, usize)> = vec![
+            (
+                "raw publish, ok/s".into(),
+                single.raw_publish.per_sec,
+                cluster.raw_publish.per_sec,
+                0,
+            ),
+            (
+                "HTTP ingress, closed loop, ok/s".into(),
+                single.ingress_closed.per_sec,
+                cluster.ingress_closed.per_sec,
+                0,
+            ),
+            (
+                "HTTP ingress, closed loop, p99 ms".into(),
+                p99(&single.ingress_closed),
+                p99(&cluster.ingress_closed),
+                2,
+            ),
+            (
+                "HTTP ingress, open loop at half the closed rate, p99 ms".into(),
+                p99(&single.ingress_open),
+                p99(&cluster.ingress_open),
+                2,
+            ),
+            (
+                "HTTP ingress / raw publish".into(),
+                single.ratios.ingress_over_raw_publish.unwrap_or_default(),
+                cluster.ratios.ingress_over_raw_publish.unwrap_or_default(),
+                2,
+            ),
+            (
+                "raw consume, jobs/s".into(),
+                single.raw_consume.per_sec,
+                cluster.raw_consume.per_sec,
+                0,
+            ),
+        ];
+        for d in &cluster.drains {
+            if let Some(s) = single.drains.iter().find(|s| s.consumers == d.consumers) {
+                rows.push((
+                    format!("drain by {} `consumer` process(es), jobs/s", d.consumers),
+                    s.phase.per_sec,
+                    d.phase.per_sec,
+                    0,
+                ));
+            }
+        }
+        for (what, single, cluster, decimals) in rows {
+            let _ = writeln!(
+                out,
+                "| {title} | {what} | {single:.decimals$} | {cluster:.decimals$} | {} |",
+                show_ratio(ratio(cluster, single)),
+            );
+        }
+    }
+    let _ = writeln!(out);
+    for c in &r.clusters {
+        let title = backend_title(&c.backend);
+        errors(
+            out,
+            &[
+                (&format!("{title} cluster raw publish"), &c.raw_publish),
+                (
+                    &format!("{title} cluster ingress closed loop"),
+                    &c.ingress_closed,
+                ),
+                (
+                    &format!("{title} cluster ingress open loop"),
+                    &c.ingress_open,
+                ),
+            ],
+        );
+    }
 }
 
 const HOW_TO_RUN: &str = r#"## How to run
@@ -436,12 +547,15 @@ const HOW_TO_RUN: &str = r#"## How to run
 scripts/bench.sh                      # both backends, defaults (a few minutes)
 scripts/bench.sh --backend rabbitmq --duration 5 --jobs 10000
 scripts/bench.sh --no-knobs           # skip the knob variants
+scripts/bench.sh --cluster            # also on the three-node clusters (twice as long)
 target/release/bench --render-only    # rewrite this file from bench/results.json + bench/notes.md
 ```
 
 The script brings the brokers up (`scripts/brokers.sh up rabbitmq`, `... up kafka`), builds
 `producer`, `consumer` and `bench` in release mode and runs `target/release/bench` with
-the arguments given (see `target/release/bench --help`). The bench holds a shared lock on
+the arguments given (see `target/release/bench --help`); with `--cluster` the bench
+starts each backend's three-node cluster after its single-node phases (`scripts/brokers.sh
+up rabbitmq-cluster`, `up kafka-cluster`) and stops it when done. The bench holds a shared lock on
 `$JOBGATE_STATE_DIR/brokers.lock` so tests that restart brokers wait for it; it talks to
 127.0.0.1 only, uses queues and topics named `bench-*` and deletes them at the end.
 
@@ -562,7 +676,29 @@ mod tests {
                 }],
                 ratios,
             }],
+            clusters: Vec::new(),
         }
+    }
+
+    /// [`sample`] with its RabbitMQ figures measured again on a cluster at `factor` of
+    /// the single node's rates.
+    fn with_cluster(factor: f64) -> Report {
+        let mut report = sample();
+        let mut cluster = report.backends[0].clone();
+        cluster.raw_publish = phase(6000.0 * factor);
+        cluster.ingress_closed.per_sec *= factor;
+        cluster.raw_consume = phase(4000.0 * factor);
+        cluster.drains = vec![drain(1, 1000.0 * factor), drain(2, 1800.0 * factor)];
+        cluster.knobs.clear();
+        cluster.ratios = Ratios::compute(
+            &cluster.raw_publish,
+            &cluster.library_publish,
+            &cluster.ingress_closed,
+            &cluster.raw_consume,
+            &cluster.drains,
+        );
+        report.clusters.push(cluster);
+        report
     }
 
     #[test]
@@ -617,11 +753,39 @@ mod tests {
     }
 
     #[test]
+    fn cluster_figures_stand_beside_the_single_node_ones() {
+        let md = render_markdown(&with_cluster(0.5), None);
+        for expected in [
+            "## Single node and three-node cluster",
+            "| backend | measured | single node | 3-node cluster | cluster / single |",
+            "| RabbitMQ | raw publish, ok/s | 6000 | 3000 | 0.50 |",
+            "| RabbitMQ | HTTP ingress, closed loop, ok/s | 3000 | 1500 | 0.50 |",
+            "| RabbitMQ | HTTP ingress, closed loop, p99 ms | 7.50 | 7.50 | 1.00 |",
+            "| RabbitMQ | HTTP ingress / raw publish | 0.50 | 0.50 | 1.00 |",
+            "| RabbitMQ | drain by 2 `consumer` process(es), jobs/s | 1800 | 900 | 0.50 |",
+            "- first failure of *RabbitMQ cluster ingress closed loop*: `503 overloaded`",
+        ] {
+            assert!(md.contains(expected), "missing {expected:?} in:\n{md}");
+        }
+        // Only the consumer counts measured on both sites have a row.
+        assert!(!md.contains("| RabbitMQ | drain by 4"));
+        assert!(md.find("## Single node and three-node cluster") < md.find("## How to run"));
+        assert!(!render_markdown(&sample(), None).contains("## Single node and three-node cluster"));
+    }
+
+    #[test]
     fn a_report_read_back_from_its_json_renders_the_same() {
-        let report = sample();
-        let json = serde_json::to_string(&report).unwrap();
+        for report in [sample(), with_cluster(0.7)] {
+            let json = serde_json::to_string(&report).unwrap();
+            let back: Report = serde_json::from_str(&json).unwrap();
+            assert_eq!(render_markdown(&back, None), render_markdown(&report, None));
+        }
+        // A run without `--cluster` writes no `clusters`, as results written before it
+        // existed: they still read.
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert!(!json.contains("clusters"), "{json}");
         let back: Report = serde_json::from_str(&json).unwrap();
-        assert_eq!(render_markdown(&back, None), render_markdown(&report, None));
+        assert!(back.clusters.is_empty());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::report::{
 use crate::{Args, Which};
 
 mod big_batches;
+mod cluster;
 mod soak;
 
 /// The job body every phase sends: a small JSON document, as a typical job.
@@ -964,10 +965,14 @@ impl Bench<'_> {
 async fn measure_all(args: &Args, root: &PathBuf, leftovers: &Leftovers) -> Result<Report> {
     let mut machine = machine(root);
     let mut results = Vec::new();
+    let mut clusters = Vec::new();
     for bench in benches(args, root, leftovers).await? {
         let measured = bench.measure().await;
         bench.close().await;
         results.push(measured.with_context(|| format!("{} phases", bench.backend))?);
+        if args.cluster {
+            clusters.push(cluster::measure_on_cluster(args, root, bench.backend).await?);
+        }
     }
     machine.load_after = load_average();
     Ok(Report {
@@ -986,5 +991,6 @@ async fn measure_all(args: &Args, root: &PathBuf, leftovers: &Leftovers) -> Resu
             kafka_linger_ms: jobgate_shared::config::DEFAULT_KAFKA_LINGER_MS,
         },
         backends: results,
+        clusters,
     })
 }

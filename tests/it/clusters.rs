@@ -130,6 +130,7 @@ async fn brokers(args: &[String]) {
 /// (counted over the whole scenario) met a fault, heal (also when the wait failed).
 async fn under_load(ledger: &Ledger, fault: &Fault, answered: usize) {
     println!("cluster fault: {}", fault.name);
+    let start = std::time::Instant::now();
     ledger.fault_begins();
     let outcome = std::panic::AssertUnwindSafe(async {
         brokers(&fault.inject).await;
@@ -137,11 +138,30 @@ async fn under_load(ledger: &Ledger, fault: &Fault, answered: usize) {
     })
     .catch_unwind()
     .await;
+    let healing = start.elapsed();
     brokers(&fault.heal).await;
     ledger.fault_ends();
+    println!(
+        "cluster fault: {}: healing after {healing:?}, healed after {:?}",
+        fault.name,
+        start.elapsed()
+    );
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// The same producer, not restarted, after the last fault: ready again, a 202 once the
+/// broker has settled (a queue leader elected, partitions led), then 202 after 202.
+async fn carries_on(ledger: &Ledger, producer: &Producer) {
+    let start = std::time::Instant::now();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let ready = start.elapsed();
+    let first_202 = ledger
+        .post_until_accepted(producer, Duration::from_secs(30))
+        .await;
+    println!("after the faults: ready in {ready:?}, then the first 202 in {first_202:?}");
+    ledger.post_expecting_202(producer, 20).await;
 }
 
 /// A ledger of `queue` on `backend`'s cluster, a producer and [`REPLICAS`] consumers
@@ -236,10 +256,7 @@ async fn rabbitmq_cluster_failover() {
     .await;
     restarted_one_by_one_under_load(&ledger, "rabbitmq", answered).await;
     load.stop().await;
-
-    // The same processes, no restart: ready again, and new jobs get 202.
-    producer.wait_ready(Duration::from_secs(60)).await;
-    ledger.post_expecting_202(&producer, 20).await;
+    carries_on(&ledger, &producer).await;
     ledger
         .settle_and_verify(
             &mut consumers,
@@ -257,13 +274,14 @@ async fn rabbitmq_cluster_failover() {
     brokers_sh(&["down", "rabbitmq-2"]).await;
     brokers_sh(&["down", "rabbitmq-3"]).await;
     let refused = async {
-        for _ in 0..5 {
+        for n in 0..5 {
             let started = std::time::Instant::now();
             let response = producer.post(&queue, "{}").await;
+            let took = started.elapsed();
+            println!("minority: answer {n} after {took:?}");
             assert!(
-                started.elapsed() < PUBLISH_TIMEOUT + Duration::from_secs(3),
-                "a minority answered after {:?}",
-                started.elapsed()
+                took < PUBLISH_TIMEOUT + Duration::from_secs(3),
+                "a minority answered after {took:?}"
             );
             assert_problem(response, 503, "broker-unavailable").await;
         }
@@ -273,8 +291,26 @@ async fn rabbitmq_cluster_failover() {
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
+    // It recovers: ready again, 503 problems while the queue elects its leader, then 202.
+    let start = std::time::Instant::now();
     producer.wait_ready(Duration::from_secs(60)).await;
-    producer.post_ok(&queue, "{}").await;
+    let ready = start.elapsed();
+    loop {
+        let response = producer.post(&queue, "{}").await;
+        if response.status() == 202 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no 202 within 60 s of the majority's return"
+        );
+        assert_problem(response, 503, "broker-unavailable").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "the majority back: ready in {ready:?}, the first 202 after {:?}",
+        start.elapsed()
+    );
 }
 
 /// The broker (1 to 3) that leads partition 0 of `topic` on the cluster.
@@ -309,9 +345,7 @@ async fn kafka_cluster_failover() {
         sigkilled_under_load(&ledger, "kafka", leader, "the partition leader's", 8).await;
     restarted_one_by_one_under_load(&ledger, "kafka", answered).await;
     load.stop().await;
-
-    producer.wait_ready(Duration::from_secs(60)).await;
-    ledger.post_expecting_202(&producer, 20).await;
+    carries_on(&ledger, &producer).await;
     ledger
         .settle_and_verify(
             &mut consumers,

@@ -613,6 +613,31 @@ impl Ledger {
         .await;
     }
 
+    /// Posts job after job (recorded, [`BACK_OFF`] apart) until one gets a 202 and
+    /// returns how long that took; panics after `limit` with the last answer. For the
+    /// moments right after a failover, when the producer is ready again but the broker
+    /// may still be electing a queue leader: a 503 then is the failover's, not a fault.
+    pub(crate) async fn post_until_accepted(
+        &self,
+        producer: &Producer,
+        limit: Duration,
+    ) -> Duration {
+        let url = producer.url(&format!("/jobs/{}", self.queue));
+        let start = Instant::now();
+        for n in 2_000_000.. {
+            let answer = self.post(&url, n).await;
+            if matches!(answer, Answer::Accepted(_)) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no 202 within {limit:?} after the fault; the last answer: {answer:?}"
+            );
+            tokio::time::sleep(BACK_OFF).await;
+        }
+        unreachable!("two million posts")
+    }
+
     /// Posts `count` jobs one after the other; each must get 202.
     pub(crate) async fn post_expecting_202(&self, producer: &Producer, count: usize) {
         let url = producer.url(&format!("/jobs/{}", self.queue));
