@@ -952,22 +952,22 @@ kafka_stop() {
   if ! pid=$(kafka_pid); then
     rm -f "$KAFKA_PIDFILE"
     if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
-      err "kafka: something listens on $KAFKA_HOST:$KAFKA_PORT but was not started by this script (no pid in $KAFKA_PIDFILE); not stopping it"
+      err "${KAFKA_NAME:-kafka}: something listens on $KAFKA_HOST:$KAFKA_PORT but was not started by this script (no pid in $KAFKA_PIDFILE); not stopping it"
       return 1
     fi
-    log "kafka: already stopped"
+    log "${KAFKA_NAME:-kafka}: already stopped"
     return 0
   fi
-  log "kafka: sending SIG$sig to pid $pid"
+  log "${KAFKA_NAME:-kafka}: sending SIG$sig to pid $pid"
   kill -"$sig" "$pid" 2>/dev/null || true
   deadline=$((SECONDS + wait_s))
   while kafka_pid >/dev/null; do
     if ((SECONDS >= deadline)); then
       if [[ $sig == KILL ]]; then
-        err "kafka: pid $pid survived SIGKILL"
+        err "${KAFKA_NAME:-kafka}: pid $pid survived SIGKILL"
         return 1
       fi
-      warn "kafka: pid $pid still alive after ${wait_s}s; sending SIGKILL"
+      warn "${KAFKA_NAME:-kafka}: pid $pid still alive after ${wait_s}s; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
       sig=KILL
       deadline=$((SECONDS + 10))
@@ -977,7 +977,7 @@ kafka_stop() {
   rm -f "$KAFKA_PIDFILE"
   deadline=$((SECONDS + 10))
   while port_open "$KAFKA_HOST" "$KAFKA_PORT" && ((SECONDS < deadline)); do sleep 0.2; done
-  log "kafka: stopped"
+  log "${KAFKA_NAME:-kafka}: stopped"
 }
 
 down_kafka() { kafka_stop TERM "$KAFKA_STOP_TIMEOUT"; }

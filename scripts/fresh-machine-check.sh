@@ -7,7 +7,8 @@
 #   scripts/fresh-machine-check.sh
 #
 # What it removes first (needs root, like the brokers' install):
-#   - the running brokers (scripts/brokers.sh down all, then any epmd left behind);
+#   - the running brokers (scripts/brokers.sh down all, the loopback clusters, then any
+#     epmd left behind);
 #   - jobgate's Debian packages (rabbitmq-server, redis-server) with everything apt
 #     installed only for them (Erlang, ...), their data and config, and apt's package
 #     lists (a new machine may have none);
@@ -37,10 +38,14 @@ as_root() {
   if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi
 }
 
-# stop_brokers: whatever scripts/brokers.sh started, and the Erlang port mapper that
-# `rabbitmqctl stop` leaves running.
+# stop_brokers [CHECKOUT]: whatever the scripts/brokers.sh of CHECKOUT (default: this
+# one) started, the loopback clusters too (a test or bench that died may have left one
+# up), and the Erlang port mapper that `rabbitmqctl stop` leaves running.
 stop_brokers() {
-  bash "$ROOT/scripts/brokers.sh" down all || log "brokers.sh down all failed; going on"
+  local brokers="${1:-$ROOT}/scripts/brokers.sh" target
+  for target in all rabbitmq-cluster kafka-cluster; do
+    bash "$brokers" down "$target" >/dev/null || log "brokers.sh down $target failed; going on"
+  done
   if pgrep -x epmd >/dev/null 2>&1; then
     as_root pkill -x epmd || true
   fi
@@ -128,7 +133,7 @@ main() {
   clone_fresh "$work/jobgate"
 
   ci_run "$work/jobgate" 1
-  bash "$work/jobgate/scripts/brokers.sh" down all >/dev/null || true
+  stop_brokers "$work/jobgate"
   ci_run "$work/jobgate" 2
 
   log "summary: run 1 (purged machine) exit ${RUN_RC[1]} in ${RUN_SECONDS[1]}s; run 2 (packages kept, brokers stopped) exit ${RUN_RC[2]} in ${RUN_SECONDS[2]}s; logs in $work"

@@ -264,6 +264,7 @@ knode_select() {
   KAFKA_SERVER_LOG="$KAFKA_LOGS/server.log"
   KAFKA_STDOUT="$KAFKA_LOGS/kafka.out"
   KAFKA_HEAP_OPTS=$KAFKA_CLUSTER_HEAP_OPTS
+  KAFKA_NAME="kafka-$n"
 }
 
 kafka_cluster_bootstrap() {
