@@ -80,11 +80,23 @@ pub struct Args {
     /// Skip the knob variants (channels, in-flight limits, concurrency).
     #[arg(long)]
     pub no_knobs: bool,
+    /// Time the slow downstream takes per job (milliseconds): `--consumers` processes
+    /// with the `http` handler drain `--downstream-jobs` through it, against the ideal
+    /// `processes × concurrency / job time`.
+    #[arg(long, default_value_t = 20.0, value_parser = positive_secs)]
+    pub downstream_ms: f64,
+    /// Backlog of the slow-downstream phase (0: skip it).
+    #[arg(long, default_value_t = 3000)]
+    pub downstream_jobs: u64,
     /// Also measure each backend on its three-node loopback cluster (`scripts/brokers.sh
     /// up rabbitmq-cluster` / `up kafka-cluster`, started for those phases and stopped
     /// after them): the main phases without the knobs, shown beside the single node.
     #[arg(long, conflicts_with_all = ["soak", "big_batches"])]
     pub cluster: bool,
+    /// Backlog (jobs) of the consume and drain phases on a cluster: three brokers on
+    /// this machine's cores are much slower than one, Kafka's most of all.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cluster_jobs: u64,
     /// AMQP URL of RabbitMQ (the one of scripts/brokers.sh), or a comma-separated list
     /// of a cluster's nodes.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -215,6 +227,10 @@ async fn main() -> ExitCode {
     };
     // Queues and topics go whatever happened (the binaries were killed on drop).
     leftovers.clean(&args).await;
+    if args.cluster {
+        // Already stopped unless the run was cut short in a cluster's phases.
+        run::stop_clusters(&workspace_root()).await;
+    }
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -80,6 +80,16 @@ pub struct Drain {
     pub cpu_us_per_job: f64,
 }
 
+/// N consumer processes draining a backlog through a downstream that takes `job_ms`
+/// a job (the `http` handler): what scaling replicas is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scaling {
+    pub job_ms: f64,
+    /// `processes × concurrency / job time`.
+    pub ideal_per_sec: f64,
+    pub drain: Drain,
+}
+
 /// One setting changed from the defaults, and what the phase it matters to did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KnobRun {
@@ -109,6 +119,9 @@ pub struct BackendResults {
     pub producer_cpu_us_per_request: f64,
     pub raw_consume: Phase,
     pub drains: Vec<Drain>,
+    /// The slow-downstream phase, per consumer count (none in results written before it).
+    #[serde(default)]
+    pub downstream: Vec<Scaling>,
     pub knobs: Vec<KnobRun>,
     pub ratios: Ratios,
 }
@@ -299,6 +312,28 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
             .collect::<Vec<_>>()
             .join(" -> ")
     });
+    row(&mut out, "slow downstream: jobs/s over the ideal", &|b| {
+        b.downstream
+            .iter()
+            .map(|d| {
+                let r = ratio(d.drain.phase.per_sec, d.ideal_per_sec);
+                format!("x{}: {}", d.drain.consumers, show_ratio(r))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    row(
+        &mut out,
+        "slow downstream: scaling over consumer counts",
+        &|b| {
+            let base = b.downstream.first().map_or(0.0, |d| d.drain.phase.per_sec);
+            b.downstream
+                .iter()
+                .map(|d| show_ratio(ratio(d.drain.phase.per_sec, base)))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        },
+    );
     let _ = writeln!(out);
 
     for b in &r.backends {
@@ -391,6 +426,7 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
         }
         let _ = writeln!(out);
         errors(&mut out, &[("raw consume", &b.raw_consume)]);
+        downstream_table(&mut out, b);
 
         if !b.knobs.is_empty() {
             let _ = writeln!(
@@ -437,6 +473,40 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
     out
 }
 
+/// The slow-downstream phase of one backend: each consumer count against its ideal.
+fn downstream_table(out: &mut String, b: &BackendResults) {
+    let Some(first) = b.downstream.first() else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "### Replicas on a slow downstream\n\n\
+         {} jobs, each POSTed by the `http` handler to a local endpoint that answers after \
+         {:.0} ms; the ideal is `processes × concurrency / job time`.\n",
+        first.drain.phase.ok, first.job_ms
+    );
+    let _ = writeln!(
+        out,
+        "| `consumer` processes | concurrency | s | jobs/s | ideal jobs/s | / ideal | over x{} |\n\
+         |---|---|---|---|---|---|---|",
+        first.drain.consumers
+    );
+    for d in &b.downstream {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} | {:.0} | {:.0} | {} | {} |",
+            d.drain.consumers,
+            d.drain.concurrency,
+            d.drain.phase.seconds,
+            d.drain.phase.per_sec,
+            d.ideal_per_sec,
+            show_ratio(ratio(d.drain.phase.per_sec, d.ideal_per_sec)),
+            show_ratio(ratio(d.drain.phase.per_sec, first.drain.phase.per_sec)),
+        );
+    }
+    let _ = writeln!(out);
+}
+
 /// `--cluster`: each backend's single-node figures beside its three-node cluster's.
 fn clusters_section(out: &mut String, r: &Report) {
     let _ = writeln!(
@@ -447,10 +517,10 @@ fn clusters_section(out: &mut String, r: &Report) {
          jobgate's quorum queues replicated on all three, the AMQP URL list of \
          `brokers.sh env`; `up kafka-cluster`: three KRaft brokers, topics with \
          replication factor 3 and `min.insync.replicas` 2, `acks=all`), each cluster \
-         started for its phases and stopped after them. All three nodes share the same \
-         {} cores as the single node and the load generator, so this shows what \
-         replication costs on one machine, not what a cluster of separate machines \
-         gains.\n",
+         started for its phases and stopped after them, with a smaller backlog \
+         (`--cluster-jobs`). All three nodes share the same {} cores as the single \
+         node and the load generator, so this shows what replication costs on one \
+         machine, not what a cluster of separate machines gains.\n",
         r.machine.nproc
     );
     let _ = writeln!(
@@ -497,6 +567,12 @@ fn clusters_section(out: &mut String, r: &Report) {
                 2,
             ),
             (
+                "backlog of the consume and drain phases, jobs".into(),
+                single.backlog_jobs as f64,
+                cluster.backlog_jobs as f64,
+                0,
+            ),
+            (
                 "raw consume, jobs/s".into(),
                 single.raw_consume.per_sec,
                 cluster.raw_consume.per_sec,
@@ -509,6 +585,20 @@ fn clusters_section(out: &mut String, r: &Report) {
                     format!("drain by {} `consumer` process(es), jobs/s", d.consumers),
                     s.phase.per_sec,
                     d.phase.per_sec,
+                    0,
+                ));
+            }
+        }
+        for d in &cluster.downstream {
+            if let Some(s) = single
+                .downstream
+                .iter()
+                .find(|s| s.drain.consumers == d.drain.consumers)
+            {
+                rows.push((
+                    format!("slow downstream, {} process(es), jobs/s", d.drain.consumers),
+                    s.drain.phase.per_sec,
+                    d.drain.phase.per_sec,
                     0,
                 ));
             }
@@ -583,6 +673,10 @@ up rabbitmq-cluster`, `up kafka-cluster`) and stops it when done. The bench hold
   100 ms). Kafka commits every second, so Kafka times are late by up to about 1 s; the
   raw Kafka consume is timed the same way (until its commits reach the end) to compare
   like with like.
+- **slow downstream**: a smaller backlog (`--downstream-jobs`, 3000) drained by 1, 2, 4
+  `consumer` processes with the `http` handler, which POSTs each job to an endpoint in the
+  bench that answers after `--downstream-ms` (20 ms): the case replicas are for. Timed as
+  the drains; the ideal is `processes × concurrency / job time`.
 - **peak RSS**: `VmHWM` from `/proc/<pid>/status` of the producer after both ingress
   phases and of every consumer process just before it is stopped.
 - The load generator runs on the same cores as the broker and the binaries under test:
@@ -608,6 +702,23 @@ mod tests {
             phase: phase(per_sec),
             peak_rss_kib: 20 * 1024,
             cpu_us_per_job: 95.0,
+        }
+    }
+
+    /// `consumers` processes of concurrency 8 through a 20 ms downstream.
+    fn downstream(consumers: usize, per_sec: f64) -> Scaling {
+        Scaling {
+            job_ms: 20.0,
+            ideal_per_sec: consumers as f64 * 400.0,
+            drain: Drain {
+                phase: Phase {
+                    ok: 3000,
+                    seconds: 3000.0 / per_sec,
+                    per_sec,
+                    ..Phase::default()
+                },
+                ..drain(consumers, per_sec)
+            },
         }
     }
 
@@ -667,6 +778,11 @@ mod tests {
                 producer_cpu_us_per_request: 61.4,
                 raw_consume: phase(4000.0),
                 drains,
+                downstream: vec![
+                    downstream(1, 380.0),
+                    downstream(2, 700.0),
+                    downstream(4, 1200.0),
+                ],
                 knobs: vec![KnobRun {
                     knob: "JOBGATE_PUBLISH_CHANNELS".into(),
                     value: "4".into(),
@@ -689,6 +805,7 @@ mod tests {
         cluster.ingress_closed.per_sec *= factor;
         cluster.raw_consume = phase(4000.0 * factor);
         cluster.drains = vec![drain(1, 1000.0 * factor), drain(2, 1800.0 * factor)];
+        cluster.downstream = vec![downstream(1, 380.0 * factor)];
         cluster.knobs.clear();
         cluster.ratios = Ratios::compute(
             &cluster.raw_publish,
@@ -742,6 +859,11 @@ mod tests {
             "- first failure of *ingress closed loop*: `503 overloaded`",
             "| 4 `consumer` process(es), concurrency 8 | 25000 | 10.00 | 2500 | 0.62 | 20.0 MiB | 95 |",
             "| `JOBGATE_PUBLISH_CHANNELS=4` | ingress closed loop | 3300 | 3000 | +10% | 0 | - |",
+            "| slow downstream: jobs/s over the ideal | x1: 0.95, x2: 0.88, x4: 0.75 |",
+            "| slow downstream: scaling over consumer counts | 1.00 -> 1.84 -> 3.16 |",
+            "### Replicas on a slow downstream",
+            "3000 jobs, each POSTed by the `http` handler to a local endpoint that answers after 20 ms",
+            "| 4 | 8 | 2.50 | 1200 | 1600 | 0.75 | 3.16 |",
             "## How to run",
             "channels help.",
         ] {
@@ -764,6 +886,7 @@ mod tests {
             "| RabbitMQ | HTTP ingress / raw publish | 0.50 | 0.50 | 1.00 |",
             "| RabbitMQ | drain by 2 `consumer` process(es), jobs/s | 1800 | 900 | 0.50 |",
             "- first failure of *RabbitMQ cluster ingress closed loop*: `503 overloaded`",
+            "| RabbitMQ | slow downstream, 1 process(es), jobs/s | 380 | 190 | 0.50 |",
         ] {
             assert!(md.contains(expected), "missing {expected:?} in:\n{md}");
         }

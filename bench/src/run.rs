@@ -17,6 +17,8 @@ use crate::{Args, Which};
 
 mod big_batches;
 mod cluster;
+pub use cluster::stop_clusters;
+mod downstream;
 mod soak;
 
 /// The job body every phase sends: a small JSON document, as a typical job.
@@ -400,7 +402,7 @@ impl Bench<'_> {
     }
 
     /// Publishes `jobs` jobs into `queue` (created here) as fast as the raw client can.
-    async fn fill(&self, queue: &str) -> Result<()> {
+    async fn fill(&self, queue: &str, jobs: u64) -> Result<()> {
         self.create(queue).await?;
         // Filling is not measured: on Kafka, without linger it is several times faster.
         let variant = match self.broker {
@@ -410,9 +412,9 @@ impl Bench<'_> {
         let op = self.raw_op(queue, variant).await?;
         // The priming publish is the first job of the backlog.
         prime(&op).await?;
-        let rest = Budget::Count(self.jobs - 1);
+        let rest = Budget::Count(jobs - 1);
         let phase = closed_loop(self.args.in_flight as usize, rest, op).await;
-        if self.jobs > 1 {
+        if jobs > 1 {
             require_clean(&format!("filling {queue}"), &phase)?;
         }
         say(format!("  filled {queue}: {}", show(&phase)));
@@ -421,7 +423,7 @@ impl Bench<'_> {
 
     async fn raw_consume(&self, prefetch: u16) -> Result<Phase> {
         let q = self.queue(&format!("raw-consume-{prefetch}"));
-        self.fill(&q).await?;
+        self.fill(&q, self.jobs).await?;
         let phase = match &self.broker {
             Broker::Rabbit(r) => r.raw_consume(&q, prefetch, self.jobs).await?,
             Broker::Kafka(k) => k.raw_consume(&q, &Self::group(&q), self.jobs).await?,
@@ -441,19 +443,27 @@ impl Bench<'_> {
 
     /// Fills a backlog, starts `consumers` processes and times them until it is gone.
     async fn drain(&self, consumers: usize, concurrency: u16) -> Result<Drain> {
-        self.drain_with(consumers, concurrency, &[]).await
+        self.drain_with(consumers, concurrency, self.jobs, "", &[])
+            .await
     }
 
-    /// [`Self::drain`] with extra consumer settings (`extra` overrides the defaults).
+    /// [`Self::drain`] of `jobs` jobs with extra consumer settings (`extra` overrides the
+    /// defaults; `label`, a few lower-case letters and digits, names the variant).
     async fn drain_with(
         &self,
         consumers: usize,
         concurrency: u16,
+        jobs: u64,
+        label: &str,
         extra: &[(&'static str, String)],
     ) -> Result<Drain> {
-        let label: String = extra.iter().map(|(k, v)| format!("-{k}{v}")).collect();
-        let q = self.queue(&format!("drain-{consumers}x{concurrency}{label}").to_lowercase());
-        self.fill(&q).await?;
+        let label = if label.is_empty() {
+            String::new()
+        } else {
+            format!("-{label}")
+        };
+        let q = self.queue(&format!("drain-{consumers}x{concurrency}{label}"));
+        self.fill(&q, jobs).await?;
         let probe = match &self.broker {
             Broker::Kafka(k) => Some(k.lag_probe(&q, &Self::group(&q))?),
             Broker::Rabbit(_) => None,
@@ -509,13 +519,13 @@ impl Bench<'_> {
             consumers,
             concurrency,
             phase: Phase {
-                ok: self.jobs,
+                ok: jobs,
                 seconds: elapsed.as_secs_f64(),
-                per_sec: crate::stats::per_second(self.jobs, elapsed),
+                per_sec: crate::stats::per_second(jobs, elapsed),
                 ..Phase::default()
             },
             peak_rss_kib: peak,
-            cpu_us_per_job: cpu * 1e6 / self.jobs.max(1) as f64,
+            cpu_us_per_job: cpu * 1e6 / jobs.max(1) as f64,
         })
     }
 
@@ -655,7 +665,13 @@ impl Bench<'_> {
                 if matches!(self.broker, Broker::Rabbit(_)) {
                     let extra = [("JOBGATE_PREFETCH", more.to_string())];
                     let d = self
-                        .drain_with(base.consumers, self.args.consumer_concurrency, &extra)
+                        .drain_with(
+                            base.consumers,
+                            self.args.consumer_concurrency,
+                            self.jobs,
+                            &format!("prefetch{more}"),
+                            &extra,
+                        )
                         .await?;
                     runs.push(knob(
                         "JOBGATE_PREFETCH",
@@ -709,6 +725,16 @@ impl Bench<'_> {
             drains.push(d);
         }
 
+        let downstream = if self.args.downstream_jobs == 0 {
+            Vec::new()
+        } else {
+            say(format!(
+                "{}: {} jobs through a slow downstream ({} ms a job)",
+                self.backend, self.args.downstream_jobs, self.args.downstream_ms
+            ));
+            self.scaling().await?
+        };
+
         let knobs = if self.args.no_knobs {
             Vec::new()
         } else {
@@ -733,6 +759,7 @@ impl Bench<'_> {
             producer_cpu_us_per_request,
             raw_consume,
             drains,
+            downstream,
             knobs,
             ratios,
         })

@@ -52,6 +52,7 @@ fn cluster_args(args: &Args, backend: &str, env: &str) -> Result<Args> {
     let mut on_cluster = args.clone();
     on_cluster.no_knobs = true;
     on_cluster.cluster = false;
+    on_cluster.jobs = Some(args.cluster_jobs);
     match backend {
         "rabbitmq" => {
             on_cluster.backend = Which::Rabbitmq;
@@ -103,6 +104,15 @@ pub async fn measure_on_cluster(
     measured.with_context(|| format!("{backend} phases on {cluster}"))
 }
 
+/// Stops both clusters (each a no-op when it is down): after a run cut short.
+pub async fn stop_clusters(root: &Path) {
+    for cluster in ["rabbitmq-cluster", "kafka-cluster"] {
+        if let Err(e) = brokers_sh(root, &["down", cluster], false).await {
+            eprintln!("bench: warning: stopping {cluster}: {e:#}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -118,6 +128,7 @@ mod tests {
         assert_eq!(on.amqp_url, "amqp://a:5681/%2f,amqp://b:5682/%2f");
         assert_eq!(on.backend, Which::Rabbitmq);
         assert!(on.no_knobs && !on.cluster);
+        assert_eq!(on.jobs, Some(20_000), "the cluster's own backlog");
         assert_eq!(on.kafka_brokers, args.kafka_brokers, "Kafka untouched");
 
         let env = "JOBGATE_BACKEND=kafka\nJOBGATE_KAFKA_BROKERS=127.0.0.1:9192,127.0.0.1:9292\n";
