@@ -4,6 +4,8 @@
 #
 #   scripts/bench.sh [bench options]     e.g. --backend rabbitmq --duration 5 --jobs 10000
 #   scripts/bench.sh --cluster           also on the three-node clusters, beside the single node
+#   scripts/bench.sh --profile 10        only a CPU profile of the producer under load:
+#                                        bench/flamegraph-<backend>.svg, bench/profile-<backend>.txt
 #
 # Brings RabbitMQ and Kafka up (scripts/brokers.sh, reused when already up), builds the
 # release `producer`, `consumer` and `bench` binaries, and runs target/release/bench with
@@ -18,12 +20,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 die() { printf 'bench.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
 backend=all
+profile=false
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case ${args[i]} in
     --backend) backend=${args[i + 1]:-} ;;
     --backend=*) backend=${args[i]#--backend=} ;;
-    -h | --help) backend=none ;;
+    --profile | --profile=*) profile=true ;;
+    -h | --help) backend=none profile=false ;;
   esac
 done
 
@@ -41,4 +45,36 @@ done
 cargo build --release -p producer -p consumer -p jobgate-bench ||
   die "release build failed"
 
-exec target/release/bench "$@"
+if [[ $profile != true ]]; then
+  exec target/release/bench "$@"
+fi
+
+# --profile: perf from Debian's linux-perf, the flame graph from inferno (crates.io).
+as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+if ! command -v perf >/dev/null 2>&1; then
+  echo "bench.sh: installing linux-perf (perf) from Debian's packages" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 \
+    install --no-install-recommends linux-perf >/dev/null || die "could not install linux-perf"
+fi
+tools=target/tools
+if [[ ! -x $tools/bin/inferno-flamegraph ]]; then
+  echo "bench.sh: building inferno (flame graphs) from crates.io into $tools" >&2
+  cargo install --quiet --locked --root "$tools" inferno || die "could not install inferno"
+fi
+rm -f target/profile/*.perf.data
+target/release/bench "$@" || die "the profile run failed"
+for data in target/profile/*.perf.data; do
+  [[ -e $data ]] || die "the bench wrote no recording to target/profile"
+  name=$(basename "$data" .perf.data)
+  perf script -i "$data" 2>/dev/null | "$tools/bin/inferno-collapse-perf" >"target/profile/$name.folded" ||
+    die "could not fold the stacks of $data"
+  "$tools/bin/inferno-flamegraph" --title "jobgate producer under load ($name)" \
+    <"target/profile/$name.folded" >"bench/flamegraph-$name.svg" || die "no flame graph for $name"
+  {
+    echo "# Hottest functions of the producer under load ($name), self time"
+    echo "# perf report --no-children --sort symbol of $data (cpu-clock samples)"
+    perf report -i "$data" --no-children -g none --sort symbol --stdio --percent-limit 0.5 2>/dev/null |
+      grep -E '^ +[0-9.]+%' | head -60
+  } >"bench/profile-$name.txt"
+  echo "bench.sh: wrote bench/flamegraph-$name.svg and bench/profile-$name.txt" >&2
+done

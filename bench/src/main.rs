@@ -133,6 +133,14 @@ pub struct Args {
     /// reaches 64 MiB.
     #[arg(long, conflicts_with = "soak")]
     pub big_batches: bool,
+    /// Run only the profile, for this many seconds per backend: `perf record` of the
+    /// release producer under the closed-loop ingress load; the recording goes to
+    /// `--profile-dir` (scripts/bench.sh --profile makes the flame graph from it).
+    #[arg(long, value_parser = positive_secs, conflicts_with_all = ["soak", "big_batches", "cluster"])]
+    pub profile: Option<f64>,
+    /// Where `--profile` writes `<backend>.perf.data` [default: target/profile].
+    #[arg(long)]
+    pub profile_dir: Option<PathBuf>,
     /// The soak's report [default: bench/soak.md].
     #[arg(long)]
     pub soak_report: Option<PathBuf>,

@@ -68,6 +68,10 @@ impl Binaries {
 
 impl Running {
     /// An error if the process has exited (it should be serving).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(

@@ -638,6 +638,7 @@ scripts/bench.sh                      # both backends, defaults (a few minutes)
 scripts/bench.sh --backend rabbitmq --duration 5 --jobs 10000
 scripts/bench.sh --no-knobs           # skip the knob variants
 scripts/bench.sh --cluster            # also on the three-node clusters (twice as long)
+scripts/bench.sh --profile 10         # only: a flame graph of the producer under load
 target/release/bench --render-only    # rewrite this file from bench/results.json + bench/notes.md
 ```
 

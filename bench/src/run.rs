@@ -19,6 +19,7 @@ mod big_batches;
 mod cluster;
 pub use cluster::stop_clusters;
 mod downstream;
+mod profile;
 mod soak;
 
 /// The job body every phase sends: a small JSON document, as a typical job.
@@ -830,6 +831,9 @@ pub async fn run(args: &Args, root: PathBuf, leftovers: &Leftovers) -> Result<()
     if args.big_batches {
         return big_batches_all(args, &root, leftovers).await;
     }
+    if let Some(seconds) = args.profile {
+        return profile_all(args, &root, leftovers, Duration::from_secs_f64(seconds)).await;
+    }
     let report = measure_all(args, &root, leftovers).await?;
     write_report(args, &root, &report)
 }
@@ -878,6 +882,30 @@ async fn big_batches_all(args: &Args, root: &Path, leftovers: &Leftovers) -> Res
     }
     if !over.is_empty() {
         bail!("peak memory over the goal: {}", over.join("; "));
+    }
+    Ok(())
+}
+
+/// `--profile`: a recording of the producer's CPU under load, per backend asked for.
+async fn profile_all(
+    args: &Args,
+    root: &Path,
+    leftovers: &Leftovers,
+    seconds: Duration,
+) -> Result<()> {
+    let dir = args
+        .profile_dir
+        .clone()
+        .unwrap_or_else(|| root.join("target/profile"));
+    for bench in benches(args, root, leftovers).await? {
+        say(format!(
+            "{}: profile of the producer, {seconds:?}",
+            bench.backend
+        ));
+        let profiled = bench.profile(seconds, &dir).await;
+        bench.close().await;
+        let profiled = profiled.with_context(|| format!("{} profile", bench.backend))?;
+        println!("{}", profiled.line(bench.backend));
     }
     Ok(())
 }

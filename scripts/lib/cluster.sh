@@ -107,16 +107,38 @@ rnode_start() {
   fi
 }
 
+# rnode_wait_up N: waits until node N answers AMQP and management. A node whose Erlang
+# VM is gone while it should be starting is started again (twice at most): RabbitMQ
+# 3.10 nodes started together can crash at boot syncing feature flags with a peer that
+# is still booting (`incompatible_feature_flags`, `{badmap,undefined}` in
+# rabbit_feature_flags:enable_dependencies), and start fine once their peers run.
 rnode_wait_up() {
-  local n=$1 deadline=$((SECONDS + RABBITMQ_TIMEOUT))
+  local n=$1 deadline=$((SECONDS + RABBITMQ_TIMEOUT)) since=$SECONDS restarts=0
   until rnode_ping "$n" && rnode_up "$n"; do
     if ((SECONDS >= deadline)); then
       err "rabbitmq-$n: not up after ${RABBITMQ_TIMEOUT}s"
       rnode_log_tail "$n"
       return 1
     fi
+    # The VM writes its pid file within seconds of `-detached`; no VM after 15 s means
+    # it stopped.
+    if ((SECONDS - since >= 15 && restarts < 2)) && ! rnode_pid "$n" >/dev/null && ! rnode_ping "$n"; then
+      restarts=$((restarts + 1))
+      warn "rabbitmq-$n: stopped while starting ($(rnode_boot_failure "$n")); starting it again ($restarts of 2)"
+      rnode_start "$n" || return 1
+      since=$SECONDS
+      deadline=$((SECONDS + RABBITMQ_TIMEOUT))
+    fi
     sleep 1
   done
+}
+
+# rnode_boot_failure N: why node N's last boot failed, as its log says (one line).
+rnode_boot_failure() {
+  local reason
+  reason=$(grep -ho 'Application rabbit exited with reason: {{[a-z_]*' \
+    "$RABBIT_CLUSTER_LOGS/node-$1"/*.log 2>/dev/null | tail -n 1)
+  printf '%s\n' "${reason:-no reason in its log}"
 }
 
 # rnode_running_nodes: the running members of the cluster, as node 1 sees them.
