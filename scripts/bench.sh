@@ -74,7 +74,7 @@ for data in target/profile/*.perf.data; do
     echo "# Hottest functions of the producer under load ($name), self time"
     echo "# perf report --no-children --sort symbol of $data (cpu-clock samples)"
     perf report -i "$data" --no-children -g none --sort symbol --stdio --percent-limit 0.5 2>/dev/null |
-      grep -E '^ +[0-9.]+%' | head -60
+      grep -E '^ +[0-9.]+%' | sed -E 's/[ -]+$//' | head -60
   } >"bench/profile-$name.txt"
   echo "bench.sh: wrote bench/flamegraph-$name.svg and bench/profile-$name.txt" >&2
 done
