@@ -24,6 +24,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,8 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -138,13 +140,50 @@ async fn accept(
     }
 }
 
-/// What the idle watchdog sees of a connection's requests.
-#[derive(Debug, Default, Clone, Copy)]
+/// What the idle watchdog sees of a connection's requests: counters and a time the
+/// request path updates with a few atomic stores (no channel, no wake-up, no timer per
+/// request), read by the watchdog when its timer fires, about once per idle timeout.
+#[derive(Debug)]
 struct Activity {
+    epoch: Instant,
     /// Requests started on the connection so far.
-    started: u64,
+    started: AtomicU64,
     /// Requests whose handler has not answered yet.
-    in_flight: u64,
+    in_flight: AtomicU64,
+    /// When the last request was answered, in nanoseconds since `epoch`.
+    last_answered_nanos: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            started: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_answered_nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn request_started(&self) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn request_answered(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_answered_nanos.store(nanos, Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// When the connection will have been idle for `timeout`: `None` while a request is
+    /// in flight or before the first one (then the header-read timeout alone applies).
+    fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.started.load(Ordering::SeqCst) == 0 || self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let answered = Duration::from_nanos(self.last_answered_nanos.load(Ordering::SeqCst));
+        Some(self.epoch + answered + timeout)
+    }
 }
 
 async fn serve_connection(
@@ -154,18 +193,15 @@ async fn serve_connection(
     limits: Limits,
     stop: CancellationToken,
 ) {
-    let (activity, mut watch_activity) = watch::channel(Activity::default());
-    let activity = Arc::new(activity);
+    let activity = Arc::new(Activity::new());
+    let watched = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         let app = app.clone();
         let activity = Arc::clone(&activity);
-        activity.send_modify(|a| {
-            a.started += 1;
-            a.in_flight += 1;
-        });
+        activity.request_started();
         async move {
-            let _done = scopeguard(move || activity.send_modify(|a| a.in_flight -= 1));
+            let _done = scopeguard(move || activity.request_answered());
             let response = app
                 .oneshot(request.map(axum::body::Body::new))
                 .await
@@ -179,7 +215,7 @@ async fn serve_connection(
         .header_read_timeout(limits.header_read_timeout);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
-    let idle = idle_for(&mut watch_activity, limits.idle_timeout);
+    let idle = idle_for(&watched, limits.idle_timeout);
     tokio::pin!(idle);
     let mut finishing = false;
     loop {
@@ -207,27 +243,12 @@ async fn serve_connection(
 /// Completes once the connection has answered at least one request and then gone
 /// `timeout` without starting another. Before the first request the header-read
 /// timeout alone applies.
-async fn idle_for(activity: &mut watch::Receiver<Activity>, timeout: Duration) {
+async fn idle_for(activity: &Activity, timeout: Duration) {
     loop {
-        let idle = activity
-            .wait_for(|a| a.started > 0 && a.in_flight == 0)
-            .await
-            .map(|now| now.started);
-        // The service is gone: the connection is ending anyway.
-        let Ok(seen) = idle else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            () = tokio::time::sleep(timeout) => {
-                if activity.borrow().started == seen {
-                    return;
-                }
-            }
-            changed = activity.changed() => {
-                if changed.is_err() {
-                    return std::future::pending().await;
-                }
-            }
+        match activity.idle_deadline(timeout) {
+            Some(deadline) if Instant::now() >= deadline => return,
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => tokio::time::sleep(timeout).await,
         }
     }
 }
@@ -285,6 +306,53 @@ Max locked memory         8388608              8388608              bytes
                 "{text:?}"
             );
         }
+    }
+
+    /// Whether `idle_for` completed within `within` (paused time: instantly).
+    async fn idle_within(activity: &Activity, timeout: Duration, within: Duration) -> bool {
+        tokio::time::timeout(within, idle_for(activity, timeout))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_a_timeout_after_its_last_answer() {
+        let timeout = Duration::from_secs(5);
+        let activity = Activity::new();
+        // Before the first request: never (the header-read timeout's job).
+        assert!(!idle_within(&activity, timeout, Duration::from_secs(60)).await);
+
+        activity.request_started();
+        // A request in flight for a minute is not idleness.
+        assert!(!idle_within(&activity, timeout, Duration::from_secs(60)).await);
+        activity.request_answered();
+        let answered = Instant::now();
+        assert!(idle_within(&activity, timeout, Duration::from_secs(6)).await);
+        assert_eq!(
+            Instant::now() - answered,
+            timeout,
+            "exactly the timeout after"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_new_request_starts_the_idle_clock_again() {
+        let timeout = Duration::from_secs(5);
+        let activity = Arc::new(Activity::new());
+        activity.request_started();
+        activity.request_answered();
+        let watched = Arc::clone(&activity);
+        let idle = tokio::spawn(async move { idle_for(&watched, timeout).await });
+        // A request every 4 s for 20 s: never 5 s without one.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            assert!(!idle.is_finished(), "closed while requests kept coming");
+            activity.request_started();
+            activity.request_answered();
+        }
+        let last = Instant::now();
+        idle.await.unwrap();
+        assert_eq!(Instant::now() - last, timeout);
     }
 
     #[test]
