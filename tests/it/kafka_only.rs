@@ -188,25 +188,15 @@ async fn consumer_killed_mid_batch_loses_no_job() {
     }
 }
 
-/// A retry waiting in a tier topic that the retry settings no longer have (the delays
-/// were changed, say from up to 7 s to up to 2 s) is still forwarded back to its queue
-/// when due and processed: the forwarder subscribes by pattern, not by today's tiers.
-#[tokio::test]
-async fn a_retry_waiting_in_a_tier_no_longer_configured_is_still_processed() {
+/// Writes, as an earlier consumer with a tier of `tier` would have, the retry record of
+/// a job of `queue` that failed once, due now, into that tier's topic; returns its id.
+async fn strand_a_retry_due_now(queue: &str, tier: Duration) -> String {
     use jobgate_shared::job::{self, JobMeta, HEADER_DUE_AT};
     use jobgate_shared::retry::retry_queue_name;
     use rdkafka::message::Header;
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    let _brokers = brokers_shared().await;
-    let queue = unique("oldtier");
-    let _cleanup = BACKEND.cleanup(&[&queue]);
-    // Topics as an earlier consumer with a 7 s tier left them.
-    let old_tier = Duration::from_secs(7);
-    kafka::create_topics(&queue, 2, &[old_tier]).await;
-
-    // Its retry record, due now (attempt 2 of a job that failed once).
-    let mut meta = JobMeta::new(queue.clone(), Some("text/plain".into()));
+    let mut meta = JobMeta::new(queue.to_owned(), Some("text/plain".into()));
     meta.attempt = 2;
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -221,10 +211,9 @@ async fn a_retry_waiting_in_a_tier_no_longer_configured_is_still_processed() {
         .set("bootstrap.servers", crate::helpers::KAFKA_BROKERS)
         .create()
         .unwrap();
-    let tier_topic = retry_queue_name(&queue, old_tier);
     producer
         .send(
-            FutureRecord::to(&tier_topic)
+            FutureRecord::to(&retry_queue_name(queue, tier))
                 .key(meta.id.as_bytes())
                 .payload("stranded")
                 .headers(headers),
@@ -232,13 +221,53 @@ async fn a_retry_waiting_in_a_tier_no_longer_configured_is_still_processed() {
         )
         .await
         .expect("the retry record is written");
+    meta.id
+}
+
+/// A retry waiting in a tier topic that the retry settings no longer have (the delays
+/// were changed, say from up to 7 s to up to 2 s) is still forwarded back to its queue
+/// when due and processed: the forwarder subscribes by pattern, not by today's tiers.
+#[tokio::test]
+async fn a_retry_waiting_in_a_tier_no_longer_configured_is_still_processed() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("oldtier");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    // Topics as an earlier consumer with a 7 s tier left them.
+    let old_tier = Duration::from_secs(7);
+    kafka::create_topics(&queue, 2, &[old_tier]).await;
+    let id = strand_a_retry_due_now(&queue, old_tier).await;
 
     // Today's consumer has tiers of 1 s and 2 s only.
     let consumer = Consumer::start(BACKEND, &queue, &[]).await;
     wait_until(
         Duration::from_secs(60),
         "the job waiting in the old tier to be processed",
-        || std::future::ready(consumer.processed().contains(&meta.id)),
+        || std::future::ready(consumer.processed().contains(&id)),
+    )
+    .await;
+}
+
+/// A tier topic that appears while the consumer runs (another replica with other retry
+/// settings created it; or jobgate's own, not yet in the broker's metadata when the
+/// forwarder subscribed, which a loaded machine showed) is found within seconds: the
+/// pattern is matched again on every metadata refresh, which librdkafka does every
+/// 5 minutes unless told otherwise.
+#[tokio::test]
+async fn a_tier_topic_created_while_the_consumer_runs_is_forwarded_from_too() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("newtier");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let consumer = Consumer::start(BACKEND, &queue, &[]).await;
+    // The forwarder subscribes as the consumer starts; the 7 s tier's topic comes
+    // after that. (Were it earlier, this test would pass without showing anything.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let new_tier = Duration::from_secs(7);
+    kafka::create_topics(&queue, 2, &[new_tier]).await;
+    let id = strand_a_retry_due_now(&queue, new_tier).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the job waiting in the new tier to be processed",
+        || std::future::ready(consumer.processed().contains(&id)),
     )
     .await;
 }

@@ -208,8 +208,10 @@ async fn a_neighbours_deleted_queue_costs_the_healthy_queue_nothing() {
     let _cleanup = BACKEND.cleanup(&[&healthy, &victim]);
     let producer = Producer::start(BACKEND, &[&healthy, &victim], &[]).await;
     let tallies: Arc<Mutex<[Tally; 2]>> = Arc::default();
-    // Posting goes on for a few seconds after the last deletion (at about 11 s).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    // Posting goes on until the victim took a job after the last deletion (or 60 s
+    // after it): a fixed end could come before the producer had declared the victim
+    // again on a slow machine, and then no job could show that it did.
+    let posting = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut clients = Vec::new();
     for client in 0..32 {
         let which = client % 2;
@@ -218,9 +220,9 @@ async fn a_neighbours_deleted_queue_costs_the_healthy_queue_nothing() {
             producer.http.clone(),
             producer.url(&format!("/jobs/{queue}")),
         );
-        let tallies = Arc::clone(&tallies);
+        let (tallies, posting) = (Arc::clone(&tallies), Arc::clone(&posting));
         clients.push(tokio::spawn(async move {
-            while tokio::time::Instant::now() < deadline {
+            while posting.load(std::sync::atomic::Ordering::SeqCst) {
                 let started = tokio::time::Instant::now();
                 let sent = http
                     .post(&url)
@@ -268,6 +270,16 @@ async fn a_neighbours_deleted_queue_costs_the_healthy_queue_nothing() {
         );
     }
     let last_deletion = tokio::time::Instant::now();
+    let victim_posted_again = || {
+        let tallies = tallies.lock().unwrap();
+        tallies[1].accepted_at.iter().any(|at| *at > last_deletion)
+    };
+    while !victim_posted_again() && last_deletion.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A little more traffic on both queues after that, then the clients stop.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    posting.store(false, std::sync::atomic::Ordering::SeqCst);
     for client in clients {
         client.await.unwrap();
     }
@@ -305,7 +317,7 @@ async fn a_neighbours_deleted_queue_costs_the_healthy_queue_nothing() {
         .count();
     assert!(
         victim_kept > 0,
-        "the victim queue took jobs again after the last deletion ({summary})"
+        "the victim queue took no job within 60 s of the last deletion ({summary})"
     );
     wait_until(
         Duration::from_secs(30),

@@ -60,6 +60,9 @@ fn partition_list(topic: &str, partition: i32) -> TopicPartitionList {
     tpl
 }
 
+/// How often the forwarder looks for new retry topics matching its pattern.
+const PATTERN_REFRESH: Duration = Duration::from_secs(5);
+
 impl Forwarder {
     /// Runs until `stop`; then commits what was forwarded and leaves the group.
     pub(super) async fn run(self, stop: CancellationToken) {
@@ -75,6 +78,14 @@ impl Forwarder {
             .set("session.timeout.ms", session_ms.to_string())
             .set("heartbeat.interval.ms", (session_ms / 3).to_string())
             .set("allow.auto.create.topics", "false")
+            // A pattern subscription matches new topics only when metadata is refreshed
+            // (librdkafka: every 5 minutes). A tier topic created just before the
+            // subscription but not yet in the broker's metadata, or by a replica with
+            // other retry settings, would wait that long: its retries with it.
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                PATTERN_REFRESH.as_millis().to_string(),
+            )
             .create()
         {
             Ok(consumer) => consumer,
