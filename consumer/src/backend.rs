@@ -28,6 +28,8 @@ pub fn source(config: &ConsumerConfig) -> Box<dyn JobSource> {
             retry_tiers: tiers,
             publish_timeout: config.publish_timeout(),
             job_timeout: config.job_timeout(),
+            queued_max_kbytes: config.kafka_queued_max_kbytes,
+            fetch_max_bytes: config.kafka_fetch_max_bytes,
         })),
     }
 }

@@ -9,6 +9,11 @@ use jobgate_shared::retry::RetryPolicy;
 
 use crate::handlers::HandlerArgs;
 
+/// Default of `JOBGATE_KAFKA_QUEUED_MAX_KBYTES`: 2 MiB of prefetched records.
+pub const DEFAULT_KAFKA_QUEUED_MAX_KBYTES: u32 = 2048;
+/// Default of `JOBGATE_KAFKA_FETCH_MAX_BYTES`: 1 MiB per fetch response.
+pub const DEFAULT_KAFKA_FETCH_MAX_BYTES: u32 = 1_048_576;
+
 /// jobgate consumer: drains job queues and processes each job at least once.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "consumer", version, about)]
@@ -71,6 +76,19 @@ pub struct ConsumerConfig {
     #[arg(long, env = "JOBGATE_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
     pub kafka_session_timeout_ms: u64,
+
+    /// Kafka: most kilobytes of records a job consumer prefetches
+    /// (`queued.max.messages.kbytes`; librdkafka's own default is 64 MiB). Bounds the
+    /// consumer's memory; a few MiB keep even a fast handler fed.
+    #[arg(long, env = "JOBGATE_KAFKA_QUEUED_MAX_KBYTES", default_value_t = DEFAULT_KAFKA_QUEUED_MAX_KBYTES,
+          value_parser = clap::value_parser!(u32).range(1..=2_097_151))]
+    pub kafka_queued_max_kbytes: u32,
+
+    /// Kafka: most bytes one fetch response may carry (`fetch.max.bytes`; librdkafka's
+    /// own default is 50 MiB). At least 1000000 (the consumer's `message.max.bytes`).
+    #[arg(long, env = "JOBGATE_KAFKA_FETCH_MAX_BYTES", default_value_t = DEFAULT_KAFKA_FETCH_MAX_BYTES,
+          value_parser = clap::value_parser!(u32).range(1_000_000..=2_147_483_135))]
+    pub kafka_fetch_max_bytes: u32,
 
     /// Address of the metrics and probes listener (`GET /metrics`, `/healthz`,
     /// `/readyz`), e.g. `0.0.0.0:9100`; unset: no listener.
@@ -219,6 +237,34 @@ mod tests {
                 .unwrap();
         assert_eq!(c.prefetch(), 32);
         assert!(ConsumerConfig::try_parse_from(["consumer", "--prefetch", "0"]).is_err());
+    }
+
+    #[test]
+    fn kafka_prefetch_bounds_are_modest_and_checked() {
+        let c = ConsumerConfig::try_parse_from(["consumer"]).unwrap();
+        assert_eq!(c.kafka_queued_max_kbytes, 2048);
+        assert_eq!(c.kafka_fetch_max_bytes, 1_048_576);
+        let c = ConsumerConfig::try_parse_from([
+            "consumer",
+            "--kafka-queued-max-kbytes",
+            "512",
+            "--kafka-fetch-max-bytes",
+            "1000000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.kafka_queued_max_kbytes, c.kafka_fetch_max_bytes),
+            (512, 1_000_000)
+        );
+        for refused in [
+            ["--kafka-queued-max-kbytes", "0"],
+            ["--kafka-queued-max-kbytes", "2097152"],
+            // librdkafka refuses a fetch.max.bytes below message.max.bytes.
+            ["--kafka-fetch-max-bytes", "999999"],
+        ] {
+            let args = ["consumer", refused[0], refused[1]];
+            assert!(ConsumerConfig::try_parse_from(args).is_err(), "{refused:?}");
+        }
     }
 
     #[test]

@@ -302,6 +302,13 @@ struct Context<'a> {
 /// limit is dead-lettered without running the handler again.
 async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Delivery) {
     let Delivery { mut job, settle } = delivery;
+    if !settle.is_current() {
+        // Kafka: its partition moved to another consumer while it waited here; the new
+        // owner delivers it from the committed offset. Nothing to settle.
+        let (job_id, queue) = (&job.meta.id, &job.meta.queue);
+        tracing::debug!(%job_id, %queue, "job not started: it is delivered to another consumer");
+        return;
+    }
     let exhausted = count_redeliveries(&mut job.meta, &context.options.retry);
     let meta = &job.meta;
     let span =
@@ -929,6 +936,101 @@ mod tests {
             "a source ending outside shutdown is an error"
         );
         assert_eq!(acked, 2);
+    }
+
+    /// A delivery another consumer has taken over (a revoked Kafka partition): counts
+    /// whatever the worker does with it.
+    struct MovedSettle(Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl jobgate_shared::broker::Settle for MovedSettle {
+        fn is_current(&self) -> bool {
+            false
+        }
+        async fn started(&self) -> Result<(), jobgate_shared::broker::SettleError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn ack(self: Box<Self>) -> Result<(), jobgate_shared::broker::SettleError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn requeue(self: Box<Self>) -> Result<(), jobgate_shared::broker::SettleError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn reject(self: Box<Self>) -> Result<(), jobgate_shared::broker::SettleError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// Delivers a moved delivery, then a current one, then waits for the shutdown.
+    struct MovedThenCurrent {
+        touched: Arc<AtomicUsize>,
+        acked: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl JobSource for MovedThenCurrent {
+        async fn run(&mut self, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
+            let moved = Box::new(MovedSettle(Arc::clone(&self.touched)));
+            let current = Box::new(CountingSettle(Arc::clone(&self.acked)));
+            let _ = tx
+                .send(Delivery {
+                    job: job("moved"),
+                    settle: moved,
+                })
+                .await;
+            let _ = tx
+                .send(Delivery {
+                    job: job("ok"),
+                    settle: current,
+                })
+                .await;
+            stop.cancelled().await;
+        }
+
+        fn is_ready(&self) -> bool {
+            true
+        }
+
+        async fn close(&mut self) {}
+    }
+
+    #[tokio::test]
+    async fn a_delivery_taken_over_by_another_consumer_is_neither_run_nor_settled() {
+        let (touched, acked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let source = MovedThenCurrent {
+            touched: Arc::clone(&touched),
+            acked: Arc::clone(&acked),
+        };
+        let handler = Arc::new(AttemptRecorder::default());
+        let done = {
+            let acked = Arc::clone(&acked);
+            async move {
+                while acked.load(Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let outcomes: SharedPublisher = Arc::new(MemoryBroker::new());
+        let mut opts = options(1);
+        opts.retry.max_attempts = 1;
+        run_with_source(Box::new(source), outcomes, handler.clone(), opts, done)
+            .await
+            .expect("the source runs until shutdown");
+        // Concurrency 1: the moved delivery was taken first, and dropped.
+        assert_eq!(
+            *handler.seen.lock().unwrap(),
+            [1],
+            "only the current job ran"
+        );
+        assert_eq!(
+            touched.load(Ordering::SeqCst),
+            0,
+            "nothing settled the moved one"
+        );
     }
 
     #[tokio::test]

@@ -221,6 +221,17 @@ impl Process {
             .collect()
     }
 
+    /// Every log line for which `matches` is true, in the order they were written.
+    pub fn lines_where(&self, matches: impl Fn(&Value) -> bool) -> Vec<Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| matches(l))
+            .cloned()
+            .collect()
+    }
+
     /// The last log line for which `matches` is true.
     pub fn last_where(&self, matches: impl Fn(&Value) -> bool) -> Option<Value> {
         self.logs
@@ -655,8 +666,9 @@ impl Backend {
 
     /// Waits until the consumers' group owns all `partitions` and no rebalance is under
     /// way (Kafka: each consumer's latest "partitions assigned"/"partitions revoked" line
-    /// of group `jobgate.<queue>` is an assignment of at least one partition, and they
-    /// add up to `partitions`).
+    /// of group `jobgate.<queue>` is an assignment after which it owns at least one
+    /// partition (`assigned` counts all it owns, also under incremental rebalances), and
+    /// they add up to `partitions`).
     /// Jobs posted before that could be redelivered by a rebalance. RabbitMQ: no-op.
     pub async fn wait_group_stable(self, consumers: &[&Consumer], partitions: u64) {
         if self == Backend::Rabbitmq {

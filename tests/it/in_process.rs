@@ -98,6 +98,8 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
         retry_tiers: Vec::new(),
         publish_timeout: Duration::from_secs(10),
         job_timeout: None,
+        queued_max_kbytes: consumer::config::DEFAULT_KAFKA_QUEUED_MAX_KBYTES,
+        fetch_max_bytes: consumer::config::DEFAULT_KAFKA_FETCH_MAX_BYTES,
     });
     let all_done = {
         let finished = Arc::clone(&finished);

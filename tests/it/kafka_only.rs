@@ -336,3 +336,161 @@ async fn created_topics_carry_min_insync_replicas_from_the_configuration() {
     .unwrap();
     assert_eq!(replicas, 1);
 }
+
+/// The rebalance lines of a replica's job group, in the order it wrote them.
+fn rebalance_lines(consumer: &Consumer) -> Vec<Value> {
+    let group = kafka::group(&consumer.queue);
+    consumer.process.lines_where(|l| {
+        (l["message"] == "partitions assigned" || l["message"] == "partitions revoked")
+            && l["group"] == group.as_str()
+    })
+}
+
+/// For every revoke among a replica's rebalance lines after the first `skip`: how many
+/// partitions it owned before, and how many the revoke took.
+fn revokes_after(consumer: &Consumer, skip: usize) -> Vec<(u64, u64)> {
+    let mut owned = 0;
+    let mut revokes = Vec::new();
+    for (i, line) in rebalance_lines(consumer).iter().enumerate() {
+        if line["message"] == "partitions assigned" {
+            owned = line["assigned"].as_u64().expect("assigned is a count");
+        } else {
+            let revoked = line["revoked"].as_u64().expect("revoked is a count");
+            if i >= skip {
+                revokes.push((owned, revoked));
+            }
+            owned = owned.saturating_sub(revoked);
+        }
+    }
+    revokes
+}
+
+/// Two replicas drain a backlog; a third joins, then one of the first two leaves with
+/// SIGTERM. Rebalances are incremental (cooperative-sticky): only the partitions that
+/// move stop, so the two replicas keep partitions and go on starting jobs while the
+/// newcomer joins. A move redoes at most the jobs in flight on the moved partitions: the
+/// revoking replica commits what it finished before it lets go and does not start what
+/// it had fetched from them, so what runs again is what was running, plus what finished
+/// above it (out of order) on those partitions. A replica that leaves finishes its jobs
+/// and commits them first, so the leave redoes none. No job is lost.
+#[tokio::test]
+async fn a_replica_joining_then_one_leaving_under_load_redo_at_most_the_moved_jobs_in_flight() {
+    const CONCURRENCY: usize = 4;
+    const JOBS: usize = 3000;
+    let _brokers = brokers_shared().await;
+    let queue = unique("rescale");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let producer = Producer::start(BACKEND, &[&queue], &[]).await;
+    let settings = vars(&[("JOBGATE_CONCURRENCY", "4"), ("JOBGATE_LOG_DELAY_MS", "40")]);
+    let a = Consumer::start(BACKEND, &queue, &settings).await;
+    let mut b = Consumer::start(BACKEND, &queue, &settings).await;
+    BACKEND.wait_group_stable(&[&a, &b], KAFKA_PARTITIONS).await;
+    let mut ids = Vec::new();
+    for _ in 0..JOBS / 100 {
+        ids.extend(producer.post_many(&queue, 100).await);
+    }
+    wait_until(Duration::from_secs(60), "200 jobs to be processed", || {
+        std::future::ready(processing_counts(&[&a, &b]).len() >= 200)
+    })
+    .await;
+
+    // The join. `a` and `b` must keep working through it: each keeps some of its
+    // partitions at every revoke, and they start jobs between the first revoke and the
+    // newcomer's first partitions.
+    let (a_lines, b_lines) = (rebalance_lines(&a).len(), rebalance_lines(&b).len());
+    let c = Consumer::start(BACKEND, &queue, &settings).await;
+    let started = || a.started().len() + b.started().len();
+    let mut started_at_revoke = None;
+    wait_until(
+        Duration::from_secs(60),
+        "the newcomer to own partitions",
+        || {
+            if started_at_revoke.is_none()
+                && !(revokes_after(&a, a_lines).is_empty() && revokes_after(&b, b_lines).is_empty())
+            {
+                started_at_revoke = Some(started());
+            }
+            let owns = rebalance_lines(&c)
+                .last()
+                .is_some_and(|l| l["assigned"].as_u64() > Some(0));
+            std::future::ready(owns)
+        },
+    )
+    .await;
+    let started_at_assign = started();
+    BACKEND
+        .wait_group_stable(&[&a, &b, &c], KAFKA_PARTITIONS)
+        .await;
+    for (name, consumer, skip) in [("a", &a, a_lines), ("b", &b, b_lines)] {
+        let revokes = revokes_after(consumer, skip);
+        assert!(
+            revokes.iter().all(|(owned, revoked)| revoked < owned),
+            "replica {name} gave up all its partitions while a replica joined (owned, \
+             revoked): {revokes:?}"
+        );
+    }
+    let started_at_revoke = started_at_revoke.expect("a or b gave partitions up for c");
+    assert!(
+        started_at_assign > started_at_revoke,
+        "a and b started no job between the first revoke ({started_at_revoke} started) and \
+         the newcomer's assignment ({started_at_assign})"
+    );
+    let before_leave = processing_counts(&[&a, &b, &c]).len();
+    assert!(
+        before_leave < JOBS,
+        "the backlog was drained before a replica left (raise JOBS)"
+    );
+
+    // The leave: b stops gracefully while the others drain.
+    b.process.terminate();
+    assert_eq!(b.process.wait_exit(Duration::from_secs(40)).await, Some(0));
+    BACKEND.wait_group_stable(&[&a, &c], KAFKA_PARTITIONS).await;
+    wait_until(
+        Duration::from_secs(120),
+        "every job to be processed",
+        || std::future::ready(processing_counts(&[&a, &b, &c]).len() >= JOBS),
+    )
+    .await;
+    let mut rest = [a, c];
+    for consumer in &rest {
+        consumer.process.terminate();
+    }
+    for consumer in &mut rest {
+        assert_eq!(
+            consumer.process.wait_exit(Duration::from_secs(40)).await,
+            Some(0)
+        );
+    }
+    let [a, c] = rest;
+    assert_eq!(BACKEND.pending(&queue).await, 0, "everything was committed");
+
+    let counts = processing_counts(&[&a, &b, &c]);
+    let expected: BTreeSet<&String> = ids.iter().collect();
+    let lost: Vec<_> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
+    let unknown: Vec<_> = counts.keys().filter(|id| !expected.contains(id)).collect();
+    let extra_runs: usize = counts.values().map(|n| n - 1).sum();
+    // Two replicas give partitions up at the join: each redoes at most its running jobs
+    // and as many finished out of order above them. The leave redoes none.
+    let allowed = 2 * 2 * CONCURRENCY;
+    println!(
+        "{JOBS} jobs: a processed {}, b {}, c {}; {extra_runs} extra runs (at most \
+         {allowed} allowed); {} processed when b left; a and b started {} jobs while c \
+         joined",
+        a.processed().len(),
+        b.processed().len(),
+        c.processed().len(),
+        before_leave,
+        started_at_assign - started_at_revoke,
+    );
+    assert!(lost.is_empty(), "lost jobs: {lost:?}");
+    assert!(
+        unknown.is_empty(),
+        "processed jobs nobody posted: {unknown:?}"
+    );
+    assert!(
+        extra_runs <= allowed,
+        "{extra_runs} extra runs, more than the jobs in flight on the moved partitions \
+         ({allowed}): {:?}",
+        counts.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+}

@@ -121,6 +121,13 @@ pub trait Settle: Send + Sync + 'static {
     async fn started(&self) -> Result<(), SettleError> {
         Ok(())
     }
+    /// False when this consumer can no longer settle the delivery and the broker
+    /// delivers it to another one instead (Kafka: its partition was revoked since the
+    /// fetch): the worker then drops it without running it, instead of running a job
+    /// the new owner runs too. The default: always true.
+    fn is_current(&self) -> bool {
+        true
+    }
     /// The job's outcome is durable: remove the delivery for good.
     async fn ack(self: Box<Self>) -> Result<(), SettleError>;
     /// Give the delivery back to the broker for immediate redelivery (only for

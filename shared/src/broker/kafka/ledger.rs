@@ -162,6 +162,12 @@ impl PartitionLedger {
             metadata: encode(offset, self.top, &self.counts),
         }
     }
+
+    /// Whether a commit would tell the group something: a job finished (the offset
+    /// moved) or started (its count must survive).
+    fn has_news(&self) -> bool {
+        self.stored.is_some() || !self.counts.is_empty()
+    }
 }
 
 /// Tracks, for every owned partition, which offsets are in flight, and computes the
@@ -298,7 +304,30 @@ impl Ledger {
         Some(position)
     }
 
-    /// Forgets revoked partitions.
+    /// Whether `topic`/`partition` is still owned in ownership `generation`: false once
+    /// the partition was revoked since (a record fetched then belongs to its next owner,
+    /// which replays it from the committed offset).
+    pub fn is_current(&self, topic: &str, partition: i32, generation: u64) -> bool {
+        let mut parts = self.lock();
+        Self::owned(&mut parts, topic, partition, generation).is_some()
+    }
+
+    /// The positions of `partitions` to commit (those something was fetched from and
+    /// that have news), for instance before they are revoked: the first unfinished
+    /// offset, never past it, with the counts of started jobs.
+    pub fn positions_of(&self, partitions: &[(String, i32)]) -> Vec<(String, i32, Position)> {
+        let parts = self.lock();
+        partitions
+            .iter()
+            .filter_map(|key| {
+                let entry = parts.get(key).filter(|entry| entry.has_news())?;
+                Some((key.0.clone(), key.1, entry.position()))
+            })
+            .collect()
+    }
+
+    /// Forgets revoked partitions; the others keep their bookkeeping (an incremental
+    /// revoke lists only the partitions that move).
     pub fn revoke(&self, partitions: &[(String, i32)]) {
         let mut parts = self.lock();
         for key in partitions {
@@ -313,7 +342,7 @@ impl Ledger {
         self.lock()
             .iter()
             .filter(|((t, _), _)| topic.is_none_or(|topic| t == topic))
-            .filter(|(_, entry)| entry.stored.is_some() || !entry.counts.is_empty())
+            .filter(|(_, entry)| entry.has_news())
             .map(|((topic, partition), entry)| (topic.clone(), *partition, entry.position()))
             .collect()
     }
@@ -371,6 +400,68 @@ mod tests {
         );
         assert_eq!(ledger.finished("t", 0, 0, old), None);
         assert_eq!(offset(ledger.finished("t", 0, 0, new.generation)), Some(1));
+    }
+
+    #[test]
+    fn a_revoke_commits_what_finished_on_the_revoked_partitions_and_no_further() {
+        let ledger = Ledger::default();
+        let g = (0..5)
+            .map(|o| ledger.fetched("t", 0, o).generation)
+            .last()
+            .unwrap();
+        let h = ledger.fetched("t", 1, 10).generation;
+        ledger.fetched("t", 2, 20);
+        ledger.started("t", 0, 2, g);
+        for done in [0, 1, 3] {
+            ledger.finished("t", 0, done, g);
+        }
+        ledger.finished("t", 1, 10, h);
+        // Partition 0 moves: 2 runs (counted), 3 finished above it, 4 never started.
+        let moved = [("t".to_owned(), 0), ("t".to_owned(), 2)];
+        assert_eq!(
+            ledger.positions_of(&moved),
+            vec![(
+                "t".to_owned(),
+                0,
+                Position {
+                    offset: 2,
+                    metadata: "jobgate-starts-v1:t=0,0=1".into()
+                }
+            )],
+            "the commit stops at the running job; partition 2 has nothing to say"
+        );
+        ledger.revoke(&moved);
+        assert!(!ledger.is_current("t", 0, g));
+        assert_eq!(
+            ledger.finished("t", 0, 2, g),
+            None,
+            "late completions are ignored"
+        );
+        // An incremental revoke leaves the partitions that stay as they were.
+        assert!(ledger.is_current("t", 1, h));
+        ledger.fetched("t", 1, 11);
+        assert_eq!(offset(ledger.finished("t", 1, 11, h)), Some(12));
+        assert_eq!(ledger.positions(None).len(), 1, "only partition 1 is left");
+    }
+
+    #[test]
+    fn a_partition_assigned_again_is_a_new_ownership() {
+        let ledger = Ledger::default();
+        let old = ledger.fetched("t", 0, 7).generation;
+        let kept = ledger.fetched("t", 1, 3).generation;
+        ledger.load_counts("t", 1, kept, None);
+        ledger.revoke(&[("t".into(), 0)]);
+        let again = ledger.fetched("t", 0, 5);
+        assert!(
+            again.needs_counts,
+            "the counts are read again from the commit"
+        );
+        assert!(!ledger.is_current("t", 0, old));
+        assert!(ledger.is_current("t", 0, again.generation));
+        // The partition that stayed keeps its ownership and what it loaded.
+        let next = ledger.fetched("t", 1, 4);
+        assert_eq!(next.generation, kept);
+        assert!(!next.needs_counts);
     }
 
     #[test]

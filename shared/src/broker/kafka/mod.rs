@@ -10,9 +10,17 @@
 //!   is durable, and only up to the first unfinished job of its partition, even when
 //!   jobs of one partition run concurrently and finish out of order. A crash replays
 //!   from the last committed offset: at least once, never loss.
-//! - Rebalances: on revoke, the partition's bookkeeping is dropped; jobs of that
-//!   partition still running finish, but their offsets are not stored (the new owner
-//!   processes them again from the committed offset). Duplicates, never loss.
+//! - Rebalances are incremental (`cooperative-sticky`): only the partitions that move
+//!   change hands; the others keep being consumed. Before a partition is let go, what
+//!   finished on it is committed (synchronously, up to its first unfinished job), and
+//!   its bookkeeping is dropped. Its jobs still running finish, but their offsets are
+//!   not stored, and records fetched from it but not started are not run: the new owner
+//!   processes them from the committed offset. Duplicates (the jobs in flight on the
+//!   moved partitions), never loss.
+//! - Saturation: while every worker slot is busy the consumer is still polled (its
+//!   partitions paused after [`POLL_GAP`]), so rebalances and other callbacks are served
+//!   promptly instead of after a job ends; the prefetch is bounded by
+//!   `queued.max.messages.kbytes` and `fetch.max.bytes` ([`SourceOptions`]).
 //! - Replays count: Kafka keeps no delivery count, so the consumer counts the starts of
 //!   the jobs it has not finished in the metadata of the offsets it commits, and the
 //!   next owner of a partition reads them back ([`ledger`]): a job replayed after its
@@ -31,6 +39,7 @@ mod security;
 
 pub use security::{KafkaProperties, KafkaSecurity, SaslMechanism, Secret, SecurityProtocol};
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -66,6 +75,14 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often librdkafka reports a job consumer's statistics, from which the consumer
 /// lag of each owned partition is taken (`statistics.interval.ms`).
 const LAG_STATS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a fetched record may wait for a worker slot before the source pauses the
+/// consumer's partitions and polls on (rebalances, callbacks) while it waits. Pausing
+/// drops what librdkafka prefetched (it fetches it again on resume), so short waits,
+/// the rule with short jobs, do not pause.
+pub const POLL_GAP: Duration = Duration::from_millis(100);
+/// The partition assignment of job consumer groups: incremental rebalances, so a
+/// replica joining or leaving moves only the partitions that change owner.
+const ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
 
 /// How many copies of each topic jobgate creates (`replication.factor`) and how many of
 /// them must have a record before an `acks=all` write is confirmed
@@ -382,9 +399,15 @@ pub struct SourceOptions {
     pub retry_tiers: Vec<Duration>,
     /// Bound of one forward of a due retry to its queue.
     pub publish_timeout: Duration,
-    /// Longest a job may run. While every worker slot is busy the consumer is not
-    /// polled; `max.poll.interval.ms` is set above this so the group keeps it.
+    /// Longest a job may run; `max.poll.interval.ms` is set above it, so a consumer is
+    /// never dropped from its group for the length of a job.
     pub job_timeout: Option<Duration>,
+    /// Most kilobytes of records prefetched per consumer (librdkafka's
+    /// `queued.max.messages.kbytes`, 64 MiB by default there).
+    pub queued_max_kbytes: u32,
+    /// Most bytes one fetch response may carry (`fetch.max.bytes`, at least
+    /// `message.max.bytes`).
+    pub fetch_max_bytes: u32,
 }
 
 impl SourceOptions {
@@ -443,24 +466,52 @@ impl ClientContext for JobConsumerContext {
     }
 }
 
+impl JobConsumerContext {
+    /// Commits, and waits for, the positions of `partitions` that have news: the first
+    /// unfinished offset of each (never past it) with the counts of started jobs.
+    fn commit_before_revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[(String, i32)]) {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, position) in self.ledger.positions_of(partitions) {
+            let _ = add_position(&mut tpl, &topic, partition, &position);
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(error) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(group = %self.group, %error, "commit before a revoke failed; jobs finished on the revoked partitions may run again");
+        }
+    }
+}
+
 impl ConsumerContext for JobConsumerContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// On revoke (under the cooperative protocol, only the partitions that move): commit
+    /// what finished on them before they go, so the next owner does not run finished
+    /// jobs again, then forget them. librdkafka also commits the stored offsets of
+    /// removed partitions, but on its own time; this commit is done when the callback
+    /// returns, before the partitions can be handed over.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: Vec<(String, i32)> = tpl
                 .elements()
                 .iter()
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
+            self.commit_before_revoke(consumer, &revoked);
             self.ledger.revoke(&revoked);
             self.status.forget_partitions(&revoked);
-            tracing::info!(group = %self.group, revoked = revoked.len(), "partitions revoked");
+            let owned = consumer.assignment().map_or(0, |a| a.count());
+            let kept = owned.saturating_sub(revoked.len());
+            tracing::info!(group = %self.group, revoked = revoked.len(), kept, "partitions revoked");
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// Logs the partitions owned after an assignment (`assigned`, all of them) and how
+    /// many it added (`added`: under the cooperative protocol an assignment only adds).
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                tracing::info!(group = %self.group, assigned = tpl.count(), "partitions assigned");
+                let assigned = consumer.assignment().map_or(tpl.count(), |a| a.count());
+                tracing::info!(group = %self.group, assigned, added = tpl.count(), "partitions assigned");
             }
             Rebalance::Error(error) => {
                 tracing::warn!(group = %self.group, %error, "rebalance failed");
@@ -532,6 +583,12 @@ impl KafkaSource {
                 self.max_poll_interval_ms().max(session_ms).to_string(),
             )
             .set("allow.auto.create.topics", "false")
+            .set("partition.assignment.strategy", ASSIGNMENT_STRATEGY)
+            .set(
+                "queued.max.messages.kbytes",
+                self.options.queued_max_kbytes.to_string(),
+            )
+            .set("fetch.max.bytes", self.options.fetch_max_bytes.to_string())
             .set(
                 "statistics.interval.ms",
                 LAG_STATS_INTERVAL.as_millis().to_string(),
@@ -547,7 +604,7 @@ impl KafkaSource {
     /// The delivery of a record just fetched. The first record of a partition's
     /// ownership first reads the group's committed offset of the partition, whose
     /// metadata counts the earlier starts of the records still to do (see [`ledger`]).
-    async fn delivery(&self, consumer: &Arc<JobConsumer>, record: FetchedRecord) -> Delivery {
+    async fn delivery(&self, consumer: &Arc<JobConsumer>, record: FetchedRecord) -> Waiting {
         let FetchedRecord {
             topic,
             partition,
@@ -565,17 +622,165 @@ impl KafkaSource {
         meta.redeliveries =
             self.ledger
                 .earlier_starts(&topic, partition, offset, fetched.generation);
-        Delivery {
-            job: Job { meta, body },
-            settle: Box::new(KafkaSettle {
-                consumer: Arc::clone(consumer),
-                ledger: Arc::clone(&self.ledger),
-                topic,
-                partition,
-                offset,
-                generation: fetched.generation,
-            }),
+        Waiting {
+            consumer: Arc::clone(consumer),
+            topic: topic.clone(),
+            partition,
+            generation: fetched.generation,
+            delivery: Delivery {
+                job: Job { meta, body },
+                settle: Box::new(KafkaSettle {
+                    consumer: Arc::clone(consumer),
+                    ledger: Arc::clone(&self.ledger),
+                    topic,
+                    partition,
+                    offset,
+                    generation: fetched.generation,
+                }),
+            },
         }
+    }
+}
+
+/// A delivery the worker has no room for yet, with what tells whether it is still ours.
+struct Waiting {
+    consumer: Arc<JobConsumer>,
+    topic: String,
+    partition: i32,
+    generation: u64,
+    delivery: Delivery,
+}
+
+/// The source's side of saturation: records fetched that wait for a worker slot, in
+/// fetch order, and the partitions the source paused meanwhile so that it can poll on
+/// without fetching more. A record whose partition was revoked while it waited is
+/// dropped (its next owner replays it from the committed offset).
+///
+/// librdkafka keeps a partition paused by the application across revokes and
+/// assignments (nothing but a resume clears it), so every partition paused here is
+/// resumed when the wait ends, owned or not by then.
+#[derive(Default)]
+struct Held {
+    waiting: VecDeque<Waiting>,
+    /// When the oldest record began to wait with nothing paused.
+    since: Option<tokio::time::Instant>,
+    /// What this source paused, per consumer.
+    paused: Vec<(Arc<JobConsumer>, TopicPartitionList)>,
+}
+
+/// What [`Held::hand_over`] found.
+enum Room {
+    /// Everything waiting was handed over (or dropped).
+    AllSent,
+    /// The worker has no room for the rest.
+    Full,
+    /// The worker is gone.
+    Closed,
+}
+
+impl Held {
+    fn push(&mut self, waiting: Waiting) {
+        if self.waiting.is_empty() && self.paused.is_empty() {
+            self.since = Some(tokio::time::Instant::now());
+        }
+        let (consumer, topic, partition) = (
+            Arc::clone(&waiting.consumer),
+            waiting.topic.clone(),
+            waiting.partition,
+        );
+        self.waiting.push_back(waiting);
+        if !self.paused.is_empty() {
+            // From a partition assigned since the pause: pause it too, so that records
+            // wait here one per partition at most.
+            self.pause_partition(&consumer, &topic, partition);
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        !self.paused.is_empty()
+    }
+
+    /// When to pause, while records wait and nothing is paused.
+    fn pause_at(&self) -> tokio::time::Instant {
+        self.since.unwrap_or_else(tokio::time::Instant::now) + POLL_GAP
+    }
+
+    /// Hands over waiting records, oldest first, while the worker has room; drops those
+    /// whose partition was revoked since they were fetched.
+    fn hand_over(&mut self, tx: &mpsc::Sender<Delivery>, ledger: &Ledger) -> Room {
+        loop {
+            let Some(first) = self.waiting.front() else {
+                self.since = None;
+                return Room::AllSent;
+            };
+            if !ledger.is_current(&first.topic, first.partition, first.generation) {
+                self.waiting.pop_front();
+                continue;
+            }
+            match tx.try_reserve() {
+                Ok(permit) => {
+                    if let Some(first) = self.waiting.pop_front() {
+                        permit.send(first.delivery);
+                    }
+                }
+                Err(mpsc::error::TrySendError::Full(())) => return Room::Full,
+                Err(mpsc::error::TrySendError::Closed(())) => return Room::Closed,
+            }
+        }
+    }
+
+    /// Pauses every partition `consumers` own, so that polling fetches nothing more.
+    fn pause_all(&mut self, consumers: &[Arc<JobConsumer>]) {
+        for consumer in consumers {
+            let assignment = match consumer.assignment() {
+                Ok(assignment) if assignment.count() > 0 => assignment,
+                Ok(_) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the assignment to pause it");
+                    continue;
+                }
+            };
+            match consumer.pause(&assignment) {
+                Ok(()) => self.paused.push((Arc::clone(consumer), assignment)),
+                Err(error) => tracing::warn!(%error, "cannot pause the partitions"),
+            }
+        }
+        // Nothing paused (an error): wait for room without polling a while longer.
+        self.since = Some(tokio::time::Instant::now());
+        tracing::debug!(
+            paused = self.paused.len(),
+            "every worker slot is busy; consumers paused"
+        );
+    }
+
+    fn pause_partition(&mut self, consumer: &Arc<JobConsumer>, topic: &str, partition: i32) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        if let Err(error) = consumer.pause(&tpl) {
+            tracing::warn!(%error, topic, partition, "cannot pause a partition");
+            return;
+        }
+        match self
+            .paused
+            .iter_mut()
+            .find(|(c, _)| Arc::ptr_eq(c, consumer))
+        {
+            Some((_, paused)) => {
+                paused.add_partition(topic, partition);
+            }
+            None => self.paused.push((Arc::clone(consumer), tpl)),
+        }
+    }
+
+    /// Resumes everything paused here (the partitions fetch again from the record after
+    /// the last one the source took).
+    fn resume(&mut self) {
+        for (consumer, paused) in self.paused.drain(..) {
+            if let Err(error) = consumer.resume(&paused) {
+                tracing::warn!(%error, "cannot resume the partitions");
+            }
+        }
+        self.since = None;
     }
 }
 
@@ -682,30 +887,49 @@ impl JobSource for KafkaSource {
         self.status.set_subscribed(true);
 
         // librdkafka reconnects by itself; this loop only moves records to the worker.
+        // It polls on while every worker slot is busy (see `Held`): after `POLL_GAP`
+        // the partitions are paused, so polling serves rebalances and callbacks without
+        // fetching more, and they are resumed once what waits was handed over.
         let consumers = self.consumers.clone();
         let mut streams = futures::stream::select_all(
             consumers
                 .iter()
                 .map(|c| c.stream().map(move |m| (Arc::clone(c), m))),
         );
+        let mut held = Held::default();
         loop {
+            match held.hand_over(&tx, &self.ledger) {
+                Room::Closed => break,
+                Room::AllSent if held.is_paused() => held.resume(),
+                Room::AllSent | Room::Full => {}
+            }
+            let waiting = !held.waiting.is_empty();
+            let wait_for_room = waiting && !held.is_paused();
             tokio::select! {
+                biased;
                 () = stop.cancelled() => break,
-                next = streams.next() => match next {
+                room = tx.reserve(), if waiting => match room {
+                    Ok(permit) => drop(permit), // handed over at the top of the loop
+                    Err(_) => break,
+                },
+                () = tokio::time::sleep_until(held.pause_at()), if wait_for_room => {
+                    held.pause_all(&consumers);
+                }
+                next = streams.next(), if !wait_for_room => match next {
                     Some((consumer, Ok(message))) => {
                         let record = FetchedRecord::of(&message);
                         drop(message);
-                        let delivery = self.delivery(&consumer, record).await;
-                        tokio::select! {
-                            () = stop.cancelled() => break,
-                            sent = tx.send(delivery) => if sent.is_err() { break },
-                        }
+                        held.push(self.delivery(&consumer, record).await);
                     }
                     Some((_, Err(error))) => tracing::warn!(%error, "Kafka consumer error"),
                     None => break,
                 },
             }
         }
+        // Records still waiting are dropped unstarted: their offsets were never
+        // finished, so the group delivers them again. Paused partitions stay paused;
+        // `close` commits and leaves the group.
+        drop(held);
         self.status.set_subscribed(false);
     }
 
@@ -933,6 +1157,13 @@ impl Settle for KafkaSettle {
         Ok(())
     }
 
+    /// False once the partition was revoked since the fetch: its next owner replays the
+    /// record from the committed offset, so running it here would only duplicate it.
+    fn is_current(&self) -> bool {
+        self.ledger
+            .is_current(&self.topic, self.partition, self.generation)
+    }
+
     async fn ack(self: Box<Self>) -> Result<(), SettleError> {
         let Some(position) =
             self.ledger
@@ -991,6 +1222,122 @@ mod tests {
         };
         assert_eq!(pinned.resolve(3), Ok((3, 3)));
         assert!(pinned.resolve(1).is_err(), "min ISR above the factor");
+    }
+
+    /// A job consumer that never reaches a broker (nothing is subscribed).
+    fn idle_consumer(ledger: &Arc<Ledger>) -> Arc<JobConsumer> {
+        let context = JobConsumerContext {
+            ledger: Arc::clone(ledger),
+            starts: StartCommits::default(),
+            group: "g".into(),
+            queue: "t".into(),
+            status: SourceStatus::default(),
+        };
+        let consumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "g")
+            .set("log_level", "0")
+            .create_with_context(context)
+            .expect("a consumer is created without a broker");
+        Arc::new(consumer)
+    }
+
+    fn fetched(
+        consumer: &Arc<JobConsumer>,
+        ledger: &Arc<Ledger>,
+        partition: i32,
+        offset: i64,
+    ) -> Waiting {
+        let generation = ledger.fetched("t", partition, offset).generation;
+        let settle = KafkaSettle {
+            consumer: Arc::clone(consumer),
+            ledger: Arc::clone(ledger),
+            topic: "t".into(),
+            partition,
+            offset,
+            generation,
+        };
+        Waiting {
+            consumer: Arc::clone(consumer),
+            topic: "t".into(),
+            partition,
+            generation,
+            delivery: Delivery {
+                job: Job {
+                    meta: JobMeta::new("t", None),
+                    body: Bytes::from(format!("{partition}/{offset}")),
+                },
+                settle: Box::new(settle),
+            },
+        }
+    }
+
+    fn body(delivery: &Delivery) -> String {
+        String::from_utf8(delivery.job.body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn waiting_records_reach_the_worker_in_fetch_order_and_revoked_ones_never() {
+        let ledger = Arc::new(Ledger::default());
+        let consumer = idle_consumer(&ledger);
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut held = Held::default();
+        for (partition, offset) in [(0, 10), (1, 20), (0, 11), (1, 21), (0, 12)] {
+            held.push(fetched(&consumer, &ledger, partition, offset));
+        }
+        assert!(matches!(held.hand_over(&tx, &ledger), Room::Full));
+        let first = rx.recv().await.unwrap();
+        let second = rx.recv().await.unwrap();
+        assert_eq!([body(&first), body(&second)], ["0/10", "1/20"]);
+
+        // Partition 1 moves to another consumer: what was fetched from it is its next
+        // owner's, handed over or not.
+        ledger.revoke(&[("t".into(), 1)]);
+        assert!(!second.settle.is_current(), "the worker will not start it");
+        assert!(first.settle.is_current());
+        assert!(matches!(held.hand_over(&tx, &ledger), Room::AllSent));
+        let rest: Vec<String> = [rx.recv().await.unwrap(), rx.recv().await.unwrap()]
+            .iter()
+            .map(body)
+            .collect();
+        assert_eq!(rest, ["0/11", "0/12"], "1/21 is dropped");
+        assert!(rx.try_recv().is_err());
+        assert!(held.since.is_none(), "nothing waits");
+
+        drop(rx);
+        held.push(fetched(&consumer, &ledger, 0, 13));
+        assert!(matches!(held.hand_over(&tx, &ledger), Room::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_record_arriving_while_paused_pauses_its_partition_and_resume_forgets_all() {
+        let ledger = Arc::new(Ledger::default());
+        let consumer = idle_consumer(&ledger);
+        let mut held = Held::default();
+        let before = tokio::time::Instant::now();
+        held.push(fetched(&consumer, &ledger, 0, 1));
+        assert!(
+            held.pause_at() >= before + POLL_GAP,
+            "short waits do not pause"
+        );
+        // Nothing assigned: nothing to pause, and the wait goes on without polling.
+        held.pause_all(std::slice::from_ref(&consumer));
+        assert!(!held.is_paused());
+        held.pause_partition(&consumer, "t", 0);
+        assert!(held.is_paused());
+        // A partition assigned while paused: its first record waits, and it is paused.
+        held.push(fetched(&consumer, &ledger, 4, 7));
+        let paused: Vec<i32> = held.paused[0]
+            .1
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        assert_eq!(paused, [0, 4]);
+        held.waiting.clear();
+        held.resume();
+        assert!(!held.is_paused());
+        assert!(held.since.is_none());
     }
 
     #[test]

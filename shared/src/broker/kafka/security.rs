@@ -195,6 +195,7 @@ const OWNED_BY_JOBGATE: &[&str] = &[
     "delivery.timeout.ms",
     "statistics.interval.ms",
     "heartbeat.interval.ms",
+    "partition.assignment.strategy",
 ];
 
 /// Properties that have a `JOBGATE_*` setting of their own: one place for each.
@@ -211,6 +212,11 @@ const HAVE_A_SETTING: &[(&str, &str)] = &[
     ("linger.ms", "JOBGATE_KAFKA_LINGER_MS"),
     ("queue.buffering.max.ms", "JOBGATE_KAFKA_LINGER_MS"),
     ("session.timeout.ms", "JOBGATE_KAFKA_SESSION_TIMEOUT_MS"),
+    (
+        "queued.max.messages.kbytes",
+        "JOBGATE_KAFKA_QUEUED_MAX_KBYTES",
+    ),
+    ("fetch.max.bytes", "JOBGATE_KAFKA_FETCH_MAX_BYTES"),
 ];
 
 /// Security settings of every Kafka client; flattened into the binaries' options.
