@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use tokio::time::Instant;
 
 use crate::report::Phase;
-use crate::stats::{per_second, scheduled_count, scheduled_offset, Latencies};
+use crate::stats::{per_second, scheduled_count, scheduled_offset, slowest_window, Latencies};
 
 /// One operation: `Ok` when it succeeded (confirm, 202), else why not.
 pub type Op = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
@@ -66,6 +66,9 @@ impl Tally {
             latency: Some(self.latencies.summary()),
             target_rate,
             first_error: self.first_error,
+            cpu_us_per_request: None,
+            slowest: None,
+            slow_split: None,
         }
     }
 }
@@ -137,6 +140,8 @@ pub async fn open_loop(rate: f64, duration: Duration, max_outstanding: usize, op
     let count = scheduled_count(rate, duration);
     let outstanding = Arc::new(AtomicUsize::new(0));
     let mut tally = Tally::default();
+    // (due from the start, latency) of every request answered, for the slowest window.
+    let mut schedule = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     let mut tasks = tokio::task::JoinSet::new();
     let start = Instant::now() + Duration::from_millis(20);
     for i in 0..count {
@@ -158,11 +163,12 @@ pub async fn open_loop(rate: f64, duration: Duration, max_outstanding: usize, op
             let result = op().await;
             let done = Instant::now();
             outstanding.fetch_sub(1, Ordering::Relaxed);
-            (result, done.saturating_duration_since(due), done)
+            (result, due, done.saturating_duration_since(due), done)
         });
         // Collect what finished so far: keeps the set small on long runs.
         while let Some(finished) = tasks.try_join_next() {
-            if let Ok((result, latency, _)) = finished {
+            if let Ok((result, due, latency, _)) = finished {
+                schedule.push((due - start, latency));
                 tally.add(result, latency);
             }
         }
@@ -170,7 +176,8 @@ pub async fn open_loop(rate: f64, duration: Duration, max_outstanding: usize, op
     let mut last_done = start;
     while let Some(finished) = tasks.join_next().await {
         match finished {
-            Ok((result, latency, done)) => {
+            Ok((result, due, latency, done)) => {
+                schedule.push((due - start, latency));
                 tally.add(result, latency);
                 last_done = last_done.max(done);
             }
@@ -178,7 +185,10 @@ pub async fn open_loop(rate: f64, duration: Duration, max_outstanding: usize, op
         }
     }
     let elapsed = last_done.saturating_duration_since(start).max(duration);
-    tally.into_phase(elapsed, Some(rate))
+    Phase {
+        slowest: slowest_window(&schedule),
+        ..tally.into_phase(elapsed, Some(rate))
+    }
 }
 
 #[cfg(test)]

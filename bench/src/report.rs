@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::stats::{ratio, LatencySummary};
+use crate::stats::{ratio, LatencySummary, SlowestWindow};
 
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +66,28 @@ pub struct Phase {
     pub target_rate: Option<f64>,
     /// The first failure, to tell what went wrong.
     pub first_error: Option<String>,
+    /// HTTP ingress phases: the producer's CPU time (user + system) per request sent,
+    /// in microseconds, over the whole phase (its warm-up's requests and CPU alike).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_request: Option<f64>,
+    /// Open loop only: its slowest 100 ms of send schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slowest: Option<SlowestWindow>,
+    /// Ingress open loop only: where its slow requests waited, from the producer's own
+    /// histograms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_split: Option<SlowSplit>,
+}
+
+/// The producer's view of an ingress phase's slow requests: how many took longer than
+/// [`SlowSplit::over_ms`] from request to answer, and how many of its publishes waited
+/// that long for the broker's confirm (delivery report). Close counts put the tail in
+/// the broker client or the broker; far fewer publishes put it on the HTTP side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlowSplit {
+    pub over_ms: f64,
+    pub requests: u64,
+    pub publishes: u64,
 }
 
 /// N consumer processes draining a backlog.
@@ -113,10 +135,11 @@ pub struct BackendResults {
     pub library_publish: Phase,
     pub ingress_closed: Phase,
     pub ingress_open: Phase,
+    /// The raw client in an open loop at the ingress open loop's rate (none in results
+    /// written before it).
+    #[serde(default)]
+    pub raw_open: Option<Phase>,
     pub producer_peak_rss_kib: u64,
-    /// CPU time of the producer (start-up included) per 202, both ingress phases, in
-    /// microseconds.
-    pub producer_cpu_us_per_request: f64,
     pub raw_consume: Phase,
     pub drains: Vec<Drain>,
     /// The slow-downstream phase, per consumer count (none in results written before it).
@@ -186,6 +209,9 @@ fn backend_title(name: &str) -> &str {
 /// One table row: rate, counts, latency percentiles.
 fn phase_row(out: &mut String, what: &str, p: &Phase) {
     let l = p.latency.unwrap_or_default();
+    let cpu = p
+        .cpu_us_per_request
+        .map_or_else(|| "-".to_owned(), |us| format!("{us:.0}"));
     let lat = |v: f64| {
         if p.latency.is_some() {
             format!("{v:.2}")
@@ -195,7 +221,7 @@ fn phase_row(out: &mut String, what: &str, p: &Phase) {
     };
     let _ = writeln!(
         out,
-        "| {what} | {:.0} | {} | {} | {:.1} | {} | {} | {} | {} |",
+        "| {what} | {:.0} | {} | {} | {:.1} | {} | {} | {} | {} | {cpu} |",
         p.per_sec,
         p.ok,
         p.failed,
@@ -342,8 +368,8 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
         let _ = writeln!(out, "### Publish side\n");
         let _ = writeln!(
             out,
-            "| path | ok/s | ok | failed | s | p50 ms | p99 ms | p99.9 ms | max ms |\n\
-             |---|---|---|---|---|---|---|---|---|"
+            "| path | ok/s | ok | failed | s | p50 ms | p99 ms | p99.9 ms | max ms | producer CPU µs per request |\n\
+             |---|---|---|---|---|---|---|---|---|---|"
         );
         phase_row(
             &mut out,
@@ -360,6 +386,16 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
             &format!("HTTP ingress, closed loop, {} clients", s.in_flight),
             &b.ingress_closed,
         );
+        if let Some(raw_open) = &b.raw_open {
+            phase_row(
+                &mut out,
+                &format!(
+                    "raw client, open loop at {:.0}/s",
+                    raw_open.target_rate.unwrap_or_default()
+                ),
+                raw_open,
+            );
+        }
         phase_row(
             &mut out,
             &format!(
@@ -371,11 +407,27 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
         let _ = writeln!(
             out,
             "\nLatency of the raw and jobgate publishers is publish-to-confirm; of the \
-             ingress, request-to-202 (open loop: from the scheduled send time). Peak RSS \
-             of the producer (VmHWM, both ingress phases): {}; its CPU time per accepted \
-             request: {:.0} µs.\n",
+             ingress, request-to-202 (open loop: from the scheduled send time). Producer \
+             CPU per request: its user and system time over the phase, warm-up included, \
+             divided by the requests sent then. Peak RSS of the producer (VmHWM, both \
+             ingress phases): {}.{}\n",
             mib(b.producer_peak_rss_kib),
-            b.producer_cpu_us_per_request,
+            b.ingress_open.slowest.map_or_else(String::new, |w| format!(
+                " The open loop's slowest 100 ms: the {} requests due {:.1} s into it \
+                 waited up to {:.1} ms (in an open loop one stall delays every request \
+                 due during it, so one stall can set the p99).{}",
+                w.requests,
+                w.at_s,
+                w.max_ms,
+                b.ingress_open
+                    .slow_split
+                    .map_or_else(String::new, |t| format!(
+                        " The producer's histograms for that phase: {} requests took over \
+                     {:.0} ms, and {} publishes waited over {:.0} ms for the broker's \
+                     confirm.",
+                        t.requests, t.over_ms, t.publishes, t.over_ms
+                    ))
+            )),
         );
         errors(
             &mut out,
@@ -439,13 +491,13 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
             );
             let _ = writeln!(
                 out,
-                "| setting | measured | ok/s | default ok/s | change | failed | p99 ms |\n\
-                 |---|---|---|---|---|---|---|"
+                "| setting | measured | ok/s | default ok/s | change | failed | p99 ms | producer CPU µs per request |\n\
+                 |---|---|---|---|---|---|---|---|"
             );
             for k in &b.knobs {
                 let _ = writeln!(
                     out,
-                    "| `{}={}` | {} | {:.0} | {:.0} | {} | {} | {} |",
+                    "| `{}={}` | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
                     k.knob,
                     k.value,
                     k.measured,
@@ -456,6 +508,9 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
                     k.phase
                         .latency
                         .map_or_else(|| "-".into(), |l| format!("{:.2}", l.p99_ms)),
+                    k.phase
+                        .cpu_us_per_request
+                        .map_or_else(|| "-".into(), |us| format!("{us:.0}")),
                 );
             }
             let _ = writeln!(out);
@@ -735,6 +790,7 @@ mod tests {
         });
         ingress.failed = 3;
         ingress.first_error = Some("503 overloaded".into());
+        ingress.cpu_us_per_request = Some(61.4);
         let ratios = Ratios::compute(
             &phase(6000.0),
             &phase(5000.0),
@@ -773,10 +829,23 @@ mod tests {
                 ingress_closed: ingress,
                 ingress_open: Phase {
                     target_rate: Some(1500.0),
+                    slowest: Some(SlowestWindow {
+                        at_s: 4.2,
+                        requests: 150,
+                        max_ms: 91.5,
+                    }),
+                    slow_split: Some(SlowSplit {
+                        over_ms: 64.0,
+                        requests: 120,
+                        publishes: 118,
+                    }),
                     ..phase(1500.0)
                 },
+                raw_open: Some(Phase {
+                    target_rate: Some(1500.0),
+                    ..phase(1500.0)
+                }),
                 producer_peak_rss_kib: 30 * 1024,
-                producer_cpu_us_per_request: 61.4,
                 raw_consume: phase(4000.0),
                 drains,
                 downstream: vec![
@@ -854,12 +923,15 @@ mod tests {
             "| drain scaling over consumer counts | 1.00 -> 1.80 -> 2.50 |",
             "## RabbitMQ",
             "Backlog: 25000 jobs.",
-            "| HTTP ingress, closed loop, 64 clients | 3000 | 30000 | 3 | 10.0 | 1.25 | 7.50 | 12.00 | 40.00 |",
+            "| HTTP ingress, closed loop, 64 clients | 3000 | 30000 | 3 | 10.0 | 1.25 | 7.50 | 12.00 | 40.00 | 61 |",
             "| HTTP ingress, open loop at 1500/s | 1500 |",
-            "Peak RSS of the producer (VmHWM, both ingress phases): 30.0 MiB; its CPU time per accepted request: 61 µs.",
+            "| raw client, open loop at 1500/s | 1500 |",
+            "| jobgate publisher (no HTTP), 64 in flight | 5000 | 50000 | 0 | 10.0 | - | - | - | - | - |",
+            "Peak RSS of the producer (VmHWM, both ingress phases): 30.0 MiB. The open loop's slowest 100 ms: the 150 requests due 4.2 s into it waited up to 91.5 ms",
+            "The producer's histograms for that phase: 120 requests took over 64 ms, and 118 publishes waited over 64 ms for the broker's confirm.",
             "- first failure of *ingress closed loop*: `503 overloaded`",
             "| 4 `consumer` process(es), concurrency 8 | 25000 | 10.00 | 2500 | 0.62 | 20.0 MiB | 95 |",
-            "| `JOBGATE_PUBLISH_CHANNELS=4` | ingress closed loop | 3300 | 3000 | +10% | 0 | - |",
+            "| `JOBGATE_PUBLISH_CHANNELS=4` | ingress closed loop | 3300 | 3000 | +10% | 0 | - | - |",
             "| slow downstream: jobs/s over the ideal | x1: 0.95, x2: 0.88, x4: 0.75 |",
             "| slow downstream: scaling over consumer counts | 1.00 -> 1.84 -> 3.16 |",
             "### Replicas on a slow downstream",

@@ -12,7 +12,9 @@ use crate::procs::{free_port, wait_ready, Binaries};
 use crate::rabbit::{self, Rabbit};
 use crate::report::{
     render_markdown, BackendResults, Drain, KnobRun, Machine, Phase, Ratios, Report, Settings,
+    SlowSplit,
 };
+use crate::stats::above_bucket;
 use crate::{Args, Which};
 
 mod big_batches;
@@ -24,6 +26,10 @@ mod soak;
 
 /// The job body every phase sends: a small JSON document, as a typical job.
 const BODY: &str = r#"{"task":"send-welcome-email","to":"someone@example.com","template":"welcome-v2","locale":"en","attempt_hint":1}"#;
+
+/// The producer's latency bucket (seconds) above which the open loop's requests and
+/// publishes count as slow (a bucket bound of `jobgate_shared::metrics::latency_histogram`).
+const SLOW_BUCKET_S: f64 = 0.064;
 
 /// The consumers get one retry tier of this length (the fewest queues to create).
 const RETRY_TIER: Duration = Duration::from_secs(1);
@@ -129,6 +135,17 @@ struct Bench<'a> {
     jobs: u64,
 }
 
+/// [`show`], and the slowest 100 ms of an open loop.
+fn show_open(p: &Phase) -> String {
+    let slowest = p.slowest.map_or_else(String::new, |w| {
+        format!(
+            "; slowest 100 ms: due at {:.1} s, up to {:.1} ms",
+            w.at_s, w.max_ms
+        )
+    });
+    format!("{}{slowest}", show(p))
+}
+
 fn say(msg: impl AsRef<str>) {
     eprintln!("bench: {}", msg.as_ref());
 }
@@ -157,6 +174,33 @@ async fn prime(op: &Op) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     bail!("the first publish did not succeed within 10 s: {last}")
+}
+
+/// Runs the load `run` with `op`, and gives its phase the producer's CPU time per
+/// request: the process's CPU time before and after, over every request `op` sent
+/// (the warm-up's too, whose CPU is in the difference).
+async fn with_cpu<F>(
+    producer: &crate::procs::Running,
+    op: Op,
+    run: impl FnOnce(Op) -> F,
+) -> Result<Phase>
+where
+    F: std::future::Future<Output = Phase>,
+{
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted: Op = {
+        let sent = Arc::clone(&sent);
+        Arc::new(move || {
+            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            op()
+        })
+    };
+    let before = producer.cpu_seconds()?;
+    let mut phase = run(counted).await;
+    let cpu = producer.cpu_seconds()? - before;
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    phase.cpu_us_per_request = (sent > 0).then(|| cpu * 1e6 / sent as f64);
+    Ok(phase)
 }
 
 /// A phase that should have failed nothing: any failure stops the run.
@@ -257,6 +301,18 @@ impl Bench<'_> {
         let op = self.raw_op(&q, variant).await?;
         prime(&op).await?;
         let phase = closed_loop(in_flight, self.timed(measure), op).await;
+        self.drop_queue(&q).await?;
+        Ok(phase)
+    }
+
+    /// Raw publishes started at `rate` a second, as the ingress's open loop: the
+    /// broker's own tail at that rate, beside the ingress's.
+    async fn raw_open(&self, rate: f64) -> Result<Phase> {
+        let q = self.queue("raw-open");
+        self.create(&q).await?;
+        let op = self.raw_op(&q, RawVariant::AsJobgate).await?;
+        prime(&op).await?;
+        let phase = open_loop(rate, self.duration, 20_000, op).await;
         self.drop_queue(&q).await?;
         Ok(phase)
     }
@@ -367,7 +423,11 @@ impl Bench<'_> {
         let q = self.queue(&format!("ingress-{label}"));
         self.create(&q).await?;
         let (mut producer, base) = self.start_producer(&q, label, overrides).await?;
-        let phase = closed_loop(clients, self.timed(measure), self.post_op(&base)).await;
+        let budget = self.timed(measure);
+        let phase = with_cpu(&producer, self.post_op(&base), |op| {
+            closed_loop(clients, budget, op)
+        })
+        .await?;
         producer.check_alive()?;
         let rss = producer.peak_rss_kib()?;
         producer.stop(STOP_GRACE).await?;
@@ -377,29 +437,65 @@ impl Bench<'_> {
 
     /// The main ingress figures: closed loop, then open loop at half its rate, on one
     /// producer; returns both and the producer's peak RSS over both.
-    async fn ingress(&self) -> Result<(Phase, Phase, u64, f64)> {
+    async fn ingress(&self) -> Result<(Phase, Phase, u64)> {
         let q = self.queue("ingress");
         self.create(&q).await?;
         let (mut producer, base) = self.start_producer(&q, "main", &[]).await?;
         let clients = self.args.in_flight as usize;
-        let closed = closed_loop(clients, self.timed(self.duration), self.post_op(&base)).await;
+        let budget = self.timed(self.duration);
+        let closed = with_cpu(&producer, self.post_op(&base), |op| {
+            closed_loop(clients, budget, op)
+        })
+        .await?;
         say(format!(
             "  ingress closed loop, {clients} clients: {}",
             show(&closed)
         ));
         require_clean("ingress closed loop", &closed)?;
         let rate = closed.per_sec / 2.0;
-        let open = open_loop(rate, self.duration, 20_000, self.post_op(&base)).await;
+        let duration = self.duration;
+        let before = self.slow_counts(&base).await;
+        let mut open = with_cpu(&producer, self.post_op(&base), |op| {
+            open_loop(rate, duration, 20_000, op)
+        })
+        .await?;
+        if let (Some(before), Some(after)) = (before, self.slow_counts(&base).await) {
+            open.slow_split = Some(SlowSplit {
+                over_ms: SLOW_BUCKET_S * 1000.0,
+                requests: after.0.saturating_sub(before.0),
+                publishes: after.1.saturating_sub(before.1),
+            });
+        }
         say(format!(
             "  ingress open loop at {rate:.0}/s: {}",
-            show(&open)
+            show_open(&open)
         ));
         producer.check_alive()?;
         let rss = producer.peak_rss_kib()?;
-        let cpu_us = producer.cpu_seconds()? * 1e6 / (closed.ok + open.ok).max(1) as f64;
         producer.stop(STOP_GRACE).await?;
         self.drop_queue(&q).await?;
-        Ok((closed, open, rss, cpu_us))
+        Ok((closed, open, rss))
+    }
+
+    /// From the producer's `/metrics`: requests to `/jobs` and confirmed publishes that
+    /// took longer than [`SLOW_BUCKET_S`] so far (`None` when it cannot be read).
+    async fn slow_counts(&self, base: &str) -> Option<(u64, u64)> {
+        let answer = self.http.get(format!("{base}/metrics")).send().await.ok()?;
+        let text = answer.text().await.ok()?;
+        let le = SLOW_BUCKET_S.to_string();
+        let requests = above_bucket(
+            &text,
+            "jobgate_http_request_duration_seconds",
+            "route=\"/jobs\"",
+            &le,
+        )?;
+        let publishes = above_bucket(
+            &text,
+            "jobgate_publish_duration_seconds",
+            "result=\"confirmed\"",
+            &le,
+        )?;
+        Some((requests, publishes))
     }
 
     /// Publishes `jobs` jobs into `queue` (created here) as fast as the raw client can.
@@ -702,8 +798,17 @@ impl Bench<'_> {
         require_clean("jobgate publisher", &library_publish)?;
 
         say(format!("{}: HTTP ingress", self.backend));
-        let (ingress_closed, ingress_open, producer_peak_rss_kib, producer_cpu_us_per_request) =
-            self.ingress().await?;
+        let (ingress_closed, ingress_open, producer_peak_rss_kib) = self.ingress().await?;
+        let rate = ingress_open.target_rate.unwrap_or_default();
+        say(format!(
+            "{}: raw publish, open loop at {rate:.0}/s",
+            self.backend
+        ));
+        let raw_open = self.raw_open(rate).await?;
+        say(format!(
+            "  raw publish, open loop: {}",
+            show_open(&raw_open)
+        ));
 
         say(format!(
             "{}: raw consume of {} jobs",
@@ -756,8 +861,8 @@ impl Bench<'_> {
             library_publish,
             ingress_closed,
             ingress_open,
+            raw_open: Some(raw_open),
             producer_peak_rss_kib,
-            producer_cpu_us_per_request,
             raw_consume,
             drains,
             downstream,

@@ -55,6 +55,61 @@ pub struct LatencySummary {
     pub max_ms: f64,
 }
 
+/// The slowest stretch of an open loop: the 100 ms of send schedule whose requests
+/// waited longest. In an open loop one stall of the system under test delays every
+/// request due during it, so a single stall can set the p99: when it happened tells
+/// what caused it (a timer, a flush, a collection).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SlowestWindow {
+    /// When its requests were due, in seconds from the start of the phase.
+    pub at_s: f64,
+    /// Requests due in it.
+    pub requests: u64,
+    /// The longest latency among them, in milliseconds.
+    pub max_ms: f64,
+}
+
+/// Width of the windows [`slowest_window`] compares.
+pub const WINDOW: Duration = Duration::from_millis(100);
+
+/// The [`WINDOW`] of `samples` (due offset from the phase's start, latency) with the
+/// longest latency; `None` without samples.
+pub fn slowest_window(samples: &[(Duration, Duration)]) -> Option<SlowestWindow> {
+    let slot = |due: Duration| due.as_micros() / WINDOW.as_micros();
+    let (worst_due, _) = samples.iter().max_by_key(|(_, latency)| *latency)?;
+    let worst = slot(*worst_due);
+    let in_worst = samples.iter().filter(|(due, _)| slot(*due) == worst);
+    let (requests, max) = in_worst.fold((0u64, Duration::ZERO), |(n, max), (_, latency)| {
+        (n + 1, max.max(*latency))
+    });
+    Some(SlowestWindow {
+        at_s: (worst as f64) * WINDOW.as_secs_f64(),
+        requests,
+        max_ms: max.as_secs_f64() * 1000.0,
+    })
+}
+
+/// How many observations of a Prometheus histogram lie above bucket `le`, in an
+/// exposition text: the series' `_count` less its `le` bucket, summed over the series
+/// whose labels contain `label` (`route="/jobs"`). `None` when no such series is there.
+pub fn above_bucket(text: &str, histogram: &str, label: &str, le: &str) -> Option<u64> {
+    let sum = |prefix: &str, also: &str| -> Option<u64> {
+        let mut found = false;
+        let mut total = 0u64;
+        for line in text.lines() {
+            if line.starts_with(prefix) && line.contains(label) && line.contains(also) {
+                let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+                total += value as u64;
+                found = true;
+            }
+        }
+        found.then_some(total)
+    };
+    let count = sum(&format!("{histogram}_count{{"), "")?;
+    let within = sum(&format!("{histogram}_bucket{{"), &format!("le=\"{le}\""))?;
+    Some(count.saturating_sub(within))
+}
+
 /// Events per second; 0 for an empty interval.
 pub fn per_second(count: u64, elapsed: Duration) -> f64 {
     if elapsed.is_zero() {
@@ -146,5 +201,40 @@ mod tests {
         // The last request is due just before the end of the run, not after it.
         assert!(scheduled_offset(n - 1, rate) < Duration::from_secs(10));
         assert_eq!(scheduled_count(2.5, Duration::from_secs(1)), 2);
+    }
+
+    #[test]
+    fn the_slowest_window_is_where_the_longest_wait_began() {
+        let ms = Duration::from_millis;
+        let samples = [
+            (ms(10), ms(2)),
+            (ms(120), ms(3)),
+            (ms(250), ms(90)),
+            (ms(260), ms(40)),
+            (ms(310), ms(5)),
+        ];
+        let w = slowest_window(&samples).unwrap();
+        assert_eq!(w.requests, 2);
+        assert!((w.at_s - 0.2).abs() < 1e-9, "{w:?}");
+        assert!((w.max_ms - 90.0).abs() < 1e-9, "{w:?}");
+        assert_eq!(slowest_window(&[]), None);
+    }
+
+    #[test]
+    fn observations_above_a_bucket_are_the_count_less_the_bucket() {
+        let text = "# TYPE jobgate_publish_duration_seconds histogram\n\
+            jobgate_publish_duration_seconds_bucket{le=\"0.032\",queue=\"q\",result=\"confirmed\"} 90\n\
+            jobgate_publish_duration_seconds_bucket{le=\"0.064\",queue=\"q\",result=\"confirmed\"} 95\n\
+            jobgate_publish_duration_seconds_count{queue=\"q\",result=\"confirmed\"} 100\n\
+            jobgate_publish_duration_seconds_bucket{le=\"0.064\",queue=\"q\",result=\"failed\"} 1\n\
+            jobgate_publish_duration_seconds_count{queue=\"q\",result=\"failed\"} 3\n";
+        let h = "jobgate_publish_duration_seconds";
+        assert_eq!(
+            above_bucket(text, h, "result=\"confirmed\"", "0.064"),
+            Some(5)
+        );
+        assert_eq!(above_bucket(text, h, "queue=\"q\"", "0.064"), Some(7));
+        assert_eq!(above_bucket(text, h, "queue=\"other\"", "0.064"), None);
+        assert_eq!(above_bucket(text, "jobgate_nothing", "", "0.064"), None);
     }
 }
