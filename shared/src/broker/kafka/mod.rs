@@ -5,11 +5,13 @@
 //!   `publish` returns `Ok` only when the delivery report says the record is written.
 //!   A full local queue, a delivery error, an unreachable broker or no report within
 //!   the publish timeout is an error, never a silent success.
-//! - Workers: automatic offset *storing* is off. An offset is stored (and then committed
-//!   by the periodic auto-commit, on revoke and on close) only after the job's outcome
-//!   is durable, and only up to the first unfinished job of its partition, even when
-//!   jobs of one partition run concurrently and finish out of order. A crash replays
-//!   from the last committed offset: at least once, never loss.
+//! - Workers: librdkafka's automatic commit and offset store are off. A job's outcome is
+//!   recorded in the consumer's ledger once it is durable, and the ledger's positions
+//!   (up to the first unfinished job of each partition, even when jobs of one partition
+//!   run concurrently and finish out of order) are committed in batches: every
+//!   [`COMMIT_INTERVAL`] by the source, on revoke, on close, and with the commits that
+//!   record job starts. No per-job call into librdkafka. A crash replays from the last
+//!   committed offset: at least once, never loss.
 //! - Rebalances are incremental (`cooperative-sticky`): only the partitions that move
 //!   change hands; the others keep being consumed. Before a partition is let go, what
 //!   finished on it is committed (synchronously, up to its first unfinished job), and
@@ -67,6 +69,10 @@ use crate::backoff::Backoff;
 use crate::job::{self, Job, JobMeta};
 use crate::retry::retry_queue_name;
 use ledger::{Ledger, Position};
+
+/// How often the source commits the positions of finished jobs (as librdkafka's
+/// auto-commit did, whose default is 5 s).
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the publisher checks that the cluster answers (readiness).
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -486,9 +492,8 @@ impl JobConsumerContext {
 impl ConsumerContext for JobConsumerContext {
     /// On revoke (under the cooperative protocol, only the partitions that move): commit
     /// what finished on them before they go, so the next owner does not run finished
-    /// jobs again, then forget them. librdkafka also commits the stored offsets of
-    /// removed partitions, but on its own time; this commit is done when the callback
-    /// returns, before the partitions can be handed over.
+    /// jobs again, then forget them. The commit is done when the callback returns,
+    /// before the partitions can be handed over.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: Vec<(String, i32)> = tpl
@@ -572,8 +577,10 @@ impl KafkaSource {
             .topics
             .client_config("consumer")
             .set("group.id", &group)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
+            // Commits come from the ledger (`commit_positions`), never from offsets
+            // stored in librdkafka: a stored offset older than a commit made from the
+            // ledger would move the group back when auto-committed.
+            .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", session_ms.to_string())
@@ -897,6 +904,8 @@ impl JobSource for KafkaSource {
                 .map(|c| c.stream().map(move |m| (Arc::clone(c), m))),
         );
         let mut held = Held::default();
+        let mut commit_every = tokio::time::interval(COMMIT_INTERVAL);
+        commit_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             match held.hand_over(&tx, &self.ledger) {
                 Room::Closed => break,
@@ -914,6 +923,11 @@ impl JobSource for KafkaSource {
                 },
                 () = tokio::time::sleep_until(held.pause_at()), if wait_for_room => {
                     held.pause_all(&consumers);
+                }
+                _ = commit_every.tick() => {
+                    for consumer in &consumers {
+                        commit_positions(consumer, &self.ledger);
+                    }
                 }
                 next = streams.next(), if !wait_for_room => match next {
                     Some((consumer, Ok(message))) => {
@@ -985,6 +999,24 @@ impl JobSource for KafkaSource {
         }
         // The group no longer has us: we own no partitions.
         self.status.clear_lag();
+    }
+}
+
+/// Commits, without waiting, the ledger's positions of `consumer`'s queue: what finished
+/// since the last commit moves the group's offsets, in one request however many jobs
+/// finished. Called from the source's loop, which also serves the rebalance callbacks,
+/// so no revoke runs meanwhile and every position is of a partition still owned.
+fn commit_positions(consumer: &JobConsumer, ledger: &Ledger) {
+    let queue = &consumer.context().queue;
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, position) in ledger.positions(Some(queue)) {
+        let _ = add_position(&mut tpl, &topic, partition, &position);
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::warn!(%queue, %error, "cannot commit the finished jobs' offsets; retrying in a second");
     }
 }
 
@@ -1111,19 +1143,10 @@ struct KafkaSettle {
     generation: u64,
 }
 
-impl KafkaSettle {
-    fn position_list(&self, position: &Position) -> Result<TopicPartitionList, SettleError> {
-        let mut tpl = TopicPartitionList::new();
-        add_position(&mut tpl, &self.topic, self.partition, position)
-            .map_err(|e| SettleError(e.to_string()))?;
-        Ok(tpl)
-    }
-}
-
 #[async_trait]
 impl Settle for KafkaSettle {
-    /// Counts the start in the partition's commit metadata (stored, so that the
-    /// periodic auto-commit carries the counts too) and has it committed. A record that
+    /// Counts the start in the partition's commit metadata (in the ledger, so that
+    /// every commit carries the counts) and has it committed. A record that
     /// was started before without an outcome waits for that commit: from then on a
     /// crash counts, so a job that takes its consumer down every time reaches its
     /// attempt limit. A first start does not wait (most jobs are first starts, and a
@@ -1135,9 +1158,7 @@ impl Settle for KafkaSettle {
     /// new owner waits.
     async fn started(&self) -> Result<(), SettleError> {
         let Some(ledger::Started {
-            position,
-            starts,
-            careful,
+            starts, careful, ..
         }) = self
             .ledger
             .started(&self.topic, self.partition, self.offset, self.generation)
@@ -1145,10 +1166,6 @@ impl Settle for KafkaSettle {
             // Revoked since the fetch: the new owner replays it and counts for itself.
             return Ok(());
         };
-        let tpl = self.position_list(&position)?;
-        self.consumer
-            .store_offsets(&tpl)
-            .map_err(|e| SettleError(format!("store offset: {e}")))?;
         let seq = StartCommits::request(&self.consumer, &self.ledger, &self.topic);
         let unrecorded = seq.saturating_sub(StartCommits::carried(&self.consumer));
         if starts > 1 || careful || unrecorded > ledger::UNRECORDED_STARTS {
@@ -1164,17 +1181,12 @@ impl Settle for KafkaSettle {
             .is_current(&self.topic, self.partition, self.generation)
     }
 
+    /// Records the outcome in the ledger; the source's next batch commit (within
+    /// [`COMMIT_INTERVAL`]), a revoke or the close commits it.
     async fn ack(self: Box<Self>) -> Result<(), SettleError> {
-        let Some(position) =
-            self.ledger
-                .finished(&self.topic, self.partition, self.offset, self.generation)
-        else {
-            return Ok(());
-        };
-        let tpl = self.position_list(&position)?;
-        self.consumer
-            .store_offsets(&tpl)
-            .map_err(|e| SettleError(format!("store offset: {e}")))
+        self.ledger
+            .finished(&self.topic, self.partition, self.offset, self.generation);
+        Ok(())
     }
 
     /// Kafka cannot hand one record back for an immediate redelivery: the group
