@@ -50,6 +50,30 @@ impl Kafka {
         })
     }
 
+    /// Whether consumer group `group` is stable with `members` members that own all of
+    /// the topic's partitions between them. A cooperative rebalance hands out what it
+    /// revoked in a second round, and the group is stable between the two: the count
+    /// of assigned partitions tells the rounds apart.
+    pub fn group_settled(&self, group: &str, members: usize) -> Result<bool> {
+        let list = self
+            .admin
+            .inner()
+            .fetch_group_list(Some(group), TIMEOUT)
+            .with_context(|| format!("describe consumer group {group}"))?;
+        let Some(info) = list.groups().first() else {
+            return Ok(false);
+        };
+        if info.state() != "Stable" || info.members().len() != members {
+            return Ok(false);
+        }
+        let owned: usize = info
+            .members()
+            .iter()
+            .map(|m| m.assignment().map_or(0, assigned_partitions))
+            .sum();
+        Ok(owned == usize::try_from(self.spec.partitions).unwrap_or(0))
+    }
+
     /// Creates the topic of `queue` (and its dead-letter topic) as jobgate does.
     pub async fn create(&self, queue: &str) -> Result<()> {
         ensure_topics(&self.spec, &[queue.to_owned()], &[])
@@ -266,6 +290,56 @@ impl LagProbe {
 }
 
 /// The topics jobgate creates for `queue` with the consumer's one retry tier.
+/// The partitions a member owns in a consumer-protocol assignment: a version (i16),
+/// then topics (i32 count), each a name (i16 length, bytes) and its partitions (i32
+/// count, i32 each). 0 when the bytes are cut short.
+pub fn assigned_partitions(bytes: &[u8]) -> usize {
+    fn take<const N: usize>(bytes: &[u8], at: &mut usize) -> Option<[u8; N]> {
+        let chunk = bytes.get(*at..*at + N)?.try_into().ok()?;
+        *at += N;
+        Some(chunk)
+    }
+    let count = || -> Option<usize> {
+        let mut at = 2; // the version
+        let topics = i32::from_be_bytes(take::<4>(bytes, &mut at)?);
+        let mut total = 0;
+        for _ in 0..topics.max(0) {
+            let name = i16::from_be_bytes(take::<2>(bytes, &mut at)?);
+            at += usize::try_from(name.max(0)).ok()?;
+            let partitions = i32::from_be_bytes(take::<4>(bytes, &mut at)?);
+            let partitions = usize::try_from(partitions.max(0)).ok()?;
+            bytes.get(at..at + 4 * partitions)?;
+            at += 4 * partitions;
+            total += partitions;
+        }
+        Some(total)
+    };
+    count().unwrap_or(0)
+}
+
 pub fn all_topics(queue: &str, retry_tier: Duration) -> Vec<String> {
     crate::rabbit::all_queues(queue, retry_tier)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assignment_counts_the_partitions_of_every_topic() {
+        let mut bytes = vec![0, 1]; // version 1
+        bytes.extend(2i32.to_be_bytes());
+        for (name, partitions) in [("jobs", &[0i32, 3][..]), ("x", &[5][..])] {
+            bytes.extend(i16::try_from(name.len()).unwrap().to_be_bytes());
+            bytes.extend(name.as_bytes());
+            bytes.extend(i32::try_from(partitions.len()).unwrap().to_be_bytes());
+            for p in partitions {
+                bytes.extend(p.to_be_bytes());
+            }
+        }
+        bytes.extend((-1i32).to_be_bytes()); // no user data
+        assert_eq!(assigned_partitions(&bytes), 3);
+        assert_eq!(assigned_partitions(&bytes[..12]), 0);
+        assert_eq!(assigned_partitions(&[]), 0);
+    }
 }

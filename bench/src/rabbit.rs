@@ -81,17 +81,26 @@ impl Rabbit {
 
     /// Jobs ready in `queue` (not counting those delivered and not yet acked).
     pub async fn ready(&self, queue: &str) -> Result<u64> {
+        Ok(u64::from(self.inspect(queue).await?.message_count()))
+    }
+
+    /// The queue's counts, as a passive declare reports them.
+    async fn inspect(&self, queue: &str) -> Result<lapin::Queue> {
         let options = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        let q = bounded(
+        bounded(
             "queue.declare passive",
             self.admin
                 .queue_declare(ShortString::from(queue), options, FieldTable::default()),
         )
-        .await?;
-        Ok(u64::from(q.message_count()))
+        .await
+    }
+
+    /// Consumers subscribed to `queue` now.
+    pub async fn consumers(&self, queue: &str) -> Result<u64> {
+        Ok(u64::from(self.inspect(queue).await?.consumer_count()))
     }
 
     /// Raw publishes with confirms, spread round-robin over `channels` confirm channels

@@ -100,6 +100,11 @@ pub struct Drain {
     pub peak_rss_kib: u64,
     /// CPU time of all consumer processes (start-up included) per job, in microseconds.
     pub cpu_us_per_job: f64,
+    /// Started before the backlog (slow-downstream phase): seconds from spawning the
+    /// processes until they all consumed (Kafka: their group stable, every partition
+    /// owned), which the drain's time then leaves out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_s: Option<f64>,
 }
 
 /// N consumer processes draining a backlog through a downstream that takes `job_ms`
@@ -537,21 +542,27 @@ fn downstream_table(out: &mut String, b: &BackendResults) {
         out,
         "### Replicas on a slow downstream\n\n\
          {} jobs, each POSTed by the `http` handler to a local endpoint that answers after \
-         {:.0} ms; the ideal is `processes × concurrency / job time`.\n",
+         {:.0} ms; the ideal is `processes × concurrency / job time`. The processes start \
+         before the jobs are published; \"settled after\" is how long they took to all \
+         consume (Kafka: the group stable with every partition owned), and the drain's \
+         time starts then.\n",
         first.drain.phase.ok, first.job_ms
     );
     let _ = writeln!(
         out,
-        "| `consumer` processes | concurrency | s | jobs/s | ideal jobs/s | / ideal | over x{} |\n\
-         |---|---|---|---|---|---|---|",
+        "| `consumer` processes | concurrency | settled after s | s | jobs/s | ideal jobs/s | / ideal | over x{} |\n\
+         |---|---|---|---|---|---|---|---|",
         first.drain.consumers
     );
     for d in &b.downstream {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.0} | {} | {} |",
             d.drain.consumers,
             d.drain.concurrency,
+            d.drain
+                .settled_s
+                .map_or_else(|| "-".to_owned(), |s| format!("{s:.1}")),
             d.drain.phase.seconds,
             d.drain.phase.per_sec,
             d.ideal_per_sec,
@@ -758,6 +769,7 @@ mod tests {
             phase: phase(per_sec),
             peak_rss_kib: 20 * 1024,
             cpu_us_per_job: 95.0,
+            settled_s: None,
         }
     }
 
@@ -936,7 +948,7 @@ mod tests {
             "| slow downstream: scaling over consumer counts | 1.00 -> 1.84 -> 3.16 |",
             "### Replicas on a slow downstream",
             "3000 jobs, each POSTed by the `http` handler to a local endpoint that answers after 20 ms",
-            "| 4 | 8 | 2.50 | 1200 | 1600 | 0.75 | 3.16 |",
+            "| 4 | 8 | - | 2.50 | 1200 | 1600 | 0.75 | 3.16 |",
             "## How to run",
             "channels help.",
         ] {

@@ -27,6 +27,14 @@ mod soak;
 /// The job body every phase sends: a small JSON document, as a typical job.
 const BODY: &str = r#"{"task":"send-welcome-email","to":"someone@example.com","template":"welcome-v2","locale":"en","attempt_hint":1}"#;
 
+/// When a drain's consumers start: before the backlog is there (warm: the time leaves
+/// out their start-up and, on Kafka, the group's rebalances) or after (cold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Cold,
+    Warm,
+}
+
 /// The producer's latency bucket (seconds) above which the open loop's requests and
 /// publishes count as slow (a bucket bound of `jobgate_shared::metrics::latency_histogram`).
 const SLOW_BUCKET_S: f64 = 0.064;
@@ -214,6 +222,33 @@ fn require_clean(what: &str, p: &Phase) -> Result<()> {
 impl Bench<'_> {
     fn queue(&self, phase: &str) -> String {
         format!("bench-{}-{}-{phase}", self.run_id, self.backend)
+    }
+
+    /// Waits until `consumers` processes consume `queue`: RabbitMQ counts them on the
+    /// queue; on Kafka their group must be stable with every partition owned.
+    async fn wait_settled(
+        &self,
+        queue: &str,
+        consumers: usize,
+        procs: &mut [crate::procs::Running],
+    ) -> Result<()> {
+        let begun = Instant::now();
+        loop {
+            for p in procs.iter_mut() {
+                p.check_alive()?;
+            }
+            let settled = match &self.broker {
+                Broker::Rabbit(r) => r.consumers(queue).await? >= consumers as u64,
+                Broker::Kafka(k) => k.group_settled(&Self::group(queue), consumers)?,
+            };
+            if settled {
+                return Ok(());
+            }
+            if begun.elapsed() > DRAIN_LIMIT {
+                bail!("{consumers} consumer(s) did not settle on {queue} within {DRAIN_LIMIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn group(queue: &str) -> String {
@@ -540,7 +575,7 @@ impl Bench<'_> {
 
     /// Fills a backlog, starts `consumers` processes and times them until it is gone.
     async fn drain(&self, consumers: usize, concurrency: u16) -> Result<Drain> {
-        self.drain_with(consumers, concurrency, self.jobs, "", &[])
+        self.drain_with(consumers, concurrency, self.jobs, "", &[], Start::Cold)
             .await
     }
 
@@ -553,6 +588,7 @@ impl Bench<'_> {
         jobs: u64,
         label: &str,
         extra: &[(&'static str, String)],
+        start_as: Start,
     ) -> Result<Drain> {
         let label = if label.is_empty() {
             String::new()
@@ -560,7 +596,10 @@ impl Bench<'_> {
             format!("-{label}")
         };
         let q = self.queue(&format!("drain-{consumers}x{concurrency}{label}"));
-        self.fill(&q, jobs).await?;
+        match start_as {
+            Start::Cold => self.fill(&q, jobs).await?,
+            Start::Warm => self.create(&q).await?,
+        }
         let probe = match &self.broker {
             Broker::Kafka(k) => Some(k.lag_probe(&q, &Self::group(&q))?),
             Broker::Rabbit(_) => None,
@@ -576,7 +615,7 @@ impl Bench<'_> {
             ("JOBGATE_SHUTDOWN_GRACE_MS", "5000".to_owned()),
         ]);
         env.extend(extra.iter().cloned());
-        let start = Instant::now();
+        let mut start = Instant::now();
         let mut procs = Vec::new();
         for i in 0..consumers {
             let name = format!(
@@ -584,6 +623,13 @@ impl Bench<'_> {
                 self.backend
             );
             procs.push(self.bins.spawn("consumer", &name, &env)?);
+        }
+        let mut settled_s = None;
+        if start_as == Start::Warm {
+            self.wait_settled(&q, consumers, &mut procs).await?;
+            settled_s = Some(start.elapsed().as_secs_f64());
+            start = Instant::now();
+            self.fill(&q, jobs).await?;
         }
         let poll = match self.broker {
             Broker::Rabbit(_) => Duration::from_millis(20),
@@ -622,6 +668,7 @@ impl Bench<'_> {
                 ..Phase::default()
             },
             peak_rss_kib: peak,
+            settled_s,
             cpu_us_per_job: cpu * 1e6 / jobs.max(1) as f64,
         })
     }
@@ -768,6 +815,7 @@ impl Bench<'_> {
                             self.jobs,
                             &format!("prefetch{more}"),
                             &extra,
+                            Start::Cold,
                         )
                         .await?;
                     runs.push(knob(

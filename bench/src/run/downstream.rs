@@ -1,7 +1,12 @@
 //! Replicas on a slow downstream: what users scale consumer processes for. A local
 //! HTTP endpoint takes a set time per job (the `http` handler POSTs each job to it);
 //! 1, 2, 4 `consumer` processes drain the same backlog through it, and each count's
-//! rate is set against the ideal `processes × concurrency / job time`.
+//! rate is set against the ideal `processes × concurrency / job time`. The processes
+//! start before the backlog is published, and the clock starts once they all consume
+//! (on Kafka: their group stable, every partition owned): the rate is what running
+//! replicas do; how long they took to settle is reported beside it. Replicas run for
+//! days, so a few seconds of rebalancing at start would otherwise dominate a backlog
+//! that takes seconds to drain.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::task::JoinHandle;
 
-use super::{say, Bench};
+use super::{say, Bench, Start};
 use crate::report::Scaling;
 
 /// An HTTP server on loopback that answers every `POST /job` 200 after `job_time`,
@@ -76,7 +81,7 @@ impl Bench<'_> {
         let mut runs = Vec::new();
         for &n in &self.args.consumers {
             let drain = self
-                .drain_with(n, concurrency, jobs, "downstream", &extra)
+                .drain_with(n, concurrency, jobs, "downstream", &extra, Start::Warm)
                 .await?;
             let ideal = ideal_per_sec(n, concurrency, job_time);
             say(format!(
