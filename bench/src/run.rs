@@ -35,6 +35,31 @@ enum Start {
     Warm,
 }
 
+/// When a drain's clock starts and stops.
+#[derive(Clone, Copy)]
+struct Timing<'a> {
+    start: Start,
+    done: Done<'a>,
+}
+
+impl Timing<'_> {
+    /// Consumers started on a full backlog, until the broker has nothing waiting.
+    const COLD: Self = Timing {
+        start: Start::Cold,
+        done: Done::Backlog,
+    };
+}
+
+/// When a drain is done.
+#[derive(Clone, Copy)]
+enum Done<'a> {
+    /// The broker has nothing waiting (RabbitMQ: no ready message; Kafka: no lag of
+    /// the group's committed offsets).
+    Backlog,
+    /// The slow downstream answered every job once (see `downstream`).
+    Answered(&'a downstream::SlowDownstream),
+}
+
 /// The producer's latency bucket (seconds) above which the open loop's requests and
 /// publishes count as slow (a bucket bound of `jobgate_shared::metrics::latency_histogram`).
 const SLOW_BUCKET_S: f64 = 0.064;
@@ -575,7 +600,7 @@ impl Bench<'_> {
 
     /// Fills a backlog, starts `consumers` processes and times them until it is gone.
     async fn drain(&self, consumers: usize, concurrency: u16) -> Result<Drain> {
-        self.drain_with(consumers, concurrency, self.jobs, "", &[], Start::Cold)
+        self.drain_with(consumers, concurrency, self.jobs, "", &[], Timing::COLD)
             .await
     }
 
@@ -588,8 +613,12 @@ impl Bench<'_> {
         jobs: u64,
         label: &str,
         extra: &[(&'static str, String)],
-        start_as: Start,
+        timing: Timing<'_>,
     ) -> Result<Drain> {
+        let Timing {
+            start: start_as,
+            done,
+        } = timing;
         let label = if label.is_empty() {
             String::new()
         } else {
@@ -635,19 +664,29 @@ impl Bench<'_> {
             Broker::Rabbit(_) => Duration::from_millis(20),
             Broker::Kafka(_) => kafka::PROBE_INTERVAL,
         };
-        loop {
+        let elapsed = loop {
             for p in &mut procs {
                 p.check_alive()?;
             }
-            if self.backlog(&q, probe.as_ref()).await? == 0 {
-                break;
+            match done {
+                Done::Backlog => {
+                    if self.backlog(&q, probe.as_ref()).await? == 0 {
+                        break start.elapsed();
+                    }
+                }
+                Done::Answered(downstream) => {
+                    if let (n, Some(last)) = downstream.answered(&q) {
+                        if n >= jobs {
+                            break last.saturating_duration_since(start);
+                        }
+                    }
+                }
             }
             if start.elapsed() > DRAIN_LIMIT {
                 bail!("{consumers} consumer(s) did not drain {q} within {DRAIN_LIMIT:?}");
             }
             tokio::time::sleep(poll).await;
-        }
-        let elapsed = start.elapsed();
+        };
         let mut peak = 0;
         let mut cpu = 0.0;
         for p in &procs {
@@ -815,7 +854,7 @@ impl Bench<'_> {
                             self.jobs,
                             &format!("prefetch{more}"),
                             &extra,
-                            Start::Cold,
+                            Timing::COLD,
                         )
                         .await?;
                     runs.push(knob(

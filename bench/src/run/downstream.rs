@@ -7,21 +7,40 @@
 //! replicas do; how long they took to settle is reported beside it. Replicas run for
 //! days, so a few seconds of rebalancing at start would otherwise dominate a backlog
 //! that takes seconds to drain.
+//!
+//! The clock stops when the downstream has answered every job once (not when the
+//! broker says nothing waits): a Kafka group commits its offsets once a second, so its
+//! lag reaches zero up to a second after the last job is done, which on a drain of a
+//! few seconds is a large share of it; RabbitMQ's ready count reaches zero when the
+//! last jobs are delivered, before they are done. The downstream sees both alike.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::task::JoinHandle;
 
-use super::{say, Bench, Start};
+use super::{say, Bench, Done, Start, Timing};
 use crate::report::Scaling;
 
 /// An HTTP server on loopback that answers every `POST /job` 200 after `job_time`,
 /// with no limit on concurrent requests: the consumers' concurrency is the only bound.
+/// It notes which jobs it answered, per queue (the `http` handler's `Job-Queue` and
+/// `Job-Id` headers).
 pub struct SlowDownstream {
     pub addr: SocketAddr,
+    answered: Arc<Mutex<HashMap<String, Answered>>>,
     server: JoinHandle<()>,
+}
+
+/// The jobs of one queue the downstream answered.
+#[derive(Debug, Default)]
+struct Answered {
+    ids: HashSet<String>,
+    /// When the last job not answered before was.
+    last: Option<Instant>,
 }
 
 impl SlowDownstream {
@@ -30,10 +49,24 @@ impl SlowDownstream {
             .await
             .context("binding the slow downstream")?;
         let addr = listener.local_addr()?;
+        let answered: Arc<Mutex<HashMap<String, Answered>>> = Arc::default();
+        let noted = Arc::clone(&answered);
         let app = axum::Router::new().route(
             "/job",
-            axum::routing::post(move || async move {
+            axum::routing::post(move |headers: axum::http::HeaderMap| async move {
                 tokio::time::sleep(job_time).await;
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                let mut answered = noted.lock().unwrap_or_else(|e| e.into_inner());
+                let queue = answered.entry(header("Job-Queue")).or_default();
+                if queue.ids.insert(header("Job-Id")) {
+                    queue.last = Some(Instant::now());
+                }
                 "done"
             }),
         );
@@ -42,7 +75,19 @@ impl SlowDownstream {
                 eprintln!("bench: warning: the slow downstream stopped: {error}");
             }
         });
-        Ok(Self { addr, server })
+        Ok(Self {
+            addr,
+            answered,
+            server,
+        })
+    }
+
+    /// How many distinct jobs of `queue` were answered, and when the last of them was.
+    pub fn answered(&self, queue: &str) -> (u64, Option<Instant>) {
+        let answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        answered
+            .get(queue)
+            .map_or((0, None), |a| (a.ids.len() as u64, a.last))
     }
 
     pub fn url(&self) -> String {
@@ -81,7 +126,17 @@ impl Bench<'_> {
         let mut runs = Vec::new();
         for &n in &self.args.consumers {
             let drain = self
-                .drain_with(n, concurrency, jobs, "downstream", &extra, Start::Warm)
+                .drain_with(
+                    n,
+                    concurrency,
+                    jobs,
+                    "downstream",
+                    &extra,
+                    Timing {
+                        start: Start::Warm,
+                        done: Done::Answered(&downstream),
+                    },
+                )
                 .await?;
             let ideal = ideal_per_sec(n, concurrency, job_time);
             say(format!(

@@ -68,7 +68,7 @@ use super::{
 use crate::backoff::Backoff;
 use crate::job::{self, Job, JobMeta};
 use crate::retry::retry_queue_name;
-use ledger::{Ledger, Position};
+use ledger::{Earlier, Ledger, Position};
 
 /// How often the source commits the positions of finished jobs (as librdkafka's
 /// auto-commit did, whose default is 5 s).
@@ -473,11 +473,11 @@ impl ClientContext for JobConsumerContext {
 }
 
 impl JobConsumerContext {
-    /// Commits, and waits for, the positions of `partitions` that have news: the first
-    /// unfinished offset of each (never past it) with the counts of started jobs.
-    fn commit_before_revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[(String, i32)]) {
+    /// Gives up `partitions` in the ledger and commits, and waits for, their hand-over
+    /// positions ([`Ledger::hand_over`]).
+    fn hand_over(&self, consumer: &BaseConsumer<Self>, partitions: &[(String, i32)]) {
         let mut tpl = TopicPartitionList::new();
-        for (topic, partition, position) in self.ledger.positions_of(partitions) {
+        for (topic, partition, position) in self.ledger.hand_over(Some(partitions)) {
             let _ = add_position(&mut tpl, &topic, partition, &position);
         }
         if tpl.count() == 0 {
@@ -490,10 +490,11 @@ impl JobConsumerContext {
 }
 
 impl ConsumerContext for JobConsumerContext {
-    /// On revoke (under the cooperative protocol, only the partitions that move): commit
-    /// what finished on them before they go, so the next owner does not run finished
-    /// jobs again, then forget them. The commit is done when the callback returns,
-    /// before the partitions can be handed over.
+    /// On revoke (under the cooperative protocol, only the partitions that move): forget
+    /// them and commit what finished on them before they go, so the next owner does not
+    /// run finished jobs again, and knows that no start went unrecorded here. The
+    /// commit is done when the callback returns, before the partitions can be handed
+    /// over.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: Vec<(String, i32)> = tpl
@@ -501,8 +502,7 @@ impl ConsumerContext for JobConsumerContext {
                 .iter()
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
-            self.commit_before_revoke(consumer, &revoked);
-            self.ledger.revoke(&revoked);
+            self.hand_over(consumer, &revoked);
             self.status.forget_partitions(&revoked);
             let owned = consumer.assignment().map_or(0, |a| a.count());
             let kept = owned.saturating_sub(revoked.len());
@@ -622,9 +622,13 @@ impl KafkaSource {
         let fetched = self.ledger.fetched(&topic, partition, offset);
         if fetched.needs_counts {
             let committed = committed_position(consumer, &topic, partition).await;
-            let committed = committed.as_ref().map(|(o, m)| (*o, m.as_str()));
+            let earlier = match &committed {
+                Committed::At(at, metadata) => Earlier::Committed(*at, metadata),
+                Committed::Nothing => Earlier::Never,
+                Committed::Unreadable => Earlier::Unknown,
+            };
             self.ledger
-                .load_counts(&topic, partition, fetched.generation, committed);
+                .load_counts(&topic, partition, fetched.generation, earlier);
         }
         meta.redeliveries =
             self.ledger
@@ -822,11 +826,7 @@ const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 /// records count from zero). A blocking call, so on tokio's blocking pool. rdkafka's
 /// metadata accessor panics on metadata that is not UTF-8 (another client of the group
 /// could commit such): the panic stays in the blocking task and counts as none too.
-async fn committed_position(
-    consumer: &Arc<JobConsumer>,
-    topic: &str,
-    partition: i32,
-) -> Option<(i64, String)> {
+async fn committed_position(consumer: &Arc<JobConsumer>, topic: &str, partition: i32) -> Committed {
     let consumer = Arc::clone(consumer);
     let (topic, what) = (topic.to_owned(), format!("{topic}/{partition}"));
     let read = tokio::task::spawn_blocking(move || {
@@ -834,23 +834,32 @@ async fn committed_position(
         tpl.add_partition(&topic, partition);
         let committed = consumer.committed_offsets(tpl, COMMITTED_TIMEOUT)?;
         let element = committed.find_partition(&topic, partition);
-        Ok::<_, KafkaError>(element.and_then(|e| match e.offset() {
-            Offset::Offset(offset) => Some((offset, e.metadata().to_owned())),
-            _ => None,
+        Ok::<_, KafkaError>(element.map_or(Committed::Nothing, |e| match e.offset() {
+            Offset::Offset(offset) => Committed::At(offset, e.metadata().to_owned()),
+            _ => Committed::Nothing,
         }))
     })
     .await;
     match read {
-        Ok(Ok(position)) => position,
+        Ok(Ok(committed)) => committed,
         Ok(Err(error)) => {
             tracing::warn!(partition = %what, %error, "cannot read the committed offset; earlier starts of its jobs are not counted");
-            None
+            Committed::Unreadable
         }
         Err(error) => {
             tracing::warn!(partition = %what, %error, "the committed offset's metadata is unreadable; earlier starts of its jobs are not counted");
-            None
+            Committed::Unreadable
         }
     }
+}
+
+/// The group's committed position of a partition, as a new owner reads it.
+enum Committed {
+    At(i64, String),
+    /// The group never committed it (or the commit expired).
+    Nothing,
+    /// It could not be read.
+    Unreadable,
 }
 
 #[async_trait]
@@ -968,7 +977,8 @@ impl JobSource for KafkaSource {
         let consumers = std::mem::take(&mut self.consumers);
         let ledger = Arc::clone(&self.ledger);
         let done = tokio::task::spawn_blocking(move || {
-            let positions = ledger.positions(None);
+            // The workers are done: nothing starts after these commits.
+            let positions = ledger.hand_over(None);
             for consumer in consumers {
                 let owned = |topic: &str, partition: i32| {
                     consumer
@@ -1155,7 +1165,7 @@ impl Settle for KafkaSettle {
     /// broker leaves that start unrecorded. Two rules make such a loss count anyway (see
     /// `ledger`'s module doc): a start waits when [`ledger::UNRECORDED_STARTS`] starts
     /// are already waiting for their commit, and every start in the careful span of a
-    /// new owner waits.
+    /// new owner waits, as do its first starts until one of its commits got through.
     async fn started(&self) -> Result<(), SettleError> {
         let Some(ledger::Started {
             starts, careful, ..
@@ -1170,6 +1180,9 @@ impl Settle for KafkaSettle {
         let unrecorded = seq.saturating_sub(StartCommits::carried(&self.consumer));
         if starts > 1 || careful || unrecorded > ledger::UNRECORDED_STARTS {
             StartCommits::wait(&self.consumer, seq).await?;
+            // That commit carried this start: the partition is claimed.
+            self.ledger
+                .claimed(&self.topic, self.partition, self.generation);
         }
         Ok(())
     }
@@ -1304,7 +1317,7 @@ mod tests {
 
         // Partition 1 moves to another consumer: what was fetched from it is its next
         // owner's, handed over or not.
-        ledger.revoke(&[("t".into(), 1)]);
+        ledger.hand_over(Some(&[("t".into(), 1)]));
         assert!(!second.settle.is_current(), "the worker will not start it");
         assert!(first.settle.is_current());
         assert!(matches!(held.hand_over(&tx, &ledger), Room::AllSent));
