@@ -40,6 +40,11 @@ struct Session {
     /// Messages seen with a high `x-delivery-count`, and the highest count.
     often_returned: AtomicU64,
     max_returns: AtomicI64,
+    /// Ready messages at the start, and how many of those taken were acked: the others
+    /// go back to `Q.dlq` when the channel closes.
+    ready_at_open: u64,
+    taken: AtomicU64,
+    acked: AtomicU64,
 }
 
 /// Runs a lapin operation with [`OPERATION_TIMEOUT`]; errors name the operation.
@@ -111,6 +116,9 @@ impl Session {
                     dlq_name: dlq_short,
                     often_returned: AtomicU64::new(0),
                     max_returns: AtomicI64::new(0),
+                    ready_at_open: ready,
+                    taken: AtomicU64::new(0),
+                    acked: AtomicU64::new(0),
                 },
                 ready,
             )),
@@ -130,6 +138,7 @@ impl Session {
         )
         .await?;
         Ok(got.map(|message| {
+            self.taken.fetch_add(1, Ordering::Relaxed);
             let delivery = message.delivery;
             let count = delivery_count(&delivery.properties);
             if count >= DELIVERY_COUNT_WARNING {
@@ -145,8 +154,19 @@ impl Session {
         }))
     }
 
-    /// Closes the channel first (every unacked message goes back to `Q.dlq`), then the
-    /// connection.
+    /// Acknowledges message `tag`: it leaves `Q.dlq`.
+    async fn ack(&self, tag: u64) -> Result<()> {
+        bounded(
+            "basic.ack",
+            self.channel.basic_ack(tag, BasicAckOptions::default()),
+        )
+        .await?;
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Closes the channel first (every unacked message goes back to `Q.dlq`), waits
+    /// until they are ready again, then closes the connection.
     async fn close(self) {
         // RabbitMQ 4.0 and later drop a quorum-queue message at the queue's delivery
         // limit (20 by default) when it has no dead-letter target, as `Q.dlq` has none.
@@ -164,7 +184,50 @@ impl Session {
             self.channel.close(200, ShortString::from("done")),
         )
         .await;
+        if self.taken.load(Ordering::Relaxed) > self.acked.load(Ordering::Relaxed) {
+            let acked = self.acked.load(Ordering::Relaxed);
+            self.wait_ready(self.ready_at_open.saturating_sub(acked))
+                .await;
+        }
         close(&self.conn).await;
+    }
+
+    /// Waits (at most [`OPERATION_TIMEOUT`]) until `Q.dlq` holds at least `count` ready
+    /// messages (as many as at the start, less those acked). A quorum queue takes the
+    /// messages of a closed channel back through its log, after the close is answered:
+    /// a `dlq list` right after another would find them neither ready nor its own, and
+    /// list nothing. Others may take letters meanwhile: then this waits in vain, and
+    /// the listing stands all the same.
+    async fn wait_ready(&self, count: u64) {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let poll = async {
+            let channel = self.conn.create_channel().await?;
+            loop {
+                let declared = channel
+                    .queue_declare(self.dlq_name.clone(), passive, FieldTable::default())
+                    .await?;
+                if u64::from(declared.message_count()) >= count {
+                    let _ = channel.close(200, ShortString::from("done")).await;
+                    return Ok::<_, lapin::Error>(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        match tokio::time::timeout(OPERATION_TIMEOUT, poll).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(queue = %self.dlq, %error, "cannot see the returned dead jobs")
+            }
+            Err(_) => tracing::debug!(
+                queue = %self.dlq,
+                returning = count,
+                "the returned dead jobs were not all ready again in time"
+            ),
+        }
     }
 }
 
@@ -256,11 +319,7 @@ pub async fn replay(
                     ))
                 })?;
             // Confirmed in Q: now it may leave Q.dlq.
-            bounded(
-                "basic.ack",
-                session.channel.basic_ack(tag, BasicAckOptions::default()),
-            )
-            .await?;
+            session.ack(tag).await?;
             replayed += 1;
             tracing::info!(job_id = %meta.id, %queue, "dead job replayed");
         }
