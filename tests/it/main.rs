@@ -13,6 +13,8 @@
 //! listeners. `amqp_nodes` gives `JOBGATE_AMQP_URL` a list of RabbitMQ nodes, some
 //! dead.
 //!
+//! `status_store` holds the job status store's transition rules against Redis (issue 16).
+//!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
 #[macro_use]
@@ -42,4 +44,5 @@ mod retries;
 mod scenarios;
 mod setup;
 mod slow_clients;
+mod status_store;
 mod tls;
