@@ -217,6 +217,8 @@ mod tests {
     fn defaults_match_the_readme() {
         let c = ConsumerConfig::try_parse_from(["consumer"]).unwrap();
         assert_eq!(c.queue, vec!["default"]);
+        assert!(c.status.redis_url.is_none(), "no job status unless asked");
+        assert_eq!(c.status.status_ttl, jobgate_shared::status::DEFAULT_TTL);
         assert_eq!(c.concurrency, 8);
         assert_eq!(c.shutdown_grace(), Duration::from_secs(30));
         assert_eq!(c.handler.handler, crate::handlers::HandlerKind::Log);

@@ -3,16 +3,27 @@
 //! finishes or dies; `DELETE` before the job starts (it never runs) and while it runs
 //! (409); another API key's 404; no store (501); a job whose status says `done` is
 //! acked as a duplicate without running; and a store that is down changes no answer
-//! and no job.
+//! and no job. A consumer that dies between a job's success and its ack (an in-process
+//! worker whose acks are lost) leaves a redelivery that the next consumer acks unrun.
 //!
 //! The `exec` handler here waits for a gate file per attempt (`DIR/<job id>.<attempt>`)
 //! that the test writes when it has seen the state it wants to see, so no assertion
 //! depends on timing: the gate's content is the attempt's fate (`fail`, or the result).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use clap::Parser;
+use consumer::{run_with_source, ConsumerConfig, Handler, Job, Outcome, WorkerOptions};
+use jobgate_shared::broker::kafka::{self as kafka_backend, KafkaSource};
+use jobgate_shared::broker::rabbitmq::{self as rabbit_backend, RabbitSource};
+use jobgate_shared::broker::{Delivery, JobSource, Settle, SettleError};
 use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::consumer_metrics::listener_url;
 use crate::helpers::{
@@ -34,6 +45,7 @@ on_both_backends!(
     without_a_store_the_status_routes_answer_501,
     a_job_whose_status_is_done_is_acked_as_a_duplicate_without_running,
     a_store_that_is_down_changes_no_answer_and_no_job,
+    a_consumer_that_dies_between_the_handler_and_the_ack_does_not_run_the_job_again,
 );
 
 /// The `exec` command: notes the attempt's start (`DIR/<id>.runs`), waits for its gate
@@ -423,4 +435,182 @@ pub async fn a_store_that_is_down_changes_no_answer_and_no_job(backend: Backend)
     };
     assert_eq!(failed(&text, "running"), Some(1.0), "{text}");
     assert_eq!(failed(&text, "done"), Some(1.0), "{text}");
+}
+
+/// A source that passes its deliveries on with an ack that does nothing: the worker
+/// believes it acked, the broker still holds the job. Stopping the worker then is a
+/// consumer that died between the handler's success and the ack.
+struct AcksLost(Box<dyn JobSource>);
+
+/// The settle handle of [`AcksLost`].
+struct LostAck(Box<dyn Settle>);
+
+#[async_trait::async_trait]
+impl Settle for LostAck {
+    async fn started(&self) -> Result<(), SettleError> {
+        self.0.started().await
+    }
+
+    fn is_current(&self) -> bool {
+        self.0.is_current()
+    }
+
+    async fn ack(self: Box<Self>) -> Result<(), SettleError> {
+        // Dropped unsettled: the broker delivers the job again once the source closes.
+        drop(self);
+        Ok(())
+    }
+
+    async fn requeue(self: Box<Self>) -> Result<(), SettleError> {
+        self.0.requeue().await
+    }
+
+    async fn reject(self: Box<Self>) -> Result<(), SettleError> {
+        self.0.reject().await
+    }
+}
+
+#[async_trait::async_trait]
+impl JobSource for AcksLost {
+    async fn run(&mut self, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
+        let (inner_tx, mut inner_rx) = mpsc::channel::<Delivery>(1);
+        let forward = async move {
+            while let Some(Delivery { job, settle }) = inner_rx.recv().await {
+                let settle = Box::new(LostAck(settle));
+                if tx.send(Delivery { job, settle }).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::join!(self.0.run(inner_tx, stop), forward);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.0.is_ready()
+    }
+
+    async fn close(&mut self) {
+        self.0.close().await;
+    }
+}
+
+/// Counts its runs and finishes every job.
+#[derive(Default)]
+struct CountingHandler(AtomicUsize);
+
+#[async_trait::async_trait]
+impl Handler for CountingHandler {
+    async fn handle(&self, _job: &Job) -> Outcome {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Outcome::DoneWith(Bytes::from_static(b"once"))
+    }
+}
+
+/// The job source of `config`, as the consumer binary builds it.
+fn source_of(config: &ConsumerConfig) -> Box<dyn JobSource> {
+    let tiers = config.retry_policy().tiers();
+    match config.broker.backend {
+        jobgate_shared::config::Backend::Rabbitmq => {
+            Box::new(RabbitSource::new(rabbit_backend::SourceOptions {
+                endpoint: config.broker.amqp(),
+                queues: config.queue.clone(),
+                connect_timeout: config.broker.connect_timeout(),
+                prefetch: config.prefetch(),
+                retry_tiers: tiers,
+            }))
+        }
+        jobgate_shared::config::Backend::Kafka => {
+            Box::new(KafkaSource::new(kafka_backend::SourceOptions {
+                topics: config.broker.kafka_topics(),
+                queues: config.queue.clone(),
+                group_template: config.kafka_group.clone(),
+                session_timeout: Duration::from_millis(config.kafka_session_timeout_ms),
+                retry_tiers: tiers,
+                publish_timeout: config.publish_timeout(),
+                job_timeout: config.job_timeout(),
+                queued_max_kbytes: config.kafka_queued_max_kbytes,
+                fetch_max_bytes: config.kafka_fetch_max_bytes,
+            }))
+        }
+    }
+}
+
+pub async fn a_consumer_that_dies_between_the_handler_and_the_ack_does_not_run_the_job_again(
+    backend: Backend,
+) {
+    let _brokers = brokers_shared().await;
+    let queue = unique("crash");
+    let _cleanup = backend.cleanup(&[&queue]);
+    let redis = vars(&[("JOBGATE_REDIS_URL", REDIS_URL)]);
+    let producer = Producer::start(backend, &[&queue], &redis).await;
+    let id = producer.post_ok(&queue, "once").await;
+
+    // The first consumer (the library, in this process) runs the job, records it done,
+    // and "dies" before its ack reaches the broker.
+    let mut args = vec!["consumer".to_owned(), "--queue".to_owned(), queue.clone()];
+    for (name, value) in backend.env().into_iter().chain(redis.clone()) {
+        let flag = name
+            .trim_start_matches("JOBGATE_")
+            .to_lowercase()
+            .replace('_', "-");
+        args.extend([format!("--{flag}"), value]);
+    }
+    let config = ConsumerConfig::try_parse_from(&args).expect("valid flags");
+    let mut options = WorkerOptions::from(&config);
+    options.status = config.status.store().expect("a status store");
+    let store = options.status.clone().expect("a status store");
+    let handler = Arc::new(CountingHandler::default());
+    let recorded_done = {
+        let (store, queue, id) = (store.clone(), queue.clone(), id.clone());
+        async move {
+            loop {
+                let status = store.get(&queue, &id).await.ok().flatten();
+                if status.is_some_and(|s| s.state == jobgate_shared::status::State::Done) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let outcomes: jobgate_shared::broker::SharedPublisher =
+        Arc::new(jobgate_shared::broker::memory::MemoryBroker::new());
+    tokio::time::timeout(
+        LIMIT,
+        run_with_source(
+            Box::new(AcksLost(source_of(&config))),
+            outcomes,
+            handler.clone(),
+            options,
+            recorded_done,
+        ),
+    )
+    .await
+    .expect("the first consumer ran the job")
+    .expect("the source runs until the stop");
+    assert_eq!(handler.0.load(Ordering::SeqCst), 1);
+
+    // The broker delivers the job again, to the next consumer: it is acked unrun.
+    let mut env = redis.clone();
+    env.extend(vars(&[("JOBGATE_METRICS_LISTEN", "127.0.0.1:0")]));
+    let consumer = Consumer::start(backend, &queue, &env).await;
+    let metrics = listener_url(&consumer).await;
+    let q = format!("queue=\"{queue}\"");
+    wait_until(
+        LIMIT,
+        "the redelivery to be acked as a duplicate",
+        || async {
+            let text = scraped::fetch(&producer.http, &metrics).await;
+            scraped::sample(
+                &text,
+                "jobgate_jobs_total",
+                &format!("{q},outcome=\"duplicate\""),
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    assert!(consumer.processed().is_empty(), "the job ran again");
+    assert_eq!(handler.0.load(Ordering::SeqCst), 1);
+    let status = status(&producer, &queue, &id).await;
+    assert_eq!(status["state"], "done");
+    assert_eq!(status["result"], "once");
 }
