@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use jobgate_shared::config::{parse_queue_list, BrokerArgs};
 use jobgate_shared::retry::RetryPolicy;
+use jobgate_shared::status::StatusArgs;
 
 use crate::handlers::HandlerArgs;
 
@@ -97,6 +98,11 @@ pub struct ConsumerConfig {
 
     #[command(flatten)]
     pub broker: BrokerArgs,
+
+    /// `JOBGATE_REDIS_URL` (job status: the consumer records each attempt and skips
+    /// jobs found cancelled or done) and `JOBGATE_STATUS_TTL`.
+    #[command(flatten)]
+    pub status: StatusArgs,
 
     /// A tool to run instead of the worker (`consumer dlq ...`); none runs the worker.
     #[command(subcommand)]
@@ -211,6 +217,8 @@ mod tests {
     fn defaults_match_the_readme() {
         let c = ConsumerConfig::try_parse_from(["consumer"]).unwrap();
         assert_eq!(c.queue, vec!["default"]);
+        assert!(c.status.redis_url.is_none(), "no job status unless asked");
+        assert_eq!(c.status.status_ttl, jobgate_shared::status::DEFAULT_TTL);
         assert_eq!(c.concurrency, 8);
         assert_eq!(c.shutdown_grace(), Duration::from_secs(30));
         assert_eq!(c.handler.handler, crate::handlers::HandlerKind::Log);

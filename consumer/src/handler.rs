@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use jobgate_shared::job::Job;
 
 /// What became of one attempt at a job.
@@ -10,6 +11,10 @@ use jobgate_shared::job::Job;
 pub enum Outcome {
     /// Finished; the job is removed from the queue.
     Done,
+    /// Finished with a result: like `Done`, and with a job status store configured
+    /// (`JOBGATE_REDIS_URL`) the result is kept in the job's status (at most 64 KiB;
+    /// `GET /jobs/{queue}/{job_id}` shows it).
+    DoneWith(Bytes),
     /// A transient failure: try again later (after `delay`, if given).
     Retry {
         reason: String,
@@ -17,6 +22,13 @@ pub enum Outcome {
     },
     /// A permanent failure: the job goes to the dead-letter queue with `reason`.
     Dead { reason: String },
+}
+
+impl Outcome {
+    /// `Done` or `DoneWith`.
+    pub fn is_done(&self) -> bool {
+        matches!(self, Self::Done | Self::DoneWith(_))
+    }
 }
 
 /// A job processor. Implementations must be idempotent on `job.meta.id`: delivery is

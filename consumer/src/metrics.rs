@@ -4,7 +4,7 @@
 //!
 //! | metric | labels | meaning |
 //! |---|---|---|
-//! | `jobgate_jobs_total` | `queue`, `outcome` | attempts settled as `done`, `retried` or `dead` |
+//! | `jobgate_jobs_total` | `queue`, `outcome` | attempts settled as `done`, `retried` or `dead`; deliveries acked unrun as `cancelled` or `duplicate` (the status store says the job is cancelled, or done already) |
 //! | `jobgate_job_duration_seconds` | `queue` | handler time per attempt |
 //! | `jobgate_jobs_in_flight` | `queue` | attempts running or being settled |
 //! | `jobgate_job_attempts_total` | `queue` | handler runs, first attempts included |
@@ -13,6 +13,7 @@
 //! | `jobgate_kafka_consumer_lag` | `queue`, `partition` | Kafka: messages behind the high watermark |
 //! | `jobgate_last_success_timestamp_seconds` | `queue` | unix time of the last done job |
 //! | `jobgate_broker_up` | | 1 while subscribed and the outcome publisher is connected |
+//! | `jobgate_status_store_failures_total` | `op` | job status reads and writes that failed (the job ran all the same) |
 //!
 //! A retry or dead-letter copy that the broker does not confirm is published again until
 //! it is; an attempt whose copy was still unconfirmed when the worker shut down counts
@@ -40,7 +41,7 @@ struct QueueLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     queue: String,
-    /// `done`, `retried` or `dead`.
+    /// `done`, `retried`, `dead`, `cancelled` or `duplicate`.
     outcome: &'static str,
 }
 
@@ -64,6 +65,8 @@ pub struct WorkerMetrics {
     kafka_lag: Family<PartitionLabels, Gauge>,
     last_success: Family<QueueLabels, Gauge<f64, AtomicU64>>,
     broker_up: Gauge,
+    /// Job status calls that failed.
+    pub status_failures: jobgate_shared::status::StoreFailures,
 }
 
 impl Default for WorkerMetrics {
@@ -79,6 +82,7 @@ impl Default for WorkerMetrics {
             kafka_lag: Family::default(),
             last_success: Family::default(),
             broker_up: Gauge::default(),
+            status_failures: jobgate_shared::status::StoreFailures::default(),
         }
     }
 }
@@ -87,10 +91,13 @@ impl WorkerMetrics {
     /// Creates the metrics and registers them in `registry` (whose prefix is
     /// `jobgate`, see [`jobgate_shared::metrics::registry`]).
     pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::default();
+        let m = Self {
+            status_failures: jobgate_shared::status::StoreFailures::register(registry),
+            ..Self::default()
+        };
         registry.register(
             "jobs",
-            "Job attempts settled, by outcome (done, retried, dead)",
+            "Job attempts settled, by outcome (done, retried, dead), and deliveries acked unrun (cancelled, duplicate)",
             m.jobs.clone(),
         );
         registry.register(
@@ -164,6 +171,17 @@ impl WorkerMetrics {
         self.duration
             .get_or_create(&labels)
             .observe(duration.as_secs_f64());
+    }
+
+    /// A delivery was acked without running it: `outcome` is `cancelled` (the job was
+    /// cancelled) or `duplicate` (the job is done already: a redelivery).
+    pub fn job_skipped(&self, queue: &str, outcome: &'static str) {
+        self.jobs
+            .get_or_create(&OutcomeLabels {
+                queue: queue.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// The attempt was settled as `settled`.

@@ -3,7 +3,7 @@
 //!
 //! | outcome                         | what happens                                                 |
 //! |---------------------------------|--------------------------------------------------------------|
-//! | `Done`                          | ack                                                          |
+//! | `Done`, `DoneWith`              | ack                                                          |
 //! | `Retry`, attempts left          | copy with `x-attempt`+1 to `Q.retry.<tier>` (confirmed), ack |
 //! | `Retry`, last attempt, or `Dead`| copy with `x-error`, ... to `Q.dlq` (confirmed), ack         |
 //!
@@ -92,7 +92,7 @@ pub async fn settle(
     let policy = settler.policy;
     let (job_id, queue, attempt) = (&meta.id, &meta.queue, meta.attempt);
     let (settled, copy) = match &outcome {
-        Outcome::Done => (Settled::Done, None),
+        Outcome::Done | Outcome::DoneWith(_) => (Settled::Done, None),
         Outcome::Retry { reason, delay } if policy.may_retry(attempt) => {
             let tier = policy.tier_for(attempt, *delay);
             tracing::warn!(%job_id, %queue, attempt, %reason, retry_in = ?tier, "job failed; it will be retried");

@@ -29,11 +29,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use jobgate_shared::broker::{Delivery, JobSource, SharedPublisher};
 use jobgate_shared::job::{Job, JobMeta};
 use jobgate_shared::retry::RetryPolicy;
+use jobgate_shared::status::{State, StatusStore, Transition, Verdict};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,15 +65,20 @@ pub struct WorkerOptions {
     pub retry: RetryPolicy,
     /// A job running longer is cancelled and retried.
     pub job_timeout: Option<Duration>,
+    /// The job status store (`JOBGATE_REDIS_URL`): each attempt is recorded, and jobs
+    /// found cancelled or done are acked unrun. None: no status.
+    pub status: Option<StatusStore>,
 }
 
 impl From<&ConsumerConfig> for WorkerOptions {
+    /// The options of `c`, without the status store (see [`ConsumerConfig::status`]).
     fn from(c: &ConsumerConfig) -> Self {
         Self {
             concurrency: usize::from(c.concurrency),
             shutdown_grace: c.shutdown_grace(),
             retry: c.retry_policy(),
             job_timeout: c.job_timeout(),
+            status: None,
         }
     }
 }
@@ -102,7 +108,12 @@ pub async fn run_boxed(
     };
     let source = backend::source(&config);
     let outcomes = backend::outcome_publisher(&config)?;
-    let options = WorkerOptions::from(&config);
+    let mut options = WorkerOptions::from(&config);
+    options.status = config.status.store()?;
+    match &options.status {
+        Some(store) => tracing::info!(store = %store.describe(), "job status"),
+        None => tracing::info!("job status off (JOBGATE_REDIS_URL is not set)"),
+    }
 
     let mut registry = jobgate_shared::metrics::registry();
     let metrics = WorkerMetrics::register(&mut registry);
@@ -324,6 +335,17 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
                 (Outcome::Dead { reason }, metrics.job_settling(queue))
             }
             None => {
+                if let Some(skipped) = skip_by_status(context, meta).await {
+                    // Nothing to run: the job was cancelled, or is done already (this is
+                    // a redelivery after a crash between the handler and the ack).
+                    tracing::info!(%job_id, %queue, attempt, state = %skipped, "job acked without running it");
+                    if let Err(error) = settle.ack().await {
+                        tracing::warn!(%job_id, %queue, %error, "could not ack a skipped job; the broker will redeliver it");
+                    }
+                    let outcome = if skipped == State::Cancelled { "cancelled" } else { "duplicate" };
+                    metrics.job_skipped(queue, outcome);
+                    return;
+                }
                 if let Err(error) = settle.started().await {
                     // Counting is a protection, not a condition of the work: the job runs.
                     tracing::warn!(%job_id, %queue, %error, "could not record the start of the job; a crash now would not count as an attempt");
@@ -347,12 +369,69 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
             backoff: settle::Settler::copy_backoff(),
             on_publish_failure: &report,
         };
+        // `done` is recorded before the ack: a crash between the two redelivers a job
+        // whose status says done, and that copy is acked unrun (see `skip_by_status`).
+        if let Outcome::Done | Outcome::DoneWith(_) = &outcome {
+            let result = match &outcome {
+                Outcome::DoneWith(result) => Some(&result[..]),
+                _ => None,
+            };
+            record(context, meta, Transition::Done { attempt, result }).await;
+        }
+        let failure = match &outcome {
+            Outcome::Retry { reason, delay } => Some((reason.clone(), *delay)),
+            Outcome::Dead { reason } => Some((reason.clone(), None)),
+            Outcome::Done | Outcome::DoneWith(_) => None,
+        };
         let settled = settle::settle(&settler, &job, settle, outcome).await;
+        // A retry or dead letter is recorded once its copy is durable.
+        match (settled, failure) {
+            (settle::Settled::Retried, Some((error, delay))) => {
+                let due = SystemTime::now() + context.options.retry.tier_for(attempt, delay);
+                record(context, meta, Transition::Retrying { attempt, due, error: &error }).await;
+            }
+            (settle::Settled::Dead, Some((error, _))) => {
+                record(context, meta, Transition::Dead { attempt, error: &error }).await;
+            }
+            _ => {}
+        }
         metrics.job_settled(queue, settled);
         drop(in_flight);
     }
     .instrument(span)
     .await;
+}
+
+/// With a status store: records that attempt `meta.attempt` starts, unless the job is
+/// `cancelled` or `done` already, whose state is returned (ack it, do not run it). A
+/// store that cannot be reached is no reason to hold a job back: it runs (at least
+/// once, as without a store), and the failure is logged and counted.
+async fn skip_by_status(context: &Context<'_>, meta: &JobMeta) -> Option<State> {
+    let store = context.options.status.as_ref()?;
+    let running = Transition::Running {
+        attempt: meta.attempt,
+    };
+    match store.apply(&meta.queue, &meta.id, running).await {
+        Ok(answer) if answer.verdict == Verdict::Skip => answer.state,
+        Ok(_) => None,
+        Err(error) => {
+            context.metrics.status_failures.record(running.name());
+            tracing::warn!(job_id = %meta.id, queue = %meta.queue, %error, "could not read or record the job's status; running it anyway");
+            None
+        }
+    }
+}
+
+/// Records `transition` of the job in the status store, if there is one; a failure is
+/// logged and counted, never a change to the job's outcome.
+async fn record(context: &Context<'_>, meta: &JobMeta, transition: Transition<'_>) {
+    let Some(store) = context.options.status.as_ref() else {
+        return;
+    };
+    if let Err(error) = store.apply(&meta.queue, &meta.id, transition).await {
+        context.metrics.status_failures.record(transition.name());
+        tracing::warn!(job_id = %meta.id, queue = %meta.queue, op = transition.name(), %error, "could not record the job's status");
+    }
 }
 
 /// Counts the earlier deliveries of `meta`'s message that ended without an outcome as
@@ -446,6 +525,7 @@ mod tests {
                 max: Duration::from_secs(4),
             },
             job_timeout: Some(Duration::from_millis(300)),
+            status: None,
         }
     }
 

@@ -5,7 +5,8 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser};
-use jobgate_shared::config::{parse_queue_list, BrokerArgs, SecretUrl};
+use jobgate_shared::config::{parse_queue_list, BrokerArgs};
+use jobgate_shared::status::StatusArgs;
 
 use crate::auth::{ApiKeyList, KeyListParser};
 
@@ -100,11 +101,10 @@ pub struct ProducerConfig {
           value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     pub idempotency_ttl_secs: u64,
 
-    /// Redis URL (`redis://[:pass@]host:port[/db]`) of the idempotency store shared by
-    /// several producer replicas; unset: keys are kept in this process. The password
-    /// is never logged.
-    #[arg(long, env = "JOBGATE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<SecretUrl>,
+    /// `JOBGATE_REDIS_URL` (job status, and idempotency keys shared by several
+    /// replicas) and `JOBGATE_STATUS_TTL`.
+    #[command(flatten)]
+    pub status: StatusArgs,
 
     #[command(flatten)]
     pub security: SecurityArgs,
@@ -224,7 +224,8 @@ mod tests {
         assert_eq!(c.max_batch_items, 1000);
         assert_eq!(c.max_batch_bytes, 10_485_760);
         assert_eq!(c.idempotency_ttl(), Duration::from_secs(86_400));
-        assert!(c.redis_url.is_none());
+        assert!(c.status.redis_url.is_none());
+        assert_eq!(c.status.status_ttl, jobgate_shared::status::DEFAULT_TTL);
         assert_eq!(c.max_in_flight, 1024);
         let limits = c.server_limits();
         assert_eq!(limits.header_read_timeout, Duration::from_secs(10));

@@ -37,6 +37,21 @@ pub enum ApiError {
     BadMetadata(#[from] crate::metadata::BadMetadata),
     #[error("this path does not answer this method")]
     MethodNotAllowed,
+    /// `GET`/`DELETE /jobs/{queue}/{job_id}` without a status store.
+    #[error("job status is not configured")]
+    StatusOff,
+    /// No status for this job and this API key: unknown, expired, or another key's.
+    #[error("no job {job_id:?} in queue {queue:?} for this API key")]
+    JobNotFound { queue: String, job_id: String },
+    /// The status store could not be read or written.
+    #[error(transparent)]
+    StatusStore(#[from] jobgate_shared::status::StatusError),
+    /// A cancel of a job whose attempt is running.
+    #[error("the job is running")]
+    JobRunning,
+    /// A cancel of a job that ended already (`done` or `dead`).
+    #[error("the job is {0} already")]
+    JobFinished(jobgate_shared::status::State),
 }
 
 /// The problem document (RFC 9457), sent as `application/problem+json`.
@@ -78,7 +93,12 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match self {
-            Self::UnknownQueue(_) | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::UnknownQueue(_) | Self::NotFound | Self::JobNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            Self::StatusOff => StatusCode::NOT_IMPLEMENTED,
+            Self::StatusStore(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::JobRunning | Self::JobFinished(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -106,6 +126,11 @@ impl ApiError {
             Self::Publish(PublishError::Overloaded) => "overloaded",
             Self::Publish(_) => "broker-unavailable",
             Self::ShuttingDown => "shutting-down",
+            Self::StatusOff => "status-not-configured",
+            Self::JobNotFound { .. } => "job-not-found",
+            Self::StatusStore(_) => "status-store-unavailable",
+            Self::JobRunning => "job-running",
+            Self::JobFinished(_) => "job-finished",
         }
     }
 
@@ -123,6 +148,11 @@ impl ApiError {
             Self::Publish(PublishError::Overloaded) => "Too many jobs in flight",
             Self::Publish(_) => "Broker unavailable",
             Self::ShuttingDown => "Shutting down",
+            Self::StatusOff => "Job status not configured",
+            Self::JobNotFound { .. } => "Job not found",
+            Self::StatusStore(_) => "Job status store unavailable",
+            Self::JobRunning => "Job is running",
+            Self::JobFinished(_) => "Job already finished",
         }
     }
 
@@ -157,6 +187,26 @@ impl ApiError {
                 "This producer is shutting down; retry, another replica will take the job."
                     .to_owned()
             }
+            Self::StatusOff => "Job status needs a store: set JOBGATE_REDIS_URL (a Redis URL) on \
+                 the producer and on the consumers."
+                .to_owned(),
+            Self::JobNotFound { queue, job_id } => format!(
+                "No job {job_id:?} in queue {queue:?} for this API key: it does not exist, its \
+                 status expired (JOBGATE_STATUS_TTL), or another API key submitted it."
+            ),
+            // Redis's own words stay in the log: they may name hosts.
+            Self::StatusStore(error) => {
+                tracing::warn!(%error, "job status store unavailable; answering 503");
+                "The job status store is not reachable right now; retry later. Jobs are \
+                 accepted and processed meanwhile."
+                    .to_owned()
+            }
+            Self::JobRunning => "An attempt of this job is running; a running job is not \
+                 interrupted. It can be cancelled while it waits for a retry."
+                .to_owned(),
+            Self::JobFinished(state) => {
+                format!("The job is {state} already; there is nothing to cancel.")
+            }
             other => format!("{other}."),
         }
     }
@@ -167,7 +217,7 @@ impl ApiError {
             Self::Publish(PublishError::Malformed(_))
             | Self::PublishWithKey(PublishError::Malformed(_)) => None,
             Self::Publish(e) | Self::PublishWithKey(e) => Some(e.retry_after()),
-            Self::ShuttingDown => Some(Duration::from_secs(1)),
+            Self::ShuttingDown | Self::StatusStore(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

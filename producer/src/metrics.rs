@@ -75,6 +75,8 @@ pub struct ProducerMetrics {
     accepted_bytes: Family<QueueLabels, Counter>,
     rejections: Family<ReasonLabels, Counter>,
     broker_up: Gauge,
+    /// Job status writes and reads that failed (`jobgate_status_store_failures_total`).
+    pub status_failures: jobgate_shared::status::StoreFailures,
 }
 
 impl Default for ProducerMetrics {
@@ -98,6 +100,7 @@ impl ProducerMetrics {
         let accepted_bytes = Family::<QueueLabels, Counter>::default();
         let rejections = Family::<ReasonLabels, Counter>::default();
         let broker_up = Gauge::default();
+        let status_failures = jobgate_shared::status::StoreFailures::register(&mut registry);
         registry.register(
             "http_requests",
             "HTTP requests answered, by route template, method and status",
@@ -148,6 +151,7 @@ impl ProducerMetrics {
             accepted_bytes,
             rejections,
             broker_up,
+            status_failures,
         }
     }
 

@@ -11,6 +11,7 @@ use jobgate_shared::broker::kafka::{self, KafkaPublisher};
 use jobgate_shared::broker::rabbitmq::{self, RabbitPublisher};
 use jobgate_shared::broker::SharedPublisher;
 use jobgate_shared::config::Backend;
+use jobgate_shared::status::StatusStore;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
@@ -18,7 +19,7 @@ use crate::auth::{self, Security};
 use crate::config::ProducerConfig;
 use crate::error::ApiError;
 use crate::idempotency::{MemoryStore, RedisStore, SharedStore, DEFAULT_MAX_ENTRIES};
-use crate::routes::{batch, health, jobs};
+use crate::routes::{batch, health, jobs, status};
 use crate::state::AppState;
 
 /// The router, without a socket: tests drive it with `oneshot`.
@@ -28,6 +29,10 @@ pub fn app(state: AppState) -> Router {
         .route("/jobs", post(jobs::post_to_default_queue))
         .route("/jobs/{queue}", post(jobs::post_to_queue))
         .route("/jobs/{queue}/batch", batch::route())
+        .route(
+            "/jobs/{queue}/{job_id}",
+            get(status::get_status).delete(status::cancel_job),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(crate::openapi::openapi_json))
@@ -134,7 +139,7 @@ pub fn start_publisher(config: &ProducerConfig) -> anyhow::Result<SharedPublishe
 
 /// The idempotency store: Redis when `JOBGATE_REDIS_URL` is set, else memory.
 pub fn idempotency_store(config: &ProducerConfig) -> anyhow::Result<SharedStore> {
-    let store: SharedStore = match &config.redis_url {
+    let store: SharedStore = match &config.status.redis_url {
         Some(url) => Arc::new(RedisStore::new(
             url,
             config.idempotency_ttl(),
@@ -147,6 +152,16 @@ pub fn idempotency_store(config: &ProducerConfig) -> anyhow::Result<SharedStore>
         )),
     };
     tracing::info!(store = %store.describe(), "idempotency keys");
+    Ok(store)
+}
+
+/// The job status store, when `JOBGATE_REDIS_URL` is set.
+pub fn status_store(config: &ProducerConfig) -> anyhow::Result<Option<StatusStore>> {
+    let store = config.status.store()?;
+    match &store {
+        Some(store) => tracing::info!(store = %store.describe(), "job status"),
+        None => tracing::info!("job status off (JOBGATE_REDIS_URL is not set)"),
+    }
     Ok(store)
 }
 
@@ -177,7 +192,8 @@ pub async fn run(
     );
     let state = state
         .with_security(Arc::clone(&security))
-        .with_idempotency(idempotency_store(&config)?, config.publish_timeout());
+        .with_idempotency(idempotency_store(&config)?, config.publish_timeout())
+        .with_status(status_store(&config)?);
     let draining = state.draining.clone();
     security.spawn_housekeeping(Duration::from_secs(60), draining.clone());
     tracing::info!(security = ?security, "auth and rate limit");

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use jobgate_shared::broker::SharedPublisher;
+use jobgate_shared::status::StatusStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Security;
@@ -69,6 +70,8 @@ pub struct Shared {
     pub idempotency_wait: std::time::Duration,
     /// What `GET /metrics` serves; the publisher records into it.
     pub metrics: Arc<ProducerMetrics>,
+    /// Job status (`JOBGATE_REDIS_URL`); none: the status routes answer 501.
+    pub status: Option<StatusStore>,
 }
 
 impl AppState {
@@ -95,6 +98,7 @@ impl AppState {
             )),
             idempotency_wait: std::time::Duration::from_secs(6),
             metrics,
+            status: None,
         }))
     }
 
@@ -120,6 +124,13 @@ impl AppState {
     ) -> Self {
         self.shared_mut().idempotency = store;
         self.shared_mut().idempotency_wait = publish_timeout + std::time::Duration::from_secs(1);
+        self
+    }
+
+    /// Sets the job status store (none by default).
+    #[must_use]
+    pub fn with_status(mut self, store: Option<StatusStore>) -> Self {
+        self.shared_mut().status = store;
         self
     }
 

@@ -6,6 +6,8 @@
 //! - [`broker`]: the backends behind small traits: [`broker::Publisher`] for the ingress,
 //!   [`broker::JobSource`] for workers; RabbitMQ ([`broker::rabbitmq`]) and an in-memory
 //!   fake for unit tests ([`broker::memory`]).
+//! - [`status`]: the job status store in Redis (queued, running, ..., done), its
+//!   ordered transitions in one script.
 //! - [`backoff`]: the reconnect delay schedule; [`retry`]: attempts and retry tiers.
 //! - [`telemetry`]: logging and trace export; [`metrics`]: the Prometheus encoder;
 //!   [`shutdown`]: the SIGTERM/SIGINT future.
@@ -17,4 +19,5 @@ pub mod job;
 pub mod metrics;
 pub mod retry;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;

@@ -13,6 +13,9 @@
 //! listeners. `amqp_nodes` gives `JOBGATE_AMQP_URL` a list of RabbitMQ nodes, some
 //! dead.
 //!
+//! `status` and `status_store` hold job status (issue 16): the routes with the real
+//! binaries on both backends, and the store's transition rules against Redis.
+//!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
 #[macro_use]
@@ -42,4 +45,6 @@ mod retries;
 mod scenarios;
 mod setup;
 mod slow_clients;
+mod status;
+mod status_store;
 mod tls;

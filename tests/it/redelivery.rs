@@ -23,7 +23,7 @@ const LIVES: usize = 4;
 on_both_backends!(a_job_that_kills_its_consumer_is_dead_lettered_once_its_attempts_are_used);
 
 /// A scratch directory of this test's own.
-fn scratch(name: &str) -> PathBuf {
+pub(crate) fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(unique(name));
     std::fs::create_dir_all(&dir).expect("create a scratch directory");
     dir
@@ -38,7 +38,7 @@ fn killer(dir: &std::path::Path, delay: &str) -> String {
 }
 
 /// Words joined so that `JOBGATE_EXEC_COMMAND` splits them back (single quotes).
-fn shell_words(words: &[&str]) -> String {
+pub(crate) fn shell_words(words: &[&str]) -> String {
     words
         .iter()
         .map(|w| format!("'{}'", w.replace('\'', r"'\''")))

@@ -142,7 +142,8 @@ impl ExecHandler {
     }
 
     async fn run(&self, job: &Job) -> Finished {
-        let mut stdout = Tail::default();
+        // One byte past the store's bound, so that it can tell the result was cut.
+        let mut stdout = Tail::with_head(jobgate_shared::status::MAX_RESULT_BYTES + 1);
         let mut stderr = Tail::default();
         let mut command = Command::new(&self.program);
         command
@@ -251,7 +252,13 @@ impl Handler for ExecHandler {
             stderr_tail = ?String::from_utf8_lossy(&finished.stderr.bytes),
             "command finished"
         );
-        finished.outcome
+        // The command's stdout is the job's result (kept when there is a status store).
+        match finished.outcome {
+            Outcome::Done if !finished.stdout.head.is_empty() => {
+                Outcome::DoneWith(finished.stdout.head.into())
+            }
+            outcome => outcome,
+        }
     }
 }
 
@@ -309,11 +316,24 @@ async fn feed(stdin: Option<ChildStdin>, body: &[u8], meta: &JobMeta) {
 struct Tail {
     bytes: Vec<u8>,
     total: u64,
+    /// The first bytes too, up to `head_limit` (stdout: the job's result).
+    head: Vec<u8>,
+    head_limit: usize,
 }
 
 impl Tail {
+    /// A tail that also keeps the first `limit` bytes.
+    fn with_head(limit: usize) -> Self {
+        Self {
+            head_limit: limit,
+            ..Self::default()
+        }
+    }
+
     fn push(&mut self, chunk: &[u8]) {
         self.total += chunk.len() as u64;
+        let room = self.head_limit.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if chunk.len() >= TAIL_BYTES {
             self.bytes.clear();
             self.bytes
@@ -557,12 +577,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stdout_is_the_result_kept_to_the_store_bound_and_one_byte_more() {
+        let max = jobgate_shared::status::MAX_RESULT_BYTES;
+        let outcome = sh("head -c 100000 /dev/zero | tr '\\0' r", &[])
+            .handle(&job("", None))
+            .await;
+        let Outcome::DoneWith(result) = outcome else {
+            panic!("done with a result: {outcome:?}");
+        };
+        // One byte past the bound tells the store the result was cut.
+        assert_eq!(result.len(), max + 1);
+        assert!(result.iter().all(|b| *b == b'r'));
+        let quiet = sh("true", &[]).handle(&job("", None)).await;
+        assert_eq!(quiet, Outcome::Done, "no output, no result");
+    }
+
+    #[tokio::test]
     async fn a_background_process_holding_the_pipes_does_not_hold_the_job() {
         let started = std::time::Instant::now();
         let outcome = sh("sleep 5 & echo started", &[])
             .handle(&job("", None))
             .await;
-        assert_eq!(outcome, Outcome::Done);
+        assert_eq!(outcome, Outcome::DoneWith(Bytes::from_static(b"started\n")));
         assert!(
             started.elapsed() < Duration::from_secs(4),
             "{:?}",

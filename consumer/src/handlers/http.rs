@@ -19,9 +19,9 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const REASON_BODY_CHARS: usize = 200;
 /// At most this many bytes of an error answer's body are read (for the reason).
 const ERROR_BODY_READ: usize = 2048;
-/// At most this many bytes of a successful answer's body are read (and thrown away), so
-/// that the connection can be reused; a longer body closes the connection instead.
-const SUCCESS_BODY_DRAIN: usize = 64 * 1024;
+/// At most this many bytes of a successful answer's body are kept as the job's result
+/// (the status store's bound); a longer body closes the connection instead.
+const SUCCESS_BODY_DRAIN: usize = jobgate_shared::status::MAX_RESULT_BYTES;
 
 /// POSTs the body of each job, byte for byte, to one URL (`JOBGATE_HTTP_URL`), and
 /// turns the answer into the job's outcome.
@@ -131,8 +131,12 @@ impl Handler for HttpHandler {
         };
         let status = response.status();
         if status.is_success() {
-            drain(response, &job.meta).await;
-            return Outcome::Done;
+            let body = read_success(response, &job.meta).await;
+            return if body.is_empty() {
+                Outcome::Done
+            } else {
+                Outcome::DoneWith(body.into())
+            };
         }
         let delay = retry_after(response.headers(), SystemTime::now());
         let location = response
@@ -241,13 +245,18 @@ async fn read_prefix(mut response: Response, limit: usize) -> Vec<u8> {
     body
 }
 
-/// Reads a successful answer's body (at most [`SUCCESS_BODY_DRAIN`] bytes) so that the
-/// connection goes back to the pool; its content does not matter.
-async fn drain(mut response: Response, meta: &JobMeta) {
-    let mut read = 0;
-    while read < SUCCESS_BODY_DRAIN {
+/// Reads a successful answer's body: the job's result (kept in its status when there is
+/// a status store). At most [`SUCCESS_BODY_DRAIN`] bytes and one more are kept, so the
+/// store can tell a longer body was cut; a short body also lets the connection go back
+/// to the pool.
+async fn read_success(mut response: Response, meta: &JobMeta) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() <= SUCCESS_BODY_DRAIN {
         match response.chunk().await {
-            Ok(Some(chunk)) => read += chunk.len(),
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(SUCCESS_BODY_DRAIN + 1 - body.len());
+                body.extend_from_slice(&chunk[..take]);
+            }
             Ok(None) => break,
             Err(error) => {
                 tracing::debug!(job_id = %meta.id, queue = %meta.queue, %error, "could not read the body of a successful answer");
@@ -255,6 +264,7 @@ async fn drain(mut response: Response, meta: &JobMeta) {
             }
         }
     }
+    body
 }
 
 #[cfg(test)]
@@ -392,6 +402,27 @@ mod tests {
             .to_str()
             .unwrap()
             .starts_with("jobgate-consumer/"));
+    }
+
+    #[tokio::test]
+    async fn a_successful_answer_body_is_the_result_kept_to_the_store_bound() {
+        let (addr, _log) = server().await;
+        let max = jobgate_shared::status::MAX_RESULT_BYTES;
+        for (len, kept) in [(40, 40), (200_000, max + 1)] {
+            let handler = HttpHandler::new(
+                &format!("http://{addr}/status/200?body_len={len}"),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+            match handler.handle(&job(b"{}", None)).await {
+                // One byte past the bound tells the store the result was cut.
+                Outcome::DoneWith(result) => {
+                    assert_eq!(result.len(), kept, "{len}");
+                    assert!(result.starts_with(b"xxxxxxxxxxxxxxxxxxx\n"));
+                }
+                other => panic!("expected DoneWith, got {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

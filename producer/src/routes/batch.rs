@@ -28,6 +28,7 @@ use jobgate_shared::job::JobMeta;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::auth::ApiKeyId;
 use crate::error::{problem_response, ApiError, Problem};
 use crate::rate_limit::Bucket;
 use crate::state::AppState;
@@ -518,6 +519,7 @@ pub async fn post_batch(
     State(state): State<AppState>,
     queue: Result<Path<String>, PathRejection>,
     bucket: Option<Extension<Bucket>>,
+    scope: Option<Extension<ApiKeyId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Response> {
@@ -610,6 +612,20 @@ pub async fn post_batch(
             }
         })
         .collect();
+    // Every accepted item's status in one write, in a task of its own: a client that
+    // hangs up now does not cut it off.
+    let accepted_ids: Vec<String> = answers.iter().filter_map(|a| a.job_id.clone()).collect();
+    if state.status.is_some() && !accepted_ids.is_empty() {
+        let (task_state, task_queue) = (state.clone(), queue.clone());
+        let scope = scope.map(|Extension(ApiKeyId(digest))| digest);
+        let recorded = tokio::spawn(async move {
+            super::status::record_queued(&task_state, &task_queue, &accepted_ids, scope.as_ref())
+                .await;
+        });
+        if let Err(error) = recorded.await {
+            tracing::error!(%error, "the task recording the batch's status failed");
+        }
+    }
     let failed = answers.iter().filter(|a| a.job_id.is_none()).count();
     let accepted = answers.len() - failed;
     match &first_error {

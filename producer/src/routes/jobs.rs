@@ -200,10 +200,12 @@ async fn accept(
     // The publish and the storing of its outcome run in a task of their own: a client
     // that hangs up (dropping this handler) does not cut them off half-way, so the key
     // ends up with the answer, or the id, or free, never with a stale claim.
-    let publisher = std::sync::Arc::clone(&state.publisher);
+    // The job's status (`queued`) is written in the same task after the confirm, so
+    // that a status read right after the 202 finds it.
+    let task_state = state.clone();
     let outcome = tokio::spawn(
         async move {
-            let result = publisher.publish(&meta, &body).await;
+            let result = task_state.publisher.publish(&meta, &body).await;
             let accepted = Accepted {
                 message: "Request received",
                 job_id: meta.id.clone(),
@@ -223,6 +225,13 @@ async fn accept(
             }
             if result.is_ok() {
                 tracing::info!(job_id = %meta.id, queue = %meta.queue, bytes = body.len(), "job accepted");
+                super::status::record_queued(
+                    &task_state,
+                    &meta.queue,
+                    std::slice::from_ref(&meta.id),
+                    scope.as_ref(),
+                )
+                .await;
             }
             result.map(|()| accepted)
         }

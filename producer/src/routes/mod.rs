@@ -1,3 +1,4 @@
 pub mod batch;
 pub mod health;
 pub mod jobs;
+pub mod status;
