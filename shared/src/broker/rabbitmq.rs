@@ -424,7 +424,7 @@ pub struct PublisherOptions {
 /// A channel in confirm mode and the task that answers its confirms.
 struct ConfirmChannel {
     channel: Channel,
-    confirms: mpsc::UnboundedSender<confirms::Sent>,
+    confirms: confirms::Confirms,
 }
 
 /// One live connection with its channels.
@@ -647,6 +647,8 @@ impl PublishPath {
             message_id: meta.id.clone(),
             routing_key: routing_key.to_string(),
         };
+        // Taken before sending, handed over after (see `confirms`).
+        let ticket = target.confirms.ticket();
         let sent = target.channel.basic_publish(
             ShortString::default(),
             routing_key,
@@ -663,12 +665,12 @@ impl PublishPath {
             Err(e) => return Attempt::NotSent(e.to_string()),
         };
         let (answer, answered) = oneshot::channel();
-        let handed = target.confirms.send(confirms::Sent {
+        let handed = ticket.hand_over(confirms::Sent {
             key,
             confirm,
             answer,
         });
-        if handed.is_err() {
+        if !handed {
             // The confirm task is gone only once the session is: the message went out
             // on a connection that no longer exists.
             return Attempt::Answered(Err(PublishError::Unconfirmed(
