@@ -170,7 +170,14 @@ async fn settle_confirms(
     let mut pending = FuturesUnordered::new();
     let mut arrivals = Arrivals::default();
     let receive = |handoff: Handoff, arrivals: &mut Arrivals| match handoff {
-        Handoff::Sent(number, Sent { key, confirm, answer }) => {
+        Handoff::Sent(
+            number,
+            Sent {
+                key,
+                confirm,
+                answer,
+            },
+        ) => {
             arrivals.arrived(number);
             Some(async move { (key, answer, confirm.await) })
         }
