@@ -12,11 +12,13 @@
 //! - [`handler`]: the [`Handler`] trait and [`Outcome`].
 //! - [`handlers`]: built-in handlers (`log`).
 //! - [`worker`]: the loop that takes deliveries and runs the handler.
+//! - [`backend`]: the job source and publishers of the configured broker, as the
+//!   binary builds them (public for embedders that wrap the source).
 //! - [`settle`]: what becomes of a job after an attempt (ack, retry tier, dead letter).
 //! - [`metrics`]: the worker's Prometheus metrics; [`probes`]: the listener that serves
 //!   them with `/healthz` and `/readyz` (`JOBGATE_METRICS_LISTEN`).
 
-mod backend;
+pub mod backend;
 pub mod config;
 pub mod handler;
 pub mod handlers;

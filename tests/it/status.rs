@@ -18,8 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use consumer::{run_with_source, ConsumerConfig, Handler, Job, Outcome, WorkerOptions};
-use jobgate_shared::broker::kafka::{self as kafka_backend, KafkaSource};
-use jobgate_shared::broker::rabbitmq::{self as rabbit_backend, RabbitSource};
 use jobgate_shared::broker::{Delivery, JobSource, Settle, SettleError};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -506,35 +504,6 @@ impl Handler for CountingHandler {
     }
 }
 
-/// The job source of `config`, as the consumer binary builds it.
-fn source_of(config: &ConsumerConfig) -> Box<dyn JobSource> {
-    let tiers = config.retry_policy().tiers();
-    match config.broker.backend {
-        jobgate_shared::config::Backend::Rabbitmq => {
-            Box::new(RabbitSource::new(rabbit_backend::SourceOptions {
-                endpoint: config.broker.amqp(),
-                queues: config.queue.clone(),
-                connect_timeout: config.broker.connect_timeout(),
-                prefetch: config.prefetch(),
-                retry_tiers: tiers,
-            }))
-        }
-        jobgate_shared::config::Backend::Kafka => {
-            Box::new(KafkaSource::new(kafka_backend::SourceOptions {
-                topics: config.broker.kafka_topics(),
-                queues: config.queue.clone(),
-                group_template: config.kafka_group.clone(),
-                session_timeout: Duration::from_millis(config.kafka_session_timeout_ms),
-                retry_tiers: tiers,
-                publish_timeout: config.publish_timeout(),
-                job_timeout: config.job_timeout(),
-                queued_max_kbytes: config.kafka_queued_max_kbytes,
-                fetch_max_bytes: config.kafka_fetch_max_bytes,
-            }))
-        }
-    }
-}
-
 pub async fn a_consumer_that_dies_between_the_handler_and_the_ack_does_not_run_the_job_again(
     backend: Backend,
 ) {
@@ -577,7 +546,7 @@ pub async fn a_consumer_that_dies_between_the_handler_and_the_ack_does_not_run_t
     tokio::time::timeout(
         LIMIT,
         run_with_source(
-            Box::new(AcksLost(source_of(&config))),
+            Box::new(AcksLost(consumer::backend::source(&config))),
             outcomes,
             handler.clone(),
             options,
