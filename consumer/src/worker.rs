@@ -411,7 +411,11 @@ async fn skip_by_status(context: &Context<'_>, meta: &JobMeta) -> Option<State> 
     let running = Transition::Running {
         attempt: meta.attempt,
     };
-    match store.apply(&meta.queue, &meta.id, running).await {
+    let replays = jobgate_shared::status::replays_of(meta);
+    match store
+        .apply_in(&meta.queue, &meta.id, replays, running)
+        .await
+    {
         Ok(answer) if answer.verdict == Verdict::Skip => answer.state,
         Ok(_) => None,
         Err(error) => {
@@ -428,7 +432,11 @@ async fn record(context: &Context<'_>, meta: &JobMeta, transition: Transition<'_
     let Some(store) = context.options.status.as_ref() else {
         return;
     };
-    if let Err(error) = store.apply(&meta.queue, &meta.id, transition).await {
+    let replays = jobgate_shared::status::replays_of(meta);
+    if let Err(error) = store
+        .apply_in(&meta.queue, &meta.id, replays, transition)
+        .await
+    {
         context.metrics.status_failures.record(transition.name());
         tracing::warn!(job_id = %meta.id, queue = %meta.queue, op = transition.name(), %error, "could not record the job's status");
     }

@@ -44,6 +44,9 @@ pub const HEADER_FAILED_AT: &str = "x-failed-at";
 pub const HEADER_ORIGINAL_QUEUE: &str = "x-original-queue";
 /// On a retry, the reason the previous attempt failed.
 pub const HEADER_LAST_ERROR: &str = "x-last-error";
+/// How many times the job was replayed from its dead-letter queue (decimal text; absent:
+/// never). Its status record counts lives by it (`status::replays_of`).
+pub const HEADER_REPLAYS: &str = "x-replays";
 
 /// Longest content type, id or header name that AMQP can carry (a short string). The
 /// producer holds jobs on both backends to it, so a job means the same on either.

@@ -14,6 +14,12 @@
 //! `done`, `dead` and `cancelled` are final, and an older attempt never overwrites a
 //! newer one.
 //!
+//! A dead job replayed from its dead-letter queue (`consumer dlq replay`) starts a new
+//! *life*: the replayed message carries `x-replays` (how many times it was replayed), the
+//! tool writes `replayed`, and every consumer write names its life. A write of a later
+//! life starts the record over (`queued`, no attempts) whichever comes first, the tool's
+//! or the consumer's; a write of an earlier life is stale.
+//!
 //! The store is a convenience beside the broker, never a condition of the work: a
 //! failed write is the caller's to log and count, and changes no answer and no job.
 
@@ -172,6 +178,14 @@ pub struct JobStatus {
     /// True when `result` was cut at 64 KiB.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub result_truncated: bool,
+    /// How many times the job was replayed from its dead-letter queue (absent: never).
+    /// Each replay starts its attempts, times and result anew.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub replays: u32,
+    /// When its latest life began (the first write after a replay from its dead-letter
+    /// queue: the tool's, or the consumer's start of the replayed job).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replayed_at: Option<String>,
     /// Who may read and cancel it (a digest of the submitting API key); never shown.
     #[serde(skip)]
     pub owner: Option<String>,
@@ -199,6 +213,9 @@ pub enum Transition<'a> {
     Dead { attempt: u32, error: &'a str },
     /// `owner` asks to cancel the job.
     Cancel { owner: &'a str },
+    /// `consumer dlq replay` put the dead job back in its queue (its new life is the
+    /// `replays` the write is applied in).
+    Replayed,
 }
 
 impl Transition<'_> {
@@ -211,6 +228,7 @@ impl Transition<'_> {
             Self::Done { .. } => "done",
             Self::Dead { .. } => "dead",
             Self::Cancel { .. } => "cancel",
+            Self::Replayed => "replayed",
         }
     }
 }
@@ -247,10 +265,17 @@ pub struct StatusError(pub String);
 
 /// Applies one write to the record `KEYS[1]`, or with `queued` to each of `KEYS`.
 /// `ARGV`: op, now (ms since the epoch), TTL (ms), attempt, owner, text (error or
-/// result), due (ms), result truncated (`1`/`0`). Returns `{verdict, state after}`
-/// (for `queued`, those of the last key).
+/// result), due (ms), result truncated (`1`/`0`), replays (the life the write belongs
+/// to). Returns `{verdict, state after}` (for `queued`, those of the last key).
 ///
 /// The rules, the one place they live:
+/// - Lives first (not for `queued` and `cancel`, which concern the current one): a write
+///   of an earlier life than the record's `replays` is stale; one of a later life first
+///   starts the record over (`queued` with `replayed_at`, no attempts, no times or
+///   result of the old life; owner, creation time and last error stay), then applies
+///   by the rules below.
+/// - `replayed` applies only as the start of a new life (else stale; `missing` on no
+///   record, which no owner could read anyway).
 /// - `done`, `dead`, `cancelled` are final: nothing changes them (a `running` on `done`
 ///   or `cancelled` answers `skip`: the consumer acks the job unrun).
 /// - `queued` creates the record; on one that exists (a consumer started the job before
@@ -266,9 +291,11 @@ pub struct StatusError(pub String);
 pub const TRANSITION_SCRIPT: &str = r"
 local op, now, ttl = ARGV[1], ARGV[2], ARGV[3]
 local attempt, owner, text, due, truncated = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local replays = tonumber(ARGV[9]) or 0
 local final = {done = true, dead = true, cancelled = true}
 
 local function write(key, fields, drop)
+  if replays > 0 then table.insert(fields, 'replays'); table.insert(fields, replays) end
   redis.call('HSET', key, 'updated_at', now, unpack(fields))
   if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
   redis.call('PEXPIRE', key, ttl)
@@ -302,6 +329,22 @@ if op == 'cancel' then
   end
   if state == 'running' then return {'running', state} end
   return {'final', state}
+end
+
+local lived = tonumber(redis.call('HGET', key, 'replays') or '0') or 0
+if replays < lived then return {'stale', state or ''} end
+if replays > lived and state then
+  redis.call('HSET', key, 'state', 'queued', 'attempts', '0', 'replayed_at', now)
+  redis.call('HDEL', key, 'started_at', 'finished_at', 'next_attempt_at', 'result', 'result_truncated')
+  state, seen = 'queued', 0
+  if op == 'replayed' then
+    write(key, {}, {})
+    return {'applied', 'queued'}
+  end
+end
+if op == 'replayed' then
+  if not state then return {'missing', ''} end
+  return {'stale', state}
 end
 
 if state and final[state] then
@@ -393,14 +436,28 @@ impl StatusStore {
         format!("jobgate:status:{queue}:{job_id}")
     }
 
-    /// Applies `transition` to the job `job_id` of `queue`.
+    /// Applies `transition` to the job `job_id` of `queue`, whatever its life: for
+    /// `Cancel` (by its owner, of the life the record is in).
     pub async fn apply(
         &self,
         queue: &str,
         job_id: &str,
         transition: Transition<'_>,
     ) -> Result<Answer, StatusError> {
-        self.run(&[Self::key(queue, job_id)], transition).await
+        self.apply_in(queue, job_id, 0, transition).await
+    }
+
+    /// Applies `transition` of the job's life `replays` (see [`replays_of`]): what the
+    /// consumer and `consumer dlq replay` write.
+    pub async fn apply_in(
+        &self,
+        queue: &str,
+        job_id: &str,
+        replays: u32,
+        transition: Transition<'_>,
+    ) -> Result<Answer, StatusError> {
+        self.run(&[Self::key(queue, job_id)], replays, transition)
+            .await
     }
 
     /// Records every job of `job_ids` (one batch) as `queued` for `owner`, in one call.
@@ -414,7 +471,7 @@ impl StatusStore {
             return Ok(());
         }
         let keys: Vec<String> = job_ids.iter().map(|id| Self::key(queue, id)).collect();
-        self.run(&keys, Transition::Queued { owner })
+        self.run(&keys, 0, Transition::Queued { owner })
             .await
             .map(drop)
     }
@@ -422,6 +479,7 @@ impl StatusStore {
     async fn run(
         &self,
         keys: &[String],
+        replays: u32,
         transition: Transition<'_>,
     ) -> Result<Answer, StatusError> {
         let now = epoch_millis(SystemTime::now());
@@ -430,6 +488,7 @@ impl StatusStore {
         let error_text;
         match transition {
             Transition::Queued { owner: o } | Transition::Cancel { owner: o } => owner = o,
+            Transition::Replayed => {}
             Transition::Running { attempt: a } => attempt = a,
             Transition::Retrying {
                 attempt: a,
@@ -467,7 +526,8 @@ impl StatusStore {
             .arg(owner)
             .arg(text)
             .arg(due)
-            .arg(if truncated { "1" } else { "0" });
+            .arg(if truncated { "1" } else { "0" })
+            .arg(replays);
         let mut conn = self.manager.clone();
         let reply: Vec<String> =
             bounded(transition.name(), invocation.invoke_async(&mut conn)).await?;
@@ -581,6 +641,19 @@ fn cut(text: &str, max: usize) -> String {
 
 /// The record as the script wrote it; a field that does not parse is an error (the
 /// record is not ours, or was edited by hand).
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The life of the job `meta` is in: how many times it was replayed from its
+/// dead-letter queue (`x-replays`; absent or junk: never).
+pub fn replays_of(meta: &crate::job::JobMeta) -> u32 {
+    meta.headers
+        .get(crate::job::HEADER_REPLAYS)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn from_fields(
     queue: &str,
     job_id: &str,
@@ -623,6 +696,8 @@ fn from_fields(
         last_error: text("last_error"),
         result: text("result"),
         result_truncated: fields.contains_key("result_truncated"),
+        replays: text("replays").and_then(|r| r.parse().ok()).unwrap_or(0),
+        replayed_at: time("replayed_at")?,
         owner: text("owner"),
     })
 }

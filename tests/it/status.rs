@@ -1,6 +1,6 @@
 //! Job status (issue 16) with the real binaries, Redis and both brokers: the states a
 //! client sees through `GET /jobs/{queue}/{job_id}` while its job runs, is retried,
-//! finishes or dies; `DELETE` before the job starts (it never runs) and while it runs
+//! finishes or dies, and is replayed from its dead-letter queue; `DELETE` before the job starts (it never runs) and while it runs
 //! (409); another API key's 404; no store (501); a job whose status says `done` is
 //! acked as a duplicate without running; and a store that is down changes no answer
 //! and no job. A consumer that dies between a job's success and its ack (an in-process
@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer_metrics::listener_url;
 use crate::helpers::{
-    assert_problem, brokers_shared, scraped, unique, vars, wait_until, Backend, Consumer, Producer,
+    assert_problem, brokers_shared, dlq, scraped, unique, vars, wait_until, Backend, Consumer,
+    Producer,
 };
 use crate::redelivery::{scratch, shell_words};
 
@@ -180,6 +181,24 @@ pub async fn status_follows_a_job_through_its_attempts(backend: Backend) {
         "stderr in the reason: {error}"
     );
     assert_eq!(runs(&dir, &doomed), ["1", "2"]);
+    assert!(dead.get("replays").is_none(), "never replayed: {dead}");
+
+    // Replayed from the dead-letter queue, it starts a new life: attempt 1 again, and
+    // its own final state. The old gates go, so the new attempt waits for its own.
+    for attempt in [1, 2] {
+        std::fs::remove_file(dir.join(format!("{doomed}.{attempt}"))).expect("remove a gate");
+    }
+    let out = dlq::run_with(backend, &redis, &["replay", "--queue", &queue]).await;
+    assert!(out.contains("replayed 1 dead job"), "{out}");
+    let running = wait_state(&producer, &queue, &doomed, "running", 1).await;
+    assert_eq!(running["replays"], 1, "{running}");
+    assert!(running["replayed_at"].is_string(), "{running}");
+    assert!(running.get("finished_at").is_none(), "{running}");
+    open_gate(&dir, &doomed, 1, "second life");
+    let done = wait_state(&producer, &queue, &doomed, "done", 1).await;
+    assert_eq!(done["result"], "second life", "{done}");
+    assert_eq!(done["replays"], 1, "{done}");
+    assert_eq!(runs(&dir, &doomed), ["1", "2", "1"]);
 }
 
 pub async fn cancel_before_the_start_means_never_run_and_a_running_job_is_409(backend: Backend) {

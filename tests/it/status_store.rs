@@ -343,3 +343,119 @@ async fn a_store_that_cannot_be_reached_is_an_error_within_its_bound() {
         .is_err());
     assert!(s.get("q", "id").await.is_err());
 }
+
+async fn apply_in(
+    store: &StatusStore,
+    queue: &str,
+    id: &str,
+    replays: u32,
+    t: Transition<'_>,
+) -> Answer {
+    store
+        .apply_in(queue, id, replays, t)
+        .await
+        .expect("Redis answers")
+}
+
+/// A dead job replayed from its DLQ starts a new life, whichever write of that life
+/// comes first (the tool's `replayed` or the consumer's `running`); writes of the old
+/// life are stale from then on, and the new life ends in a state of its own.
+#[tokio::test]
+async fn a_replayed_dead_job_starts_a_new_life_and_the_old_life_is_stale() {
+    let _brokers = brokers_shared().await;
+    let s = store(Duration::from_secs(600));
+    let q = unique("status");
+    for (id, tool_first) in [("tool-first", true), ("consumer-first", false)] {
+        apply(&s, &q, id, Transition::Queued { owner: OWNER }).await;
+        apply(&s, &q, id, Transition::Running { attempt: 1 }).await;
+        apply(&s, &q, id, retrying(1)).await;
+        apply(&s, &q, id, Transition::Running { attempt: 2 }).await;
+        let dead = Transition::Dead {
+            attempt: 2,
+            error: "boom",
+        };
+        assert_eq!(apply(&s, &q, id, dead).await, applied(State::Dead));
+        // The tool's write without a new life is refused: only a replay starts one.
+        assert_eq!(
+            apply_in(&s, &q, id, 0, Transition::Replayed).await,
+            answer(Verdict::Stale, State::Dead),
+            "{id}"
+        );
+
+        let running = Transition::Running { attempt: 1 };
+        if tool_first {
+            assert_eq!(
+                apply_in(&s, &q, id, 1, Transition::Replayed).await,
+                applied(State::Queued),
+                "{id}"
+            );
+            let status = s.get(&q, id).await.unwrap().unwrap();
+            assert_eq!(
+                (status.state, status.attempts, status.replays),
+                (State::Queued, 0, 1)
+            );
+            assert!(
+                status.replayed_at.is_some() && status.finished_at.is_none(),
+                "{status:?}"
+            );
+            assert_eq!(
+                status.last_error.as_deref(),
+                Some("boom"),
+                "the old life's error stays"
+            );
+            assert_eq!(status.owner.as_deref(), Some(OWNER), "the owner stays");
+            assert_eq!(
+                apply_in(&s, &q, id, 1, running).await,
+                applied(State::Running)
+            );
+        } else {
+            assert_eq!(
+                apply_in(&s, &q, id, 1, running).await,
+                applied(State::Running)
+            );
+            // The tool's write lands after the consumer's start: nothing to do.
+            assert_eq!(
+                apply_in(&s, &q, id, 1, Transition::Replayed).await,
+                answer(Verdict::Stale, State::Running),
+                "{id}"
+            );
+        }
+        assert_eq!(state_of(&s, &q, id).await, (State::Running, 1), "{id}");
+
+        // A late write of the first life changes nothing now.
+        let old_done = Transition::Done {
+            attempt: 2,
+            result: None,
+        };
+        assert_eq!(
+            apply_in(&s, &q, id, 0, old_done).await,
+            answer(Verdict::Stale, State::Running),
+            "{id}"
+        );
+        let done = Transition::Done {
+            attempt: 1,
+            result: Some(b"second life"),
+        };
+        assert_eq!(apply_in(&s, &q, id, 1, done).await, applied(State::Done));
+        let status = s.get(&q, id).await.unwrap().unwrap();
+        assert_eq!(
+            (status.state, status.attempts, status.replays),
+            (State::Done, 1, 1)
+        );
+        assert_eq!(status.result.as_deref(), Some("second life"));
+        // Done is final within its life: a running of the same life is skipped.
+        assert_eq!(
+            apply_in(&s, &q, id, 1, running).await,
+            answer(Verdict::Skip, State::Done)
+        );
+    }
+    // No record (never written, or expired): the tool's write creates nothing.
+    assert_eq!(
+        apply_in(&s, &q, "unknown", 1, Transition::Replayed).await,
+        Answer {
+            verdict: Verdict::Missing,
+            state: None
+        }
+    );
+    assert!(s.get(&q, "unknown").await.unwrap().is_none());
+}

@@ -29,12 +29,15 @@ use consumer::config::ConsumerConfig;
 use jobgate_shared::broker::kafka::{self, KafkaPublisher};
 use jobgate_shared::broker::{dlq_name, Publisher};
 use jobgate_shared::job;
+use jobgate_shared::status::StatusStore;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{replay_meta, wait_ready, DeadJob, DlqError, Listing, Result, OPERATION_TIMEOUT};
+use super::{
+    record_replay, replay_meta, wait_ready, DeadJob, DlqError, Listing, Result, OPERATION_TIMEOUT,
+};
 
 /// Reading fails when no record comes for this long while records remain to be read.
 const READ_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -301,6 +304,7 @@ pub async fn replay(
     queue: &str,
     limit: usize,
     job_id: Option<&str>,
+    status: Option<&StatusStore>,
 ) -> Result<u64> {
     let mut reader = Reader::open(config, queue).await?;
     if reader.total() == 0 {
@@ -333,6 +337,7 @@ pub async fn replay(
                     meta.id, reader.topic
                 ))
             })?;
+            record_replay(status, &meta).await;
             // Confirmed in Q: now the replay group may move past it. Not with
             // --job-id: records skipped before it must stay ahead of the group.
             if job_id.is_none() {

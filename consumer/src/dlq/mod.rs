@@ -8,7 +8,9 @@
 //!   user headers; attempt 1; dead-letter headers removed), waits for the broker's
 //!   confirm, and only then removes it from the dead-letter queue (RabbitMQ: ack;
 //!   Kafka: commit of the replay group). An interrupted replay loses nothing; at worst
-//!   a job is replayed twice (handlers are idempotent on the job id).
+//!   a job is replayed twice (handlers are idempotent on the job id). The replayed job
+//!   counts its replays in `x-replays`, and with a status store (`JOBGATE_REDIS_URL`)
+//!   its status starts a new life (`queued`, `replays` + 1; see `jobgate_shared::status`).
 //! - `purge` removes the dead jobs (RabbitMQ: `queue.purge`; Kafka: the replay group
 //!   skips to the end of each partition; the records stay until the topic's retention).
 //!
@@ -28,8 +30,9 @@ use jobgate_shared::broker::{dlq_name, Publisher};
 use jobgate_shared::config::{validate_queue_name, Backend};
 use jobgate_shared::job::{
     JobMeta, HEADER_ATTEMPTS, HEADER_DUE_AT, HEADER_ERROR, HEADER_FAILED_AT, HEADER_LAST_ERROR,
-    HEADER_ORIGINAL_QUEUE,
+    HEADER_ORIGINAL_QUEUE, HEADER_REPLAYS,
 };
+use jobgate_shared::status::{replays_of, StatusStore, Transition};
 
 /// Longest body preview, in characters (escapes included).
 pub const PREVIEW_CHARS: usize = 80;
@@ -170,9 +173,16 @@ async fn execute(config: &ConsumerConfig, command: &DlqCommand) -> Result<()> {
                 .limit
                 .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
             let job_id = args.job_id.as_deref();
+            let status = config
+                .status
+                .store()
+                .map_err(|error| DlqError::failed(error.to_string()))?;
+            let status = status.as_ref();
             let replayed = match config.broker.backend {
-                Backend::Rabbitmq => rabbitmq::replay(config, &args.queue, limit, job_id).await?,
-                Backend::Kafka => kafka::replay(config, &args.queue, limit, job_id).await?,
+                Backend::Rabbitmq => {
+                    rabbitmq::replay(config, &args.queue, limit, job_id, status).await?
+                }
+                Backend::Kafka => kafka::replay(config, &args.queue, limit, job_id, status).await?,
             };
             let dlq = dlq_name(&args.queue);
             if let (Some(id), 0) = (job_id, replayed) {
@@ -234,7 +244,8 @@ async fn wait_ready(publisher: &dyn Publisher, what: &str) -> Result<()> {
 }
 
 /// The job as it goes back to `queue`: same id, body, content type, enqueue time and
-/// user headers; attempt 1; every dead-letter and retry header removed.
+/// user headers; attempt 1; every dead-letter and retry header removed; one more replay
+/// in `x-replays`.
 pub fn replay_meta(dead: &JobMeta, queue: &str) -> JobMeta {
     let mut meta = dead.clone();
     meta.queue = queue.to_owned();
@@ -244,7 +255,26 @@ pub fn replay_meta(dead: &JobMeta, queue: &str) -> JobMeta {
         !DEAD_LETTER_HEADERS.contains(&name.as_str())
             && !BROKER_DEATH_PREFIXES.iter().any(|p| name.starts_with(p))
     });
+    let replays = replays_of(dead).saturating_add(1);
+    meta.headers
+        .insert(HEADER_REPLAYS.to_owned(), replays.to_string());
     meta
+}
+
+/// With a status store: the replayed job `meta` (confirmed in its queue) starts its new
+/// life. A store that fails changes nothing about the replay: it is said on stderr, and
+/// the consumer's first write of the new life starts it over anyway.
+async fn record_replay(status: Option<&StatusStore>, meta: &JobMeta) {
+    let Some(store) = status else {
+        return;
+    };
+    let replays = replays_of(meta);
+    if let Err(error) = store
+        .apply_in(&meta.queue, &meta.id, replays, Transition::Replayed)
+        .await
+    {
+        tracing::warn!(job_id = %meta.id, queue = %meta.queue, %error, "could not record the replay in the job's status");
+    }
 }
 
 /// `text` with everything that is not printable escaped: `\n`, `\r`, `\t`, `\\`,

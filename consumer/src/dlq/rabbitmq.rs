@@ -21,11 +21,14 @@ use consumer::config::ConsumerConfig;
 use jobgate_shared::broker::rabbitmq::{self, RabbitPublisher};
 use jobgate_shared::broker::{dlq_name, Publisher};
 use jobgate_shared::job;
+use jobgate_shared::status::StatusStore;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection};
 
-use super::{replay_meta, wait_ready, DeadJob, DlqError, Listing, Result, OPERATION_TIMEOUT};
+use super::{
+    record_replay, replay_meta, wait_ready, DeadJob, DlqError, Listing, Result, OPERATION_TIMEOUT,
+};
 
 /// `x-delivery-count` from which a dead job's return count is worth a warning.
 const DELIVERY_COUNT_WARNING: i64 = 10;
@@ -285,6 +288,7 @@ pub async fn replay(
     queue: &str,
     limit: usize,
     job_id: Option<&str>,
+    status: Option<&StatusStore>,
 ) -> Result<u64> {
     let (session, ready) = Session::open(config, queue).await?;
     let publisher = RabbitPublisher::start(rabbitmq::PublisherOptions {
@@ -318,6 +322,7 @@ pub async fn replay(
                         meta.id, session.dlq
                     ))
                 })?;
+            record_replay(status, &meta).await;
             // Confirmed in Q: now it may leave Q.dlq.
             session.ack(tag).await?;
             replayed += 1;
