@@ -628,7 +628,7 @@ mod tests {
     }
 
     #[test]
-    fn replay_resets_the_attempt_and_strips_dead_letter_headers() {
+    fn replay_resets_the_attempt_strips_dead_letter_headers_and_counts_the_replay() {
         let dead = dead_meta();
         let back = replay_meta(&dead, "mail");
         assert_eq!(back.queue, "mail");
@@ -637,7 +637,14 @@ mod tests {
         assert_eq!(back.content_type, dead.content_type);
         assert_eq!(back.enqueued_at, dead.enqueued_at);
         let names: Vec<&str> = back.headers.keys().map(String::as_str).collect();
-        assert_eq!(names, vec!["traceparent", "x-job-tenant"]);
+        assert_eq!(names, vec!["traceparent", "x-job-tenant", HEADER_REPLAYS]);
+        assert_eq!(back.headers[HEADER_REPLAYS], "1");
+        // Dead again and replayed again: its second replay; junk counts as none.
+        assert_eq!(replay_meta(&back, "mail").headers[HEADER_REPLAYS], "2");
+        let mut junk = dead_meta();
+        junk.headers
+            .insert(HEADER_REPLAYS.to_owned(), "many".to_owned());
+        assert_eq!(replay_meta(&junk, "mail").headers[HEADER_REPLAYS], "1");
     }
 
     #[test]
