@@ -44,6 +44,13 @@ pub const HEADER_FAILED_AT: &str = "x-failed-at";
 pub const HEADER_ORIGINAL_QUEUE: &str = "x-original-queue";
 /// On a retry, the reason the previous attempt failed.
 pub const HEADER_LAST_ERROR: &str = "x-last-error";
+/// A scheduled job: when it is due, in ms since the epoch. A consumer that receives it
+/// earlier does not run it: it sends it through the delay tiers again (a hop).
+pub const HEADER_NOT_BEFORE: &str = "x-not-before";
+/// Per-job policy: the attempts this job gets (bounded by the consumer's ceiling).
+pub const HEADER_MAX_ATTEMPTS: &str = "x-max-attempts";
+/// Per-job policy: the job timeout in ms (bounded by the consumer's ceiling).
+pub const HEADER_TIMEOUT_MS: &str = "x-timeout-ms";
 
 /// Longest content type, id or header name that AMQP can carry (a short string). The
 /// producer holds jobs on both backends to it, so a job means the same on either.
