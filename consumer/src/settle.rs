@@ -133,6 +133,31 @@ pub async fn settle(
     settled
 }
 
+/// Sends `job`, a scheduled job that is not due yet, through a delay tier again: `hop`
+/// goes to its tier (confirmed, tried until it is, like a retry copy), then `settle` is
+/// acked. Not an attempt. False when the worker gave up first (shutdown): the delivery
+/// is left unsettled and the broker delivers it again.
+pub async fn hop(
+    settler: &Settler<'_>,
+    job: &Job,
+    settle: Box<dyn Settle>,
+    hop: &crate::schedule::Hop,
+) -> bool {
+    let (job_id, queue) = (&job.meta.id, &job.meta.queue);
+    if publish_until_confirmed(settler, &hop.destination, &hop.copy, &job.body)
+        .await
+        .is_err()
+    {
+        tracing::warn!(%job_id, %queue, destination = %hop.destination, "shutting down before a scheduled job's hop was published; it is left unsettled and will be delivered again");
+        drop(settle);
+        return false;
+    }
+    if let Err(error) = settle.ack().await {
+        tracing::warn!(%job_id, %queue, %error, "could not ack a scheduled job after its hop; the broker will redeliver it (a duplicate)");
+    }
+    true
+}
+
 /// The worker gave up on the job before its copy was confirmed.
 #[derive(Debug)]
 struct Abandoned;

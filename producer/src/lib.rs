@@ -15,7 +15,9 @@
 //!   in front of every route but the probes.
 //! - [`in_flight`]: the in-flight limit (503 `overloaded`). [`metadata`]: `X-Job-*`
 //!   and trace-context headers that travel with a job.
-//! - [`idempotency`]: `Idempotency-Key` (memory or Redis store).
+//! - [`idempotency`]: `Idempotency-Key` (memory or Redis store). [`job_options`]:
+//!   scheduled jobs and per-job policy (`Jobgate-Delay`, `Jobgate-Not-Before`,
+//!   `Jobgate-Max-Attempts`, `Jobgate-Timeout`).
 //! - [`metrics`]: `GET /metrics` and what records it. [`request_id`]: `X-Request-Id`.
 //! - `routes`: `jobs` (POST /jobs, /jobs/{queue}), `batch` (POST /jobs/{queue}/batch)
 //!   and `health` (/healthz, /readyz). [`openapi`]: GET /openapi.json.
@@ -26,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod in_flight;
+pub mod job_options;
 pub mod metadata;
 pub mod metrics;
 pub mod openapi;

@@ -72,6 +72,8 @@ pub struct Shared {
     pub metrics: Arc<ProducerMetrics>,
     /// Job status (`JOBGATE_REDIS_URL`); none: the status routes answer 501.
     pub status: Option<StatusStore>,
+    /// How far ahead a job may be scheduled (`JOBGATE_SCHEDULE_MAX`).
+    pub schedule_max: std::time::Duration,
 }
 
 impl AppState {
@@ -99,6 +101,7 @@ impl AppState {
             idempotency_wait: std::time::Duration::from_secs(6),
             metrics,
             status: None,
+            schedule_max: crate::job_options::DEFAULT_SCHEDULE_MAX,
         }))
     }
 
@@ -131,6 +134,14 @@ impl AppState {
     #[must_use]
     pub fn with_status(mut self, store: Option<StatusStore>) -> Self {
         self.shared_mut().status = store;
+        self
+    }
+
+    /// Sets how far ahead a job may be scheduled (default
+    /// [`crate::job_options::DEFAULT_SCHEDULE_MAX`]).
+    #[must_use]
+    pub fn with_schedule_max(mut self, horizon: std::time::Duration) -> Self {
+        self.shared_mut().schedule_max = horizon;
         self
     }
 

@@ -119,6 +119,7 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
             max: Duration::from_secs(1),
         },
         job_timeout: None,
+        policy_ceilings: consumer::job_policy::Ceilings::default(),
         status: None,
     };
     // Nothing is retried here: the outcome publisher is never used.

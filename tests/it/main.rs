@@ -15,6 +15,7 @@
 //!
 //! `status` and `status_store` hold job status (issue 16): the routes with the real
 //! binaries on both backends, and the store's transition rules against Redis.
+//! `scheduled` holds scheduled jobs and per-job policy (issue 16).
 //!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
@@ -43,6 +44,7 @@ mod rabbitmq_only;
 mod redelivery;
 mod retries;
 mod scenarios;
+mod scheduled;
 mod setup;
 mod slow_clients;
 mod status;
