@@ -68,6 +68,10 @@ pub struct WorkerOptions {
     /// The job status store (`JOBGATE_REDIS_URL`): each attempt is recorded, and jobs
     /// found cancelled or done are acked unrun. None: no status.
     pub status: Option<StatusStore>,
+    /// Completion callbacks (`JOBGATE_CALLBACK_ALLOW`): a job with a callback URL that
+    /// ends gets its callback message queued before its ack. None: callback URLs are
+    /// ignored (the callback worker itself, and embedders that want none).
+    pub callbacks: Option<Arc<crate::callback::Callbacks>>,
 }
 
 impl From<&ConsumerConfig> for WorkerOptions {
@@ -79,6 +83,7 @@ impl From<&ConsumerConfig> for WorkerOptions {
             retry: c.retry_policy(),
             job_timeout: c.job_timeout(),
             status: None,
+            callbacks: None,
         }
     }
 }
@@ -102,6 +107,7 @@ pub async fn run_boxed(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tracing::info!(queues = ?config.queue, concurrency = config.concurrency, backend = ?config.broker.backend, "consumer starting");
+    config.callback.check()?;
     let listener = match config.metrics_listen {
         Some(addr) => Some(probes::bind(addr).await?),
         None => None,
@@ -118,6 +124,43 @@ pub async fn run_boxed(
     let mut registry = jobgate_shared::metrics::registry();
     let metrics = WorkerMetrics::register(&mut registry);
     let draining = CancellationToken::new();
+    let callback_metrics = crate::callback::CallbackMetrics::register(&mut registry);
+    options.callbacks = Some(Arc::new(crate::callback::Callbacks::new(
+        config.callback.callback_allow.clone(),
+        callback_metrics.clone(),
+    )));
+    // The callbacks queues' worker: the same machinery with the callback handler.
+    let callback_worker = match &config.callback.callback_allow {
+        Some(allow) => {
+            let handler = crate::callback::CallbackHandler::new(
+                &config.callback,
+                allow.clone(),
+                callback_metrics,
+            )?;
+            let c = crate::callback::worker_config(&config);
+            tracing::info!(%allow, queues = ?c.queue, "completion callbacks on");
+            let (source, outcomes) = (backend::source(&c), backend::outcome_publisher(&c)?);
+            let stop = draining.clone();
+            let metrics = metrics.clone();
+            Some(tokio::spawn(async move {
+                let worked = run_with_source_and_metrics(
+                    source,
+                    Arc::clone(&outcomes),
+                    Arc::new(handler),
+                    WorkerOptions::from(&c),
+                    metrics,
+                    stop.cancelled_owned(),
+                )
+                .await;
+                outcomes.close().await;
+                worked
+            }))
+        }
+        None => {
+            tracing::info!("completion callbacks off (JOBGATE_CALLBACK_ALLOW is not set)");
+            None
+        }
+    };
     let stop_listener = CancellationToken::new();
     let server = listener.map(|listener| {
         let state = probes::ProbeState {
@@ -148,6 +191,17 @@ pub async fn run_boxed(
     )
     .await;
     outcomes.close().await;
+    // The callback worker stops with the job worker (also when its source died).
+    draining.cancel();
+    let worked = match callback_worker {
+        Some(task) => match task.await {
+            Ok(callbacks) => worked.and(callbacks),
+            Err(error) => worked.and(Err(SourceDied(format!(
+                "the callback worker failed: {error}"
+            )))),
+        },
+        None => worked,
+    };
     stop_listener.cancel();
     if let Some(server) = server {
         if tokio::time::timeout(Duration::from_secs(5), server)
@@ -337,11 +391,19 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
             None => {
                 if let Some(skipped) = skip_by_status(context, meta).await {
                     // Nothing to run: the job was cancelled, or is done already (this is
-                    // a redelivery after a crash between the handler and the ack).
+                    // a redelivery after a crash between the handler and the ack, which
+                    // may have come before its callback was queued: queue it again).
                     tracing::info!(%job_id, %queue, attempt, state = %skipped, "job acked without running it");
-                    if let Err(error) = settle.ack().await {
-                        tracing::warn!(%job_id, %queue, %error, "could not ack a skipped job; the broker will redeliver it");
-                    }
+                    let callback = match &context.options.callbacks {
+                        Some(callbacks) => {
+                            let store = context.options.status.as_ref();
+                            callbacks.on_skip(store, meta, skipped).await
+                        }
+                        None => None,
+                    };
+                    let report = || metrics.outcome_publish_failed(queue);
+                    let settler = settler(context, &report, None);
+                    settle::ack_after(&settler, meta, settle, callback.as_slice()).await;
                     let outcome = if skipped == State::Cancelled { "cancelled" } else { "duplicate" };
                     metrics.job_skipped(queue, outcome);
                     return;
@@ -362,13 +424,14 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
             }
         };
         let report = || metrics.outcome_publish_failed(queue);
-        let settler = settle::Settler {
-            outcomes: context.outcomes.as_ref(),
-            policy: &context.options.retry,
-            abandon: context.abandon,
-            backoff: settle::Settler::copy_backoff(),
-            on_publish_failure: &report,
-        };
+        let on_end = context.options.callbacks.as_deref().map(|callbacks| {
+            move |job: &Job, ending: settle::Ending<'_>| callbacks.on_end(job, ending)
+        });
+        let settler = settler(
+            context,
+            &report,
+            on_end.as_ref().map(|f| f as &settle::OnEnd<'_>),
+        );
         // `done` is recorded before the ack: a crash between the two redelivers a job
         // whose status says done, and that copy is acked unrun (see `skip_by_status`).
         if let Outcome::Done | Outcome::DoneWith(_) = &outcome {
@@ -400,6 +463,23 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
     }
     .instrument(span)
     .await;
+}
+
+/// The settler of a job's delivery: copies through the worker's publisher, tried again
+/// until confirmed or abandoned, each failed try reported to `report`.
+fn settler<'a>(
+    context: &'a Context<'_>,
+    report: &'a (dyn Fn() + Send + Sync),
+    on_end: Option<&'a settle::OnEnd<'a>>,
+) -> settle::Settler<'a> {
+    settle::Settler {
+        outcomes: context.outcomes.as_ref(),
+        policy: &context.options.retry,
+        abandon: context.abandon,
+        backoff: settle::Settler::copy_backoff(),
+        on_publish_failure: report,
+        on_end,
+    }
 }
 
 /// With a status store: records that attempt `meta.attempt` starts, unless the job is
@@ -526,6 +606,7 @@ mod tests {
             },
             job_timeout: Some(Duration::from_millis(300)),
             status: None,
+            callbacks: None,
         }
     }
 

@@ -72,6 +72,9 @@ pub struct Shared {
     pub metrics: Arc<ProducerMetrics>,
     /// Job status (`JOBGATE_REDIS_URL`); none: the status routes answer 501.
     pub status: Option<StatusStore>,
+    /// `JOBGATE_CALLBACK_ALLOW`: the hosts a `Jobgate-Callback` may name; none: callbacks
+    /// are refused.
+    pub callback_allow: Option<jobgate_shared::callback::CallbackAllow>,
 }
 
 impl AppState {
@@ -99,6 +102,7 @@ impl AppState {
             idempotency_wait: std::time::Duration::from_secs(6),
             metrics,
             status: None,
+            callback_allow: None,
         }))
     }
 
@@ -131,6 +135,16 @@ impl AppState {
     #[must_use]
     pub fn with_status(mut self, store: Option<StatusStore>) -> Self {
         self.shared_mut().status = store;
+        self
+    }
+
+    /// Sets the hosts completion callbacks may go to (none by default: callbacks off).
+    #[must_use]
+    pub fn with_callback_allow(
+        mut self,
+        allow: Option<jobgate_shared::callback::CallbackAllow>,
+    ) -> Self {
+        self.shared_mut().callback_allow = allow;
         self
     }
 

@@ -16,6 +16,9 @@
 //! `status` and `status_store` hold job status (issue 16): the routes with the real
 //! binaries on both backends, and the store's transition rules against Redis.
 //!
+//! `callbacks` holds completion callbacks (issue 16): a callback server on loopback,
+//! signatures verified, retries, redirects, the allow-list at submit and in the consumer.
+//!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
 #[macro_use]
@@ -25,6 +28,7 @@ mod alarm;
 mod amqp_nodes;
 mod auth;
 mod batch;
+mod callbacks;
 mod clusters;
 mod consumer_metrics;
 mod faults;
