@@ -118,6 +118,11 @@ pub struct ConsumerConfig {
     #[command(flatten)]
     pub status: StatusArgs,
 
+    /// `JOBGATE_CALLBACK_ALLOW`, `JOBGATE_CALLBACK_SECRET`, `JOBGATE_CALLBACK_TIMEOUT_MS`:
+    /// completion callbacks.
+    #[command(flatten)]
+    pub callback: crate::callback::CallbackArgs,
+
     /// A tool to run instead of the worker (`consumer dlq ...`); none runs the worker.
     #[command(subcommand)]
     pub command: Option<Command>,

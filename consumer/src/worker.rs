@@ -72,6 +72,10 @@ pub struct WorkerOptions {
     /// The job status store (`JOBGATE_REDIS_URL`): each attempt is recorded, and jobs
     /// found cancelled or done are acked unrun. None: no status.
     pub status: Option<StatusStore>,
+    /// Completion callbacks (`JOBGATE_CALLBACK_ALLOW`): a job with a callback URL that
+    /// ends gets its callback message queued before its ack. None: callback URLs are
+    /// ignored (the callback worker itself, and embedders that want none).
+    pub callbacks: Option<Arc<crate::callback::Callbacks>>,
 }
 
 impl From<&ConsumerConfig> for WorkerOptions {
@@ -84,6 +88,7 @@ impl From<&ConsumerConfig> for WorkerOptions {
             job_timeout: c.job_timeout(),
             policy_ceilings: c.policy_ceilings(),
             status: None,
+            callbacks: None,
         }
     }
 }
@@ -107,6 +112,7 @@ pub async fn run_boxed(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tracing::info!(queues = ?config.queue, concurrency = config.concurrency, backend = ?config.broker.backend, "consumer starting");
+    config.callback.check()?;
     let listener = match config.metrics_listen {
         Some(addr) => Some(probes::bind(addr).await?),
         None => None,
@@ -123,6 +129,43 @@ pub async fn run_boxed(
     let mut registry = jobgate_shared::metrics::registry();
     let metrics = WorkerMetrics::register(&mut registry);
     let draining = CancellationToken::new();
+    let callback_metrics = crate::callback::CallbackMetrics::register(&mut registry);
+    options.callbacks = Some(Arc::new(crate::callback::Callbacks::new(
+        config.callback.callback_allow.clone(),
+        callback_metrics.clone(),
+    )));
+    // The callbacks queues' worker: the same machinery with the callback handler.
+    let callback_worker = match &config.callback.callback_allow {
+        Some(allow) => {
+            let handler = crate::callback::CallbackHandler::new(
+                &config.callback,
+                allow.clone(),
+                callback_metrics,
+            )?;
+            let c = crate::callback::worker_config(&config);
+            tracing::info!(%allow, queues = ?c.queue, "completion callbacks on");
+            let (source, outcomes) = (backend::source(&c), backend::outcome_publisher(&c)?);
+            let stop = draining.clone();
+            let metrics = metrics.clone();
+            Some(tokio::spawn(async move {
+                let worked = run_with_source_and_metrics(
+                    source,
+                    Arc::clone(&outcomes),
+                    Arc::new(handler),
+                    WorkerOptions::from(&c),
+                    metrics,
+                    stop.cancelled_owned(),
+                )
+                .await;
+                outcomes.close().await;
+                worked
+            }))
+        }
+        None => {
+            tracing::info!("completion callbacks off (JOBGATE_CALLBACK_ALLOW is not set)");
+            None
+        }
+    };
     let stop_listener = CancellationToken::new();
     let server = listener.map(|listener| {
         let state = probes::ProbeState {
@@ -153,6 +196,17 @@ pub async fn run_boxed(
     )
     .await;
     outcomes.close().await;
+    // The callback worker stops with the job worker (also when its source died).
+    draining.cancel();
+    let worked = match callback_worker {
+        Some(task) => match task.await {
+            Ok(callbacks) => worked.and(callbacks),
+            Err(error) => worked.and(Err(SourceDied(format!(
+                "the callback worker failed: {error}"
+            )))),
+        },
+        None => worked,
+    };
     stop_listener.cancel();
     if let Some(server) = server {
         if tokio::time::timeout(Duration::from_secs(5), server)
@@ -357,13 +411,10 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
             None => {
                 if let Some(skipped) = skip_by_status(context, meta).await {
                     // Nothing to run: the job was cancelled, or is done already (this is
-                    // a redelivery after a crash between the handler and the ack).
+                    // a redelivery after a crash between the handler and the ack, which
+                    // may have come before its callback was queued: queue it again).
                     tracing::info!(%job_id, %queue, attempt, state = %skipped, "job acked without running it");
-                    if let Err(error) = settle.ack().await {
-                        tracing::warn!(%job_id, %queue, %error, "could not ack a skipped job; the broker will redeliver it");
-                    }
-                    let outcome = if skipped == State::Cancelled { "cancelled" } else { "duplicate" };
-                    metrics.job_skipped(queue, outcome);
+                    ack_skipped(context, meta, settle, skipped).await;
                     return;
                 }
                 if let Err(error) = settle.started().await {
@@ -382,13 +433,15 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
             }
         };
         let report = || metrics.outcome_publish_failed(queue);
-        let settler = settle::Settler {
-            outcomes: context.outcomes.as_ref(),
-            policy: &policy.retry,
-            abandon: context.abandon,
-            backoff: settle::Settler::copy_backoff(),
-            on_publish_failure: &report,
-        };
+        let on_end = context.options.callbacks.as_deref().map(|callbacks| {
+            move |job: &Job, ending: settle::Ending<'_>| callbacks.on_end(job, ending)
+        });
+        let settler = settler(
+            context,
+            &policy.retry,
+            &report,
+            on_end.as_ref().map(|f| f as &settle::OnEnd<'_>),
+        );
         // `done` is recorded before the ack: a crash between the two redelivers a job
         // whose status says done, and that copy is acked unrun (see `skip_by_status`).
         if let Outcome::Done | Outcome::DoneWith(_) = &outcome {
@@ -441,15 +494,7 @@ async fn defer(
                     && status.replays == jobgate_shared::status::replays_of(meta) =>
             {
                 tracing::info!(%job_id, %queue, state = %status.state, "scheduled job acked without running it");
-                if let Err(error) = settle.ack().await {
-                    tracing::warn!(%job_id, %queue, %error, "could not ack a skipped job; the broker will redeliver it");
-                }
-                let outcome = if status.state == State::Cancelled {
-                    "cancelled"
-                } else {
-                    "duplicate"
-                };
-                context.metrics.job_skipped(queue, outcome);
+                ack_skipped(context, meta, settle, status.state).await;
                 return;
             }
             Ok(_) => {}
@@ -461,16 +506,56 @@ async fn defer(
         }
     }
     let report = || context.metrics.outcome_publish_failed(queue);
-    let settler = settle::Settler {
-        outcomes: context.outcomes.as_ref(),
-        policy: &context.options.retry,
-        abandon: context.abandon,
-        backoff: settle::Settler::copy_backoff(),
-        on_publish_failure: &report,
-    };
+    // A hop ends nothing: no callback.
+    let settler = settler(context, &context.options.retry, &report, None);
     tracing::debug!(%job_id, %queue, destination = %hop.destination, due_at = meta.headers.get(jobgate_shared::job::HEADER_NOT_BEFORE).map(String::as_str), "scheduled job not due yet; it waits in a delay tier");
     if settle::hop(&settler, job, settle, hop).await {
         context.metrics.job_deferred(queue);
+    }
+}
+
+/// Acks a job found `skipped` (`cancelled`, or `done`: a duplicate) without running
+/// it, its completion callback (if it has one) queued first: a `done` job's may have
+/// been lost with the crash that led to this redelivery. Counts it by `skipped`.
+async fn ack_skipped(
+    context: &Context<'_>,
+    meta: &JobMeta,
+    settle: Box<dyn jobgate_shared::broker::Settle>,
+    skipped: State,
+) {
+    let callback = match &context.options.callbacks {
+        Some(callbacks) => {
+            let store = context.options.status.as_ref();
+            callbacks.on_skip(store, meta, skipped).await
+        }
+        None => None,
+    };
+    let report = || context.metrics.outcome_publish_failed(&meta.queue);
+    let settler = settler(context, &context.options.retry, &report, None);
+    settle::ack_after(&settler, meta, settle, callback.as_slice()).await;
+    let outcome = if skipped == State::Cancelled {
+        "cancelled"
+    } else {
+        "duplicate"
+    };
+    context.metrics.job_skipped(&meta.queue, outcome);
+}
+
+/// The settler of a job's delivery: copies through the worker's publisher, tried again
+/// until confirmed or abandoned, each failed try reported to `report`.
+fn settler<'a>(
+    context: &'a Context<'_>,
+    policy: &'a jobgate_shared::retry::RetryPolicy,
+    report: &'a (dyn Fn() + Send + Sync),
+    on_end: Option<&'a settle::OnEnd<'a>>,
+) -> settle::Settler<'a> {
+    settle::Settler {
+        outcomes: context.outcomes.as_ref(),
+        policy,
+        abandon: context.abandon,
+        backoff: settle::Settler::copy_backoff(),
+        on_publish_failure: report,
+        on_end,
     }
 }
 
@@ -607,6 +692,7 @@ mod tests {
             job_timeout: Some(Duration::from_millis(300)),
             policy_ceilings: job_policy::Ceilings::default(),
             status: None,
+            callbacks: None,
         }
     }
 

@@ -111,6 +111,12 @@ pub struct ProducerConfig {
     #[command(flatten)]
     pub status: StatusArgs,
 
+    /// Hosts a job's `Jobgate-Callback` URL may name (comma list: `host`, `host:port`,
+    /// `*.domain`, IP addresses); others are refused with 400. Unset: callbacks are off
+    /// and any `Jobgate-Callback` is refused. Set the same list on the consumers.
+    #[arg(long, env = "JOBGATE_CALLBACK_ALLOW", value_parser = jobgate_shared::callback::CallbackAllow::parse)]
+    pub callback_allow: Option<jobgate_shared::callback::CallbackAllow>,
+
     #[command(flatten)]
     pub security: SecurityArgs,
 

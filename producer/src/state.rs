@@ -74,6 +74,9 @@ pub struct Shared {
     pub status: Option<StatusStore>,
     /// How far ahead a job may be scheduled (`JOBGATE_SCHEDULE_MAX`).
     pub schedule_max: std::time::Duration,
+    /// `JOBGATE_CALLBACK_ALLOW`: the hosts a `Jobgate-Callback` may name; none: callbacks
+    /// are refused.
+    pub callback_allow: Option<jobgate_shared::callback::CallbackAllow>,
 }
 
 impl AppState {
@@ -102,6 +105,7 @@ impl AppState {
             metrics,
             status: None,
             schedule_max: crate::job_options::DEFAULT_SCHEDULE_MAX,
+            callback_allow: None,
         }))
     }
 
@@ -142,6 +146,16 @@ impl AppState {
     #[must_use]
     pub fn with_schedule_max(mut self, horizon: std::time::Duration) -> Self {
         self.shared_mut().schedule_max = horizon;
+        self
+    }
+
+    /// Sets the hosts completion callbacks may go to (none by default: callbacks off).
+    #[must_use]
+    pub fn with_callback_allow(
+        mut self,
+        allow: Option<jobgate_shared::callback::CallbackAllow>,
+    ) -> Self {
+        self.shared_mut().callback_allow = allow;
         self
     }
 

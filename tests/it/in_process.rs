@@ -121,6 +121,7 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
         job_timeout: None,
         policy_ceilings: consumer::job_policy::Ceilings::default(),
         status: None,
+        callbacks: None,
     };
     // Nothing is retried here: the outcome publisher is never used.
     let outcomes: jobgate_shared::broker::SharedPublisher =

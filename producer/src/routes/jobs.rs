@@ -45,6 +45,9 @@ struct JobHeaders {
     /// Any number (at most 16) of `X-Job-<name>` headers travel with the job as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces.
     #[param(rename = "X-Job-*")]
     x_job: Option<String>,
+    /// An absolute http(s) URL (at most 2048 bytes, no user name or password) whose host is in `JOBGATE_CALLBACK_ALLOW`: the job's final status (done, dead, cancelled; the JSON of `GET /jobs/{queue}/{job_id}`) is POSTed there, signed with `Jobgate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, retried with backoff. Else 400 `callback-not-allowed` or `bad-callback`.
+    #[param(rename = "Jobgate-Callback")]
+    jobgate_callback: Option<String>,
     /// W3C trace context; travels with the job when valid (`00-<32 hex>-<16 hex>-<2 hex>`), ignored otherwise.
     traceparent: Option<String>,
     /// W3C trace context; travels with a valid `traceparent`.
@@ -72,7 +75,7 @@ enum JobResponses {
     Accepted(Accepted),
     #[response(
         status = 400,
-        description = "`bad-body`, `bad-metadata`, `bad-idempotency-key`, `bad-schedule` (`Jobgate-Delay` or `Jobgate-Not-Before` unreadable, both given, or beyond `JOBGATE_SCHEDULE_MAX`) or `bad-job-policy` (`Jobgate-Max-Attempts` or `Jobgate-Timeout` unreadable or out of bounds). Nothing is published.",
+        description = "`bad-body`, `bad-metadata`, `bad-idempotency-key`, `bad-schedule` (`Jobgate-Delay` or `Jobgate-Not-Before` unreadable, both given, or beyond `JOBGATE_SCHEDULE_MAX`), `bad-job-policy` (`Jobgate-Max-Attempts` or `Jobgate-Timeout` unreadable or out of bounds), `callback-not-allowed` (the `Jobgate-Callback` host is not in `JOBGATE_CALLBACK_ALLOW`, or that setting is unset: callbacks off) or `bad-callback` (not an absolute http(s) URL, too long, or with a user name).",
         content_type = "application/problem+json"
     )]
     BadRequest(Problem),
@@ -194,6 +197,7 @@ async fn accept(
         state.schedule_max,
     )?;
     options.apply(&mut meta.headers);
+    crate::callback::apply(state.callback_allow.as_ref(), headers, &mut meta.headers)?;
     // Idempotency-Key: replay a stored answer, or claim the key before publishing.
     let scope = scope.map(|Extension(ApiKeyId(digest))| digest);
     let claim = match idempotency::begin(
