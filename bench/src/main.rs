@@ -135,6 +135,10 @@ pub struct Args {
     /// reaches 64 MiB.
     #[arg(long, conflicts_with = "soak")]
     pub big_batches: bool,
+    /// Run only the scheduled-jobs phase (how late jobs with `Jobgate-Not-Before` start)
+    /// and print its figures; writes no report.
+    #[arg(long, conflicts_with_all = ["soak", "big_batches", "cluster", "profile"])]
+    pub scheduled_only: bool,
     /// Run only the profile, for this many seconds per backend: `perf record` of the
     /// release producer under the closed-loop ingress load; the recording goes to
     /// `--profile-dir` (scripts/bench.sh --profile makes the flame graph from it).

@@ -150,8 +150,31 @@ pub struct BackendResults {
     /// The slow-downstream phase, per consumer count (none in results written before it).
     #[serde(default)]
     pub downstream: Vec<Scaling>,
+    /// How late scheduled jobs started (none in results written before it).
+    #[serde(default)]
+    pub scheduled: Option<Lateness>,
     pub knobs: Vec<KnobRun>,
     pub ratios: Ratios,
+}
+
+/// Scheduled jobs (`Jobgate-Not-Before`): how long after its due time each started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lateness {
+    pub jobs: u64,
+    /// Jobs that started before their due time (jobgate promises none).
+    pub early: u64,
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Lateness {
+    pub fn line(&self) -> String {
+        format!(
+            "{} scheduled jobs: start - due p50 {} ms, p99 {} ms, max {} ms; {} early",
+            self.jobs, self.p50_ms, self.p99_ms, self.max_ms, self.early
+        )
+    }
 }
 
 /// The point of the run: how much of the broker's ceiling jobgate keeps.
@@ -484,6 +507,20 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
         let _ = writeln!(out);
         errors(&mut out, &[("raw consume", &b.raw_consume)]);
         downstream_table(&mut out, b);
+        if let Some(l) = &b.scheduled {
+            let _ = writeln!(
+                out,
+                "### Scheduled jobs
+
+                 {} jobs posted with `Jobgate-Not-Before` times spread over 15 s, one                  `consumer` with the default delay tiers (1 s to 60 s) and the `http`                  handler; lateness is the job's arrival at a local endpoint minus its due                  time.
+
+                 | start - due p50 ms | p99 ms | max ms | early |
+                 |---|---|---|---|
+                 | {} | {} | {} | {} |
+",
+                l.jobs, l.p50_ms, l.p99_ms, l.max_ms, l.early
+            );
+        }
 
         if !b.knobs.is_empty() {
             let _ = writeln!(
@@ -706,6 +743,7 @@ scripts/bench.sh --backend rabbitmq --duration 5 --jobs 10000
 scripts/bench.sh --no-knobs           # skip the knob variants
 scripts/bench.sh --cluster            # also on the three-node clusters (twice as long)
 scripts/bench.sh --profile 10         # only: a flame graph of the producer under load
+scripts/bench.sh --scheduled-only     # only: how late scheduled jobs start (about a minute)
 target/release/bench --render-only    # rewrite this file from bench/results.json + bench/notes.md
 ```
 
@@ -745,6 +783,9 @@ up rabbitmq-cluster`, `up kafka-cluster`) and stops it when done. The bench hold
   `consumer` processes with the `http` handler, which POSTs each job to an endpoint in the
   bench that answers after `--downstream-ms` (20 ms): the case replicas are for. Timed as
   the drains; the ideal is `processes × concurrency / job time`.
+- **scheduled jobs**: 200 jobs posted with `Jobgate-Not-Before` times from 1 to 15 s ahead
+  to one `consumer` with the default delay tiers (1 s to 60 s) and the `http` handler; a
+  job's lateness is its arrival at an endpoint in the bench minus its due time.
 - **peak RSS**: `VmHWM` from `/proc/<pid>/status` of the producer after both ingress
   phases and of every consumer process just before it is stopped.
 - The load generator runs on the same cores as the broker and the binaries under test:
@@ -866,6 +907,13 @@ mod tests {
                     downstream(2, 700.0),
                     downstream(4, 1200.0),
                 ],
+                scheduled: Some(Lateness {
+                    jobs: 200,
+                    early: 0,
+                    p50_ms: 480,
+                    p99_ms: 990,
+                    max_ms: 1010,
+                }),
                 knobs: vec![KnobRun {
                     knob: "JOBGATE_PUBLISH_CHANNELS".into(),
                     value: "4".into(),
@@ -948,6 +996,8 @@ mod tests {
             "| slow downstream: jobs/s over the ideal | x1: 0.95, x2: 0.88, x4: 0.75 |",
             "| slow downstream: scaling over consumer counts | 1.00 -> 1.84 -> 3.16 |",
             "### Replicas on a slow downstream",
+            "### Scheduled jobs",
+            "| 480 | 990 | 1010 | 0 |",
             "3000 jobs, each POSTed by the `http` handler to a local endpoint that answers after 20 ms",
             "| 4 | 8 | - | 2.50 | 1200 | 1600 | 0.75 | 3.16 |",
             "## How to run",

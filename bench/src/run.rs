@@ -22,6 +22,7 @@ mod cluster;
 pub use cluster::stop_clusters;
 mod downstream;
 mod profile;
+mod scheduled;
 mod soak;
 
 /// The job body every phase sends: a small JSON document, as a typical job.
@@ -928,6 +929,12 @@ impl Bench<'_> {
             self.scaling().await?
         };
 
+        say(format!(
+            "{}: scheduled jobs, lateness against their due time",
+            self.backend
+        ));
+        let scheduled = Some(self.scheduled().await?);
+
         let knobs = if self.args.no_knobs {
             Vec::new()
         } else {
@@ -953,6 +960,7 @@ impl Bench<'_> {
             raw_consume,
             drains,
             downstream,
+            scheduled,
             knobs,
             ratios,
         })
@@ -1025,6 +1033,16 @@ pub async fn run(args: &Args, root: PathBuf, leftovers: &Leftovers) -> Result<()
     }
     if let Some(seconds) = args.profile {
         return profile_all(args, &root, leftovers, Duration::from_secs_f64(seconds)).await;
+    }
+    if args.scheduled_only {
+        for bench in benches(args, &root, leftovers).await? {
+            say(format!("{}: scheduled jobs", bench.backend));
+            let measured = bench.scheduled().await;
+            bench.close().await;
+            let measured = measured.with_context(|| format!("{} scheduled jobs", bench.backend))?;
+            println!("{}: {}", bench.backend, measured.line());
+        }
+        return Ok(());
     }
     let report = measure_all(args, &root, leftovers).await?;
     write_report(args, &root, &report)

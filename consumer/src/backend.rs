@@ -27,7 +27,8 @@ pub fn source(config: &ConsumerConfig) -> Box<dyn JobSource> {
             session_timeout: Duration::from_millis(config.kafka_session_timeout_ms),
             retry_tiers: tiers,
             publish_timeout: config.publish_timeout(),
-            job_timeout: config.job_timeout(),
+            // A job may ask for a longer timeout, up to the ceiling.
+            job_timeout: config.longest_job_timeout(),
             queued_max_kbytes: config.kafka_queued_max_kbytes,
             fetch_max_bytes: config.kafka_fetch_max_bytes,
         })),

@@ -63,6 +63,20 @@ pub struct ConsumerConfig {
     #[arg(long, env = "JOBGATE_JOB_TIMEOUT_MS", default_value_t = 300_000)]
     pub job_timeout_ms: u64,
 
+    /// Most attempts a job may ask for with `Jobgate-Max-Attempts`; more is clamped to
+    /// it. Never below `JOBGATE_MAX_ATTEMPTS`.
+    #[arg(long, env = "JOBGATE_MAX_ATTEMPTS_CEILING",
+          default_value_t = crate::job_policy::DEFAULT_MAX_ATTEMPTS_CEILING,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts_ceiling: u32,
+
+    /// Longest timeout a job may ask for with `Jobgate-Timeout` (`1h`, `30m`, `90s`);
+    /// longer is clamped to it. Never below `JOBGATE_JOB_TIMEOUT_MS`; with no job
+    /// timeout (`JOBGATE_JOB_TIMEOUT_MS=0`) there is no ceiling.
+    #[arg(long, env = "JOBGATE_JOB_TIMEOUT_CEILING", default_value = "1h",
+          value_parser = parse_timeout_ceiling)]
+    pub job_timeout_ceiling: Duration,
+
     /// How long a retry or dead-letter publish may wait for the broker's confirm,
     /// in milliseconds.
     #[arg(long, env = "JOBGATE_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
@@ -104,6 +118,11 @@ pub struct ConsumerConfig {
     #[command(flatten)]
     pub status: StatusArgs,
 
+    /// `JOBGATE_CALLBACK_ALLOW`, `JOBGATE_CALLBACK_SECRET`, `JOBGATE_CALLBACK_TIMEOUT_MS`:
+    /// completion callbacks.
+    #[command(flatten)]
+    pub callback: crate::callback::CallbackArgs,
+
     /// A tool to run instead of the worker (`consumer dlq ...`); none runs the worker.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -134,6 +153,30 @@ impl ConsumerConfig {
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
+
+    /// What a job may ask for with `Jobgate-Max-Attempts` and `Jobgate-Timeout`.
+    pub fn policy_ceilings(&self) -> crate::job_policy::Ceilings {
+        let job_timeout = self.job_timeout();
+        crate::job_policy::Ceilings {
+            max_attempts: self.max_attempts_ceiling.max(self.max_attempts),
+            job_timeout: job_timeout.map(|own| own.max(self.job_timeout_ceiling)),
+        }
+    }
+
+    /// The longest a job may run here: the job timeout or its ceiling (none: no limit).
+    pub fn longest_job_timeout(&self) -> Option<Duration> {
+        self.policy_ceilings().job_timeout
+    }
+}
+
+/// `JOBGATE_JOB_TIMEOUT_CEILING`: a duration from 1 ms to 7 days.
+fn parse_timeout_ceiling(text: &str) -> Result<Duration, String> {
+    let ceiling =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (try `1h` or `30m`)"))?;
+    if ceiling < Duration::from_millis(1) || ceiling > Duration::from_secs(7 * 24 * 3600) {
+        return Err("must be from 1ms to 7 days".to_owned());
+    }
+    Ok(ceiling)
 }
 
 /// Tools of the consumer binary. Broker options (`JOBGATE_BACKEND`, `JOBGATE_AMQP_URL`,

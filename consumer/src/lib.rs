@@ -14,16 +14,23 @@
 //! - [`worker`]: the loop that takes deliveries and runs the handler.
 //! - [`backend`]: the job source and publishers of the configured broker, as the
 //!   binary builds them (public for embedders that wrap the source).
+//! - [`callback`]: completion callbacks: the message queued when a job ends, and the
+//!   handler of the callbacks queues that POSTs it, signed.
 //! - [`settle`]: what becomes of a job after an attempt (ack, retry tier, dead letter).
+//! - [`schedule`]: scheduled jobs not due yet hop through the delay tiers;
+//!   [`job_policy`]: a job's own attempt limit and timeout, under the ceilings.
 //! - [`metrics`]: the worker's Prometheus metrics; [`probes`]: the listener that serves
 //!   them with `/healthz` and `/readyz` (`JOBGATE_METRICS_LISTEN`).
 
 pub mod backend;
+pub mod callback;
 pub mod config;
 pub mod handler;
 pub mod handlers;
+pub mod job_policy;
 pub mod metrics;
 pub mod probes;
+pub mod schedule;
 pub mod settle;
 pub mod worker;
 

@@ -5,6 +5,7 @@
 //! | metric | labels | meaning |
 //! |---|---|---|
 //! | `jobgate_jobs_total` | `queue`, `outcome` | attempts settled as `done`, `retried` or `dead`; deliveries acked unrun as `cancelled` or `duplicate` (the status store says the job is cancelled, or done already) |
+//! | `jobgate_jobs_deferred_total` | `queue` | scheduled jobs received before their due time and sent through a delay tier again (hops; not attempts) |
 //! | `jobgate_job_duration_seconds` | `queue` | handler time per attempt |
 //! | `jobgate_jobs_in_flight` | `queue` | attempts running or being settled |
 //! | `jobgate_job_attempts_total` | `queue` | handler runs, first attempts included |
@@ -57,6 +58,7 @@ type HistogramFamily = Family<QueueLabels, Histogram, fn() -> Histogram>;
 #[derive(Debug, Clone)]
 pub struct WorkerMetrics {
     jobs: Family<OutcomeLabels, Counter>,
+    deferred: Family<QueueLabels, Counter>,
     duration: HistogramFamily,
     in_flight: Family<QueueLabels, Gauge>,
     attempts: Family<QueueLabels, Counter>,
@@ -74,6 +76,7 @@ impl Default for WorkerMetrics {
     fn default() -> Self {
         Self {
             jobs: Family::default(),
+            deferred: Family::default(),
             duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             in_flight: Family::default(),
             attempts: Family::default(),
@@ -99,6 +102,11 @@ impl WorkerMetrics {
             "jobs",
             "Job attempts settled, by outcome (done, retried, dead), and deliveries acked unrun (cancelled, duplicate)",
             m.jobs.clone(),
+        );
+        registry.register(
+            "jobs_deferred",
+            "Scheduled jobs received before their due time and sent through a delay tier again (hops, not attempts)",
+            m.deferred.clone(),
         );
         registry.register(
             "job_duration_seconds",
@@ -182,6 +190,14 @@ impl WorkerMetrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// A scheduled job not due yet went through a delay tier again (a hop).
+    pub fn job_deferred(&self, queue: &str) {
+        let labels = QueueLabels {
+            queue: queue.to_owned(),
+        };
+        self.deferred.get_or_create(&labels).inc();
     }
 
     /// The attempt was settled as `settled`.

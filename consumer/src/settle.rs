@@ -7,6 +7,10 @@
 //! | `Retry`, attempts left          | copy with `x-attempt`+1 to `Q.retry.<tier>` (confirmed), ack |
 //! | `Retry`, last attempt, or `Dead`| copy with `x-error`, ... to `Q.dlq` (confirmed), ack         |
 //!
+//! A job that ends (`Done`, `Dead`) may also have a callback message
+//! ([`Settler::on_end`], see [`crate::callback`]): it is published and confirmed, after
+//! the dead-letter copy, before the ack, like the copies.
+//!
 //! The copy is confirmed by the broker before the original is acked, so a crash in
 //! between gives a duplicate, never a loss. A copy the broker does not take (it is away,
 //! refuses, or does not confirm in time) is published again, with a capped, jittered
@@ -21,6 +25,8 @@
 //! record at all (its partition could never commit past it again).
 
 use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
 
 use jobgate_shared::backoff::Backoff;
 use jobgate_shared::broker::{dlq_name, PublishError, Publisher, Settle};
@@ -68,6 +74,30 @@ pub struct Settler<'a> {
     pub backoff: Backoff,
     /// Called after every failed try of a copy (the metric counts them).
     pub on_publish_failure: &'a (dyn Fn() + Send + Sync),
+    /// Called when the job ends (done, or dead-lettered): a message it returns (the
+    /// job's completion callback) is published, confirmed, before the ack.
+    pub on_end: Option<&'a OnEnd<'a>>,
+}
+
+/// What [`Settler::on_end`] calls: the message (a completion callback) to publish
+/// before the ack of a job that ended, if any.
+pub type OnEnd<'f> = dyn Fn(&Job, Ending<'_>) -> Option<Message> + Send + Sync + 'f;
+
+/// How a job ended for good, as [`Settler::on_end`] is told.
+#[derive(Debug, Clone, Copy)]
+pub enum Ending<'a> {
+    /// Done, with the handler's result if any.
+    Done { result: Option<&'a [u8]> },
+    /// Dead-lettered for `reason`.
+    Dead { reason: &'a str },
+}
+
+/// A message to publish (confirmed) before a delivery is acked.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub destination: String,
+    pub meta: JobMeta,
+    pub body: Bytes,
 }
 
 impl Settler<'_> {
@@ -112,8 +142,50 @@ pub async fn settle(
             )
         }
     };
-    if let Some((destination, copy)) = copy {
-        if publish_until_confirmed(settler, &destination, &copy, &job.body)
+    let ending = match (&outcome, settled) {
+        (Outcome::DoneWith(result), _) => Some(Ending::Done {
+            result: Some(&result[..]),
+        }),
+        (Outcome::Done, _) => Some(Ending::Done { result: None }),
+        (Outcome::Retry { reason, .. } | Outcome::Dead { reason }, Settled::Dead) => {
+            Some(Ending::Dead { reason })
+        }
+        _ => None,
+    };
+    let mut messages: Vec<Message> = copy
+        .map(|(destination, meta)| Message {
+            destination,
+            meta,
+            body: job.body.clone(),
+        })
+        .into_iter()
+        .collect();
+    messages.extend(ending.and_then(|ending| settler.on_end.and_then(|f| f(job, ending))));
+    if !ack_after(settler, meta, settle, &messages).await {
+        return Settled::Unsettled;
+    }
+    tracing::debug!(%job_id, %queue, attempt, ?outcome, "job settled");
+    settled
+}
+
+/// Publishes each of `messages` until the broker confirms it, then acks `settle` (the
+/// delivery of the job `meta`). False when the worker gave up first (shutdown): the
+/// delivery is then left unsettled and the broker delivers the job again. A failed ack
+/// after the confirms is logged (the redelivery is a duplicate).
+pub async fn ack_after(
+    settler: &Settler<'_>,
+    meta: &JobMeta,
+    settle: Box<dyn Settle>,
+    messages: &[Message],
+) -> bool {
+    let (job_id, queue) = (&meta.id, &meta.queue);
+    for Message {
+        destination,
+        meta: copy,
+        body,
+    } in messages
+    {
+        if publish_until_confirmed(settler, destination, copy, body)
             .await
             .is_err()
         {
@@ -121,16 +193,38 @@ pub async fn settle(
             // Dropping the handle settles nothing: RabbitMQ redelivers the job when the
             // channel closes, Kafka replays it from the committed offset.
             drop(settle);
-            return Settled::Unsettled;
+            return false;
         }
     }
-    match settle.ack().await {
-        Ok(()) => tracing::debug!(%job_id, %queue, attempt, ?outcome, "job settled"),
-        Err(error) => {
-            tracing::warn!(%job_id, %queue, %error, "could not settle; the broker will redeliver the job")
-        }
+    if let Err(error) = settle.ack().await {
+        tracing::warn!(%job_id, %queue, %error, "could not settle; the broker will redeliver the job");
     }
-    settled
+    true
+}
+
+/// Sends `job`, a scheduled job that is not due yet, through a delay tier again: `hop`
+/// goes to its tier (confirmed, tried until it is, like a retry copy), then `settle` is
+/// acked. Not an attempt. False when the worker gave up first (shutdown): the delivery
+/// is left unsettled and the broker delivers it again.
+pub async fn hop(
+    settler: &Settler<'_>,
+    job: &Job,
+    settle: Box<dyn Settle>,
+    hop: &crate::schedule::Hop,
+) -> bool {
+    let (job_id, queue) = (&job.meta.id, &job.meta.queue);
+    if publish_until_confirmed(settler, &hop.destination, &hop.copy, &job.body)
+        .await
+        .is_err()
+    {
+        tracing::warn!(%job_id, %queue, destination = %hop.destination, "shutting down before a scheduled job's hop was published; it is left unsettled and will be delivered again");
+        drop(settle);
+        return false;
+    }
+    if let Err(error) = settle.ack().await {
+        tracing::warn!(%job_id, %queue, %error, "could not ack a scheduled job after its hop; the broker will redeliver it (a duplicate)");
+    }
+    true
 }
 
 /// The worker gave up on the job before its copy was confirmed.
@@ -279,6 +373,7 @@ mod tests {
             abandon,
             backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(4)),
             on_publish_failure: &count,
+            on_end: None,
         };
         let settled = settle(&settler, &job, handle, outcome).await;
         (settled, job, failures.load(Ordering::SeqCst))
@@ -303,6 +398,75 @@ mod tests {
         assert_eq!(copies.len(), 1);
         assert_eq!(copies[0].0, "q.dlq");
         assert_eq!(copies[0].1.meta.id, job.meta.id);
+    }
+
+    #[tokio::test]
+    async fn an_ending_job_publishes_its_callback_after_its_copy_and_before_its_ack() {
+        let broker = MemoryBroker::new();
+        let callback = |job: &Job, ending: Ending<'_>| {
+            let what = match ending {
+                Ending::Done { result } => format!("done {result:?}"),
+                Ending::Dead { reason } => format!("dead {reason}"),
+            };
+            Some(Message {
+                destination: "q.callbacks".into(),
+                meta: job.meta.clone(),
+                body: Bytes::from(what),
+            })
+        };
+        let policy = policy();
+        let abandon = CancellationToken::new();
+        let settler = Settler {
+            outcomes: &broker,
+            policy: &policy,
+            abandon: &abandon,
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(4)),
+            on_publish_failure: &|| {},
+            on_end: Some(&callback),
+        };
+        let cases = [
+            (
+                Outcome::Dead {
+                    reason: "bad".into(),
+                },
+                Settled::Dead,
+                vec!["q.dlq", "q.callbacks"],
+                "dead bad",
+            ),
+            (
+                Outcome::DoneWith(Bytes::from_static(b"r")),
+                Settled::Done,
+                vec!["q.callbacks"],
+                "done Some([114])",
+            ),
+            (
+                Outcome::Retry {
+                    reason: "busy".into(),
+                    delay: None,
+                },
+                Settled::Retried,
+                vec!["q.retry.1s"],
+                "",
+            ),
+        ];
+        for (outcome, expected, destinations, body) in cases {
+            let before = broker.published_to().len();
+            let Delivery {
+                job,
+                settle: handle,
+            } = delivery(&broker).await;
+            assert_eq!(settle(&settler, &job, handle, outcome).await, expected);
+            let published = broker.published_to();
+            let mine = &published[before..];
+            let to: Vec<&str> = mine.iter().map(|(to, _)| to.as_str()).collect();
+            assert_eq!(to, destinations);
+            if !body.is_empty() {
+                assert_eq!(&mine.last().unwrap().1.body[..], body.as_bytes());
+            }
+            assert!(broker
+                .settled()
+                .contains(&(job.meta.id.clone(), Settlement::Acked)));
+        }
     }
 
     #[tokio::test]

@@ -43,8 +43,10 @@ use tracing::Instrument;
 use crate::backend;
 use crate::config::ConsumerConfig;
 use crate::handler::{Handler, Outcome};
+use crate::job_policy;
 use crate::metrics::WorkerMetrics;
 use crate::probes;
+use crate::schedule;
 use crate::settle;
 
 /// The job source ended while the worker was not shutting down (it panicked, or
@@ -65,9 +67,15 @@ pub struct WorkerOptions {
     pub retry: RetryPolicy,
     /// A job running longer is cancelled and retried.
     pub job_timeout: Option<Duration>,
+    /// What a job may ask for with `Jobgate-Max-Attempts` and `Jobgate-Timeout`.
+    pub policy_ceilings: job_policy::Ceilings,
     /// The job status store (`JOBGATE_REDIS_URL`): each attempt is recorded, and jobs
     /// found cancelled or done are acked unrun. None: no status.
     pub status: Option<StatusStore>,
+    /// Completion callbacks (`JOBGATE_CALLBACK_ALLOW`): a job with a callback URL that
+    /// ends gets its callback message queued before its ack. None: callback URLs are
+    /// ignored (the callback worker itself, and embedders that want none).
+    pub callbacks: Option<Arc<crate::callback::Callbacks>>,
 }
 
 impl From<&ConsumerConfig> for WorkerOptions {
@@ -78,7 +86,9 @@ impl From<&ConsumerConfig> for WorkerOptions {
             shutdown_grace: c.shutdown_grace(),
             retry: c.retry_policy(),
             job_timeout: c.job_timeout(),
+            policy_ceilings: c.policy_ceilings(),
             status: None,
+            callbacks: None,
         }
     }
 }
@@ -102,6 +112,7 @@ pub async fn run_boxed(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tracing::info!(queues = ?config.queue, concurrency = config.concurrency, backend = ?config.broker.backend, "consumer starting");
+    config.callback.check()?;
     let listener = match config.metrics_listen {
         Some(addr) => Some(probes::bind(addr).await?),
         None => None,
@@ -118,6 +129,43 @@ pub async fn run_boxed(
     let mut registry = jobgate_shared::metrics::registry();
     let metrics = WorkerMetrics::register(&mut registry);
     let draining = CancellationToken::new();
+    let callback_metrics = crate::callback::CallbackMetrics::register(&mut registry);
+    options.callbacks = Some(Arc::new(crate::callback::Callbacks::new(
+        config.callback.callback_allow.clone(),
+        callback_metrics.clone(),
+    )));
+    // The callbacks queues' worker: the same machinery with the callback handler.
+    let callback_worker = match &config.callback.callback_allow {
+        Some(allow) => {
+            let handler = crate::callback::CallbackHandler::new(
+                &config.callback,
+                allow.clone(),
+                callback_metrics,
+            )?;
+            let c = crate::callback::worker_config(&config);
+            tracing::info!(%allow, queues = ?c.queue, "completion callbacks on");
+            let (source, outcomes) = (backend::source(&c), backend::outcome_publisher(&c)?);
+            let stop = draining.clone();
+            let metrics = metrics.clone();
+            Some(tokio::spawn(async move {
+                let worked = run_with_source_and_metrics(
+                    source,
+                    Arc::clone(&outcomes),
+                    Arc::new(handler),
+                    WorkerOptions::from(&c),
+                    metrics,
+                    stop.cancelled_owned(),
+                )
+                .await;
+                outcomes.close().await;
+                worked
+            }))
+        }
+        None => {
+            tracing::info!("completion callbacks off (JOBGATE_CALLBACK_ALLOW is not set)");
+            None
+        }
+    };
     let stop_listener = CancellationToken::new();
     let server = listener.map(|listener| {
         let state = probes::ProbeState {
@@ -148,6 +196,17 @@ pub async fn run_boxed(
     )
     .await;
     outcomes.close().await;
+    // The callback worker stops with the job worker (also when its source died).
+    draining.cancel();
+    let worked = match callback_worker {
+        Some(task) => match task.await {
+            Ok(callbacks) => worked.and(callbacks),
+            Err(error) => worked.and(Err(SourceDied(format!(
+                "the callback worker failed: {error}"
+            )))),
+        },
+        None => worked,
+    };
     stop_listener.cancel();
     if let Some(server) = server {
         if tokio::time::timeout(Duration::from_secs(5), server)
@@ -320,7 +379,22 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
         tracing::debug!(%job_id, %queue, "job not started: it is delivered to another consumer");
         return;
     }
-    let exhausted = count_redeliveries(&mut job.meta, &context.options.retry);
+    if let Some(due) = schedule::due_time(&job.meta) {
+        let now = SystemTime::now();
+        if let Some(hop) = schedule::hop(&job.meta, &context.options.retry, due, now) {
+            defer(context, &job, settle, &hop).await;
+            return;
+        }
+    }
+    // The job's own attempt limit and timeout, under the ceilings.
+    let options = context.options;
+    let policy = job_policy::for_job(
+        &job.meta,
+        &options.retry,
+        options.job_timeout,
+        &options.policy_ceilings,
+    );
+    let exhausted = count_redeliveries(&mut job.meta, &policy.retry);
     let meta = &job.meta;
     let span =
         tracing::info_span!("job", job_id = %meta.id, queue = %meta.queue, attempt = meta.attempt);
@@ -337,13 +411,10 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
             None => {
                 if let Some(skipped) = skip_by_status(context, meta).await {
                     // Nothing to run: the job was cancelled, or is done already (this is
-                    // a redelivery after a crash between the handler and the ack).
+                    // a redelivery after a crash between the handler and the ack, which
+                    // may have come before its callback was queued: queue it again).
                     tracing::info!(%job_id, %queue, attempt, state = %skipped, "job acked without running it");
-                    if let Err(error) = settle.ack().await {
-                        tracing::warn!(%job_id, %queue, %error, "could not ack a skipped job; the broker will redeliver it");
-                    }
-                    let outcome = if skipped == State::Cancelled { "cancelled" } else { "duplicate" };
-                    metrics.job_skipped(queue, outcome);
+                    ack_skipped(context, meta, settle, skipped).await;
                     return;
                 }
                 if let Err(error) = settle.started().await {
@@ -356,19 +427,21 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
                 tracing::debug!(%job_id, %queue, attempt, "job started");
                 let in_flight = metrics.job_started(queue);
                 let started = Instant::now();
-                let outcome = run_handler(handler, job.clone(), context.options.job_timeout).await;
+                let outcome = run_handler(handler, job.clone(), policy.timeout).await;
                 metrics.handler_finished(queue, started.elapsed());
                 (outcome, in_flight)
             }
         };
         let report = || metrics.outcome_publish_failed(queue);
-        let settler = settle::Settler {
-            outcomes: context.outcomes.as_ref(),
-            policy: &context.options.retry,
-            abandon: context.abandon,
-            backoff: settle::Settler::copy_backoff(),
-            on_publish_failure: &report,
-        };
+        let on_end = context.options.callbacks.as_deref().map(|callbacks| {
+            move |job: &Job, ending: settle::Ending<'_>| callbacks.on_end(job, ending)
+        });
+        let settler = settler(
+            context,
+            &policy.retry,
+            &report,
+            on_end.as_ref().map(|f| f as &settle::OnEnd<'_>),
+        );
         // `done` is recorded before the ack: a crash between the two redelivers a job
         // whose status says done, and that copy is acked unrun (see `skip_by_status`).
         if let Outcome::Done | Outcome::DoneWith(_) = &outcome {
@@ -387,7 +460,7 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
         // A retry or dead letter is recorded once its copy is durable.
         match (settled, failure) {
             (settle::Settled::Retried, Some((error, delay))) => {
-                let due = SystemTime::now() + context.options.retry.tier_for(attempt, delay);
+                let due = SystemTime::now() + policy.retry.tier_for(attempt, delay);
                 record(context, meta, Transition::Retrying { attempt, due, error: &error }).await;
             }
             (settle::Settled::Dead, Some((error, _))) => {
@@ -400,6 +473,90 @@ async fn process(handler: Arc<dyn Handler>, context: &Context<'_>, delivery: Del
     }
     .instrument(span)
     .await;
+}
+
+/// A scheduled job that is not due yet: unless the status store says it is cancelled
+/// (or done: a duplicate), it hops through a delay tier (`hop`), its status unchanged.
+/// Neither an attempt nor an outcome: counted in `jobgate_jobs_deferred_total`.
+async fn defer(
+    context: &Context<'_>,
+    job: &Job,
+    settle: Box<dyn jobgate_shared::broker::Settle>,
+    hop: &schedule::Hop,
+) {
+    let meta = &job.meta;
+    let (job_id, queue) = (&meta.id, &meta.queue);
+    if let Some(store) = context.options.status.as_ref() {
+        match store.get(queue, job_id).await {
+            // Only a final state of this job's own life (a replayed job starts anew).
+            Ok(Some(status))
+                if matches!(status.state, State::Cancelled | State::Done)
+                    && status.replays == jobgate_shared::status::replays_of(meta) =>
+            {
+                tracing::info!(%job_id, %queue, state = %status.state, "scheduled job acked without running it");
+                ack_skipped(context, meta, settle, status.state).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                // It hops all the same: the next hop, or the attempt, looks again.
+                context.metrics.status_failures.record("read");
+                tracing::warn!(%job_id, %queue, %error, "could not read the scheduled job's status; it waits all the same");
+            }
+        }
+    }
+    let report = || context.metrics.outcome_publish_failed(queue);
+    // A hop ends nothing: no callback.
+    let settler = settler(context, &context.options.retry, &report, None);
+    tracing::debug!(%job_id, %queue, destination = %hop.destination, due_at = meta.headers.get(jobgate_shared::job::HEADER_NOT_BEFORE).map(String::as_str), "scheduled job not due yet; it waits in a delay tier");
+    if settle::hop(&settler, job, settle, hop).await {
+        context.metrics.job_deferred(queue);
+    }
+}
+
+/// Acks a job found `skipped` (`cancelled`, or `done`: a duplicate) without running
+/// it, its completion callback (if it has one) queued first: a `done` job's may have
+/// been lost with the crash that led to this redelivery. Counts it by `skipped`.
+async fn ack_skipped(
+    context: &Context<'_>,
+    meta: &JobMeta,
+    settle: Box<dyn jobgate_shared::broker::Settle>,
+    skipped: State,
+) {
+    let callback = match &context.options.callbacks {
+        Some(callbacks) => {
+            let store = context.options.status.as_ref();
+            callbacks.on_skip(store, meta, skipped).await
+        }
+        None => None,
+    };
+    let report = || context.metrics.outcome_publish_failed(&meta.queue);
+    let settler = settler(context, &context.options.retry, &report, None);
+    settle::ack_after(&settler, meta, settle, callback.as_slice()).await;
+    let outcome = if skipped == State::Cancelled {
+        "cancelled"
+    } else {
+        "duplicate"
+    };
+    context.metrics.job_skipped(&meta.queue, outcome);
+}
+
+/// The settler of a job's delivery: copies through the worker's publisher, tried again
+/// until confirmed or abandoned, each failed try reported to `report`.
+fn settler<'a>(
+    context: &'a Context<'_>,
+    policy: &'a jobgate_shared::retry::RetryPolicy,
+    report: &'a (dyn Fn() + Send + Sync),
+    on_end: Option<&'a settle::OnEnd<'a>>,
+) -> settle::Settler<'a> {
+    settle::Settler {
+        outcomes: context.outcomes.as_ref(),
+        policy,
+        abandon: context.abandon,
+        backoff: settle::Settler::copy_backoff(),
+        on_publish_failure: report,
+        on_end,
+    }
 }
 
 /// With a status store: records that attempt `meta.attempt` starts, unless the job is
@@ -533,7 +690,9 @@ mod tests {
                 max: Duration::from_secs(4),
             },
             job_timeout: Some(Duration::from_millis(300)),
+            policy_ceilings: job_policy::Ceilings::default(),
             status: None,
+            callbacks: None,
         }
     }
 
@@ -1141,5 +1300,131 @@ mod tests {
         .expect("the source runs until shutdown");
         // Not acked: the real broker redelivers it when the connection closes.
         assert!(broker.settled().is_empty());
+    }
+
+    fn with_header(mut j: Job, name: &str, value: &str) -> Job {
+        j.meta.headers.insert(name.to_owned(), value.to_owned());
+        j
+    }
+
+    fn millis_from_now(ms: i64) -> String {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        (i128::try_from(now).unwrap() + i128::from(ms)).to_string()
+    }
+
+    #[tokio::test]
+    async fn a_scheduled_job_not_due_hops_to_a_tier_unrun_and_one_due_runs() {
+        let broker = MemoryBroker::new();
+        let later = with_header(job("retry"), "x-not-before", &millis_from_now(3_000));
+        let past = with_header(job("ok"), "x-not-before", &millis_from_now(-1_000));
+        let junk = with_header(job("ok"), "x-not-before", "next tuesday");
+        for j in [&later, &past, &junk] {
+            broker.enqueue(j.clone());
+        }
+        let handler = Arc::new(AttemptRecorder::default());
+        let mut registry = jobgate_shared::metrics::registry();
+        let metrics = WorkerMetrics::register(&mut registry);
+        let until_settled = {
+            let broker = broker.clone();
+            async move {
+                while broker.settled().len() < 3 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let outcomes: SharedPublisher = Arc::new(broker.clone());
+        run_with_source_and_metrics(
+            Box::new(broker.clone()),
+            outcomes,
+            handler.clone(),
+            options(1),
+            metrics,
+            until_settled,
+        )
+        .await
+        .expect("the source runs until shutdown");
+        // The two that are due ran (and asked for a retry); the other did not.
+        assert_eq!(*handler.seen.lock().unwrap(), vec![1, 1]);
+        let copies = copies_of(&broker, &later);
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        // Three seconds left, tiers of 1, 2 and 4 s: the longest that fits.
+        assert_eq!(copies[0].0, "q.retry.2s");
+        assert_eq!(copies[0].1.attempt, 1, "a hop is no attempt");
+        assert!(copies[0].1.headers.contains_key("x-due-at"));
+        assert!(!copies[0].1.headers.contains_key("x-last-error"));
+        assert_eq!(settled_of(&broker, &later), vec![Settlement::Acked]);
+        for ran in [&past, &junk] {
+            assert_eq!(copies_of(&broker, ran)[0].0, "q.retry.1s", "its retry");
+        }
+        let text = jobgate_shared::metrics::render(&registry);
+        assert!(
+            text.contains("jobgate_jobs_deferred_total{queue=\"q\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("jobgate_job_attempts_total{queue=\"q\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_asking_for_one_attempt_is_dead_lettered_after_its_first_failure() {
+        let broker = MemoryBroker::new();
+        let once = with_header(job("retry"), "x-max-attempts", "1");
+        let junk = with_header(job("retry"), "x-max-attempts", "none");
+        broker.enqueue(once.clone());
+        broker.enqueue(junk.clone());
+        run_jobs(&broker, Arc::new(ScriptedHandler::default()), options(1), 2).await;
+        let copies = copies_of(&broker, &once);
+        assert_eq!(copies[0].0, "q.dlq");
+        assert_eq!(copies[0].1.headers["x-attempts"], "1");
+        assert_eq!(
+            copies_of(&broker, &junk)[0].0,
+            "q.retry.1s",
+            "the default (3)"
+        );
+
+        // Deliveries without an outcome count against the job's own limit too.
+        let mut crashed = with_header(job("retry"), "x-max-attempts", "2");
+        crashed.meta.redeliveries = 2;
+        broker.enqueue(crashed.clone());
+        run_jobs(&broker, Arc::new(ScriptedHandler::default()), options(1), 3).await;
+        let copies = copies_of(&broker, &crashed);
+        assert_eq!(copies[0].0, "q.dlq");
+        assert!(
+            copies[0].1.headers["x-error"].ends_with("2 of 2 attempts used"),
+            "{}",
+            copies[0].1.headers["x-error"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_may_ask_for_a_shorter_or_longer_timeout_than_the_consumer_has() {
+        struct Sleeps;
+        #[async_trait]
+        impl Handler for Sleeps {
+            async fn handle(&self, _: &Job) -> Outcome {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                Outcome::Done
+            }
+        }
+        let broker = MemoryBroker::new();
+        // The consumer's timeout is 300 ms.
+        let short = with_header(job("x"), "x-timeout-ms", "20");
+        let plain = job("x");
+        broker.enqueue(short.clone());
+        broker.enqueue(plain.clone());
+        run_jobs(&broker, Arc::new(Sleeps), options(2), 2).await;
+        let copies = copies_of(&broker, &short);
+        assert_eq!(copies.len(), 1);
+        assert!(
+            copies[0].1.headers["x-last-error"].contains("timed out after 20ms"),
+            "{:?}",
+            copies[0].1.headers
+        );
+        assert!(copies_of(&broker, &plain).is_empty(), "done in time");
     }
 }

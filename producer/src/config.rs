@@ -101,16 +101,37 @@ pub struct ProducerConfig {
           value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     pub idempotency_ttl_secs: u64,
 
+    /// How far ahead a job may be scheduled with `Jobgate-Delay` or
+    /// `Jobgate-Not-Before` (`30d`, `12h`, `90s`); further gets 400 `bad-schedule`.
+    #[arg(long, env = "JOBGATE_SCHEDULE_MAX", default_value = "30d", value_parser = parse_schedule_max)]
+    pub schedule_max: Duration,
+
     /// `JOBGATE_REDIS_URL` (job status, and idempotency keys shared by several
     /// replicas) and `JOBGATE_STATUS_TTL`.
     #[command(flatten)]
     pub status: StatusArgs,
+
+    /// Hosts a job's `Jobgate-Callback` URL may name (comma list: `host`, `host:port`,
+    /// `*.domain`, IP addresses); others are refused with 400. Unset: callbacks are off
+    /// and any `Jobgate-Callback` is refused. Set the same list on the consumers.
+    #[arg(long, env = "JOBGATE_CALLBACK_ALLOW", value_parser = jobgate_shared::callback::CallbackAllow::parse)]
+    pub callback_allow: Option<jobgate_shared::callback::CallbackAllow>,
 
     #[command(flatten)]
     pub security: SecurityArgs,
 
     #[command(flatten)]
     pub broker: BrokerArgs,
+}
+
+/// `JOBGATE_SCHEDULE_MAX`: a duration from 1 s to 10 years.
+fn parse_schedule_max(text: &str) -> Result<Duration, String> {
+    let horizon =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (try `30d` or `12h`)"))?;
+    if horizon < Duration::from_secs(1) || horizon > Duration::from_secs(315_360_000) {
+        return Err("must be from 1s to 10 years".to_owned());
+    }
+    Ok(horizon)
 }
 
 /// API keys and the per-client rate limit. `Debug` never shows the keys.

@@ -35,6 +35,14 @@ pub enum ApiError {
     Idempotency(#[from] crate::idempotency::IdempotencyError),
     #[error(transparent)]
     BadMetadata(#[from] crate::metadata::BadMetadata),
+    /// A scheduling or per-job policy header that cannot be honoured: answered by
+    /// [`crate::job_options::BadJobOption`]'s own problem.
+    #[error(transparent)]
+    BadJobOption(#[from] crate::job_options::BadJobOption),
+    /// A `Jobgate-Callback` that is refused: answered by
+    /// [`crate::callback::CallbackRefused`]'s own problem.
+    #[error(transparent)]
+    Callback(#[from] crate::callback::CallbackRefused),
     #[error("this path does not answer this method")]
     MethodNotAllowed,
     /// `GET`/`DELETE /jobs/{queue}/{job_id}` without a status store.
@@ -104,6 +112,8 @@ impl ApiError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody
             | Self::BadMetadata(_)
+            | Self::BadJobOption(_)
+            | Self::Callback(_)
             | Self::Idempotency(_)
             | Self::Publish(PublishError::Malformed(_)) => StatusCode::BAD_REQUEST,
             Self::PublishWithKey(e) => Self::Publish(e.clone()).status(),
@@ -122,6 +132,9 @@ impl ApiError {
             Self::BodyTimeout(_) => "body-timeout",
             Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "bad-metadata",
             Self::Idempotency(_) => "idempotency",
+            Self::BadJobOption(crate::job_options::BadJobOption::Schedule(_)) => "bad-schedule",
+            Self::BadJobOption(crate::job_options::BadJobOption::Policy(_)) => "bad-job-policy",
+            Self::Callback(_) => "bad-callback",
             Self::PublishWithKey(e) => Self::Publish(e.clone()).slug(),
             Self::Publish(PublishError::Overloaded) => "overloaded",
             Self::Publish(_) => "broker-unavailable",
@@ -144,6 +157,8 @@ impl ApiError {
             Self::BodyTimeout(_) => "Request body too slow",
             Self::BadMetadata(_) | Self::Publish(PublishError::Malformed(_)) => "Bad job metadata",
             Self::Idempotency(_) => "Idempotency",
+            Self::BadJobOption(_) => "Bad job option",
+            Self::Callback(_) => "Bad callback URL",
             Self::PublishWithKey(e) => Self::Publish(e.clone()).title(),
             Self::Publish(PublishError::Overloaded) => "Too many jobs in flight",
             Self::Publish(_) => "Broker unavailable",
@@ -279,6 +294,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let this = match self {
             Self::Idempotency(e) => return e.into_response(),
+            Self::BadJobOption(e) => return e.into_response(),
+            Self::Callback(e) => return e.into_response(),
             other => other,
         };
         problem_response(

@@ -14,18 +14,23 @@
 //! - [`auth`] and [`rate_limit`]: API keys (401) and per-client rate limits (429)
 //!   in front of every route but the probes.
 //! - [`in_flight`]: the in-flight limit (503 `overloaded`). [`metadata`]: `X-Job-*`
-//!   and trace-context headers that travel with a job.
-//! - [`idempotency`]: `Idempotency-Key` (memory or Redis store).
+//!   and trace-context headers that travel with a job. [`callback`]: `Jobgate-Callback`
+//!   (checked against `JOBGATE_CALLBACK_ALLOW`).
+//! - [`idempotency`]: `Idempotency-Key` (memory or Redis store). [`job_options`]:
+//!   scheduled jobs and per-job policy (`Jobgate-Delay`, `Jobgate-Not-Before`,
+//!   `Jobgate-Max-Attempts`, `Jobgate-Timeout`).
 //! - [`metrics`]: `GET /metrics` and what records it. [`request_id`]: `X-Request-Id`.
 //! - `routes`: `jobs` (POST /jobs, /jobs/{queue}), `batch` (POST /jobs/{queue}/batch)
 //!   and `health` (/healthz, /readyz). [`openapi`]: GET /openapi.json.
 
 pub mod auth;
 pub mod body_deadline;
+pub mod callback;
 pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod in_flight;
+pub mod job_options;
 pub mod metadata;
 pub mod metrics;
 pub mod openapi;

@@ -155,7 +155,10 @@ mod tests {
             vec!["emails".into(), "reports".into()],
             64,
         )
-        .with_batch_limits(3, 256);
+        .with_batch_limits(3, 256)
+        .with_callback_allow(Some(
+            jobgate_shared::callback::CallbackAllow::parse("hooks.example.com").unwrap(),
+        ));
         let keys = || Some(ApiKeys::new([KEY, "other-key"]));
         let rate = || {
             Some(RateLimit::new(
@@ -264,6 +267,8 @@ mod tests {
             3 => Just(("authorization".to_owned(), format!("Bearer {KEY}").into_bytes())),
             1 => junk().prop_map(|v| ("authorization".to_owned(), v)),
             1 => junk().prop_map(|v| ("traceparent".to_owned(), v)),
+            1 => junk().prop_map(|v| ("jobgate-callback".to_owned(), v)),
+            1 => Just(("jobgate-callback".to_owned(), b"https://hooks.example.com/cb".to_vec())),
             1 => ("[a-z-]{1,12}", junk()),
         ]
     }

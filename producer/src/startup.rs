@@ -193,7 +193,13 @@ pub async fn run(
     let state = state
         .with_security(Arc::clone(&security))
         .with_idempotency(idempotency_store(&config)?, config.publish_timeout())
-        .with_status(status_store(&config)?);
+        .with_status(status_store(&config)?)
+        .with_schedule_max(config.schedule_max)
+        .with_callback_allow(config.callback_allow.clone());
+    match &state.callback_allow {
+        Some(allow) => tracing::info!(%allow, "completion callbacks allowed to these hosts"),
+        None => tracing::info!("completion callbacks off (JOBGATE_CALLBACK_ALLOW is not set)"),
+    }
     let draining = state.draining.clone();
     security.spawn_housekeeping(Duration::from_secs(60), draining.clone());
     tracing::info!(security = ?security, "auth and rate limit");

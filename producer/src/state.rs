@@ -72,6 +72,11 @@ pub struct Shared {
     pub metrics: Arc<ProducerMetrics>,
     /// Job status (`JOBGATE_REDIS_URL`); none: the status routes answer 501.
     pub status: Option<StatusStore>,
+    /// How far ahead a job may be scheduled (`JOBGATE_SCHEDULE_MAX`).
+    pub schedule_max: std::time::Duration,
+    /// `JOBGATE_CALLBACK_ALLOW`: the hosts a `Jobgate-Callback` may name; none: callbacks
+    /// are refused.
+    pub callback_allow: Option<jobgate_shared::callback::CallbackAllow>,
 }
 
 impl AppState {
@@ -99,6 +104,8 @@ impl AppState {
             idempotency_wait: std::time::Duration::from_secs(6),
             metrics,
             status: None,
+            schedule_max: crate::job_options::DEFAULT_SCHEDULE_MAX,
+            callback_allow: None,
         }))
     }
 
@@ -131,6 +138,24 @@ impl AppState {
     #[must_use]
     pub fn with_status(mut self, store: Option<StatusStore>) -> Self {
         self.shared_mut().status = store;
+        self
+    }
+
+    /// Sets how far ahead a job may be scheduled (default
+    /// [`crate::job_options::DEFAULT_SCHEDULE_MAX`]).
+    #[must_use]
+    pub fn with_schedule_max(mut self, horizon: std::time::Duration) -> Self {
+        self.shared_mut().schedule_max = horizon;
+        self
+    }
+
+    /// Sets the hosts completion callbacks may go to (none by default: callbacks off).
+    #[must_use]
+    pub fn with_callback_allow(
+        mut self,
+        allow: Option<jobgate_shared::callback::CallbackAllow>,
+    ) -> Self {
+        self.shared_mut().callback_allow = allow;
         self
     }
 

@@ -47,6 +47,13 @@ pub const HEADER_LAST_ERROR: &str = "x-last-error";
 /// How many times the job was replayed from its dead-letter queue (decimal text; absent:
 /// never). Its status record counts lives by it (`status::replays_of`).
 pub const HEADER_REPLAYS: &str = "x-replays";
+/// A scheduled job: when it is due, in ms since the epoch. A consumer that receives it
+/// earlier does not run it: it sends it through the delay tiers again (a hop).
+pub const HEADER_NOT_BEFORE: &str = "x-not-before";
+/// Per-job policy: the attempts this job gets (bounded by the consumer's ceiling).
+pub const HEADER_MAX_ATTEMPTS: &str = "x-max-attempts";
+/// Per-job policy: the job timeout in ms (bounded by the consumer's ceiling).
+pub const HEADER_TIMEOUT_MS: &str = "x-timeout-ms";
 
 /// Longest content type, id or header name that AMQP can carry (a short string). The
 /// producer holds jobs on both backends to it, so a job means the same on either.

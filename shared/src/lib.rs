@@ -8,12 +8,15 @@
 //!   fake for unit tests ([`broker::memory`]).
 //! - [`status`]: the job status store in Redis (queued, running, ..., done), its
 //!   ordered transitions in one script.
+//! - [`callback`]: completion callbacks: the URL allow-list, the callbacks queue's
+//!   name, the signature.
 //! - [`backoff`]: the reconnect delay schedule; [`retry`]: attempts and retry tiers.
 //! - [`telemetry`]: logging and trace export; [`metrics`]: the Prometheus encoder;
 //!   [`shutdown`]: the SIGTERM/SIGINT future.
 
 pub mod backoff;
 pub mod broker;
+pub mod callback;
 pub mod config;
 pub mod job;
 pub mod metrics;

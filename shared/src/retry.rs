@@ -50,6 +50,23 @@ impl RetryPolicy {
             .find(|t| *t >= wanted)
             .unwrap_or_else(|| *tiers.last().expect("at least one tier"))
     }
+
+    /// The tier a scheduled job that is due in `remaining` waits in next (a *hop*): the
+    /// longest tier no longer than `remaining`, so a hop never carries a job past its
+    /// due time; under the shortest tier, the shortest tier. A job due in `r` thus
+    /// takes about `r / max` hops of the longest tier, a few shorter ones, and reaches
+    /// its queue at most one shortest tier (`base`) after its due time, plus the time
+    /// each hop spends in the consumer and the broker. Where the broker honours the
+    /// hop's own due time (Kafka's forwarder, `x-due-at`), that last overshoot is gone.
+    pub fn hop_tier(&self, remaining: Duration) -> Duration {
+        let tiers = self.tiers();
+        tiers
+            .iter()
+            .rev()
+            .copied()
+            .find(|t| *t <= remaining)
+            .unwrap_or(tiers[0])
+    }
 }
 
 /// A short, stable name for a tier: `500ms`, `2s`, `1m`, `90s`.
@@ -132,6 +149,34 @@ mod tests {
             Duration::from_secs(10)
         );
         assert_eq!(p.tier_for(4, Some(Duration::ZERO)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_hop_never_passes_the_due_time_and_the_last_one_is_the_shortest_tier() {
+        let p = policy(1000, 60_000);
+        let hop = |ms: u64| p.hop_tier(Duration::from_millis(ms)).as_millis();
+        assert_eq!(hop(3_600_000), 60_000, "far away: the longest tier");
+        assert_eq!(hop(60_000), 60_000);
+        assert_eq!(hop(59_999), 32_000);
+        assert_eq!(hop(5_000), 4_000);
+        assert_eq!(hop(1_000), 1_000);
+        assert_eq!(hop(999), 1_000, "under the shortest tier: it");
+        assert_eq!(hop(1), 1_000);
+        // Walking a schedule hop by hop: never past the due time until the last hop,
+        // which overshoots by less than the shortest tier.
+        for due_ms in [1u64, 999, 1_000, 1_001, 7_777, 61_000, 3_600_123] {
+            let (mut at, mut hops) = (0u64, 0);
+            while at < due_ms {
+                let tier = u64::try_from(hop(due_ms - at)).unwrap();
+                if due_ms - at >= 1_000 {
+                    assert!(at + tier <= due_ms, "{due_ms}: hop {tier} from {at}");
+                }
+                at += tier;
+                hops += 1;
+            }
+            assert!(at - due_ms < 1_000, "{due_ms}: {at}");
+            assert!(hops <= due_ms / 60_000 + 8, "{due_ms}: {hops} hops");
+        }
     }
 
     #[test]

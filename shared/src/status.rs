@@ -81,8 +81,8 @@ impl StatusArgs {
 pub enum State {
     /// The broker confirmed the job; no attempt started yet.
     Queued,
-    /// Waiting for its due time before its first attempt (not written yet: reserved
-    /// for scheduled jobs).
+    /// The broker confirmed the job, and its first attempt waits for its due time
+    /// (`next_attempt_at`, `scheduled_for`).
     Scheduled,
     /// An attempt is running.
     Running,
@@ -164,9 +164,13 @@ pub struct JobStatus {
     /// When it reached a final state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
-    /// `retrying`: when the next attempt is due.
+    /// `retrying`: when the next attempt is due; `scheduled`: when the first is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<String>,
+    /// A scheduled job (`Jobgate-Delay`, `Jobgate-Not-Before`): when it was due to run
+    /// first; kept after it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<String>,
     /// Why the latest failed attempt failed (at most 4 KiB).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -196,6 +200,9 @@ pub struct JobStatus {
 pub enum Transition<'a> {
     /// The broker confirmed the job (producer); `owner` may read and cancel it.
     Queued { owner: &'a str },
+    /// The broker confirmed a job whose first attempt is due at `due` (producer):
+    /// `queued` with the state `scheduled` and the due time.
+    Scheduled { owner: &'a str, due: SystemTime },
     /// Attempt `attempt` (1-based) starts (consumer).
     Running { attempt: u32 },
     /// Attempt `attempt` failed; the next is due at `due`.
@@ -223,6 +230,7 @@ impl Transition<'_> {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Queued { .. } => "queued",
+            Self::Scheduled { .. } => "scheduled",
             Self::Running { .. } => "running",
             Self::Retrying { .. } => "retrying",
             Self::Done { .. } => "done",
@@ -279,7 +287,9 @@ pub struct StatusError(pub String);
 /// - `done`, `dead`, `cancelled` are final: nothing changes them (a `running` on `done`
 ///   or `cancelled` answers `skip`: the consumer acks the job unrun).
 /// - `queued` creates the record; on one that exists (a consumer started the job before
-///   the producer's write landed) it only adds the owner and creation time.
+///   the producer's write landed) it only adds the owner and creation time. `scheduled`
+///   is `queued` with the state `scheduled`, `next_attempt_at` and `scheduled_for` (due),
+///   and the record is kept for the TTL after the due time.
 /// - `running` of attempt n applies unless the record shows a later attempt running, or
 ///   attempt n or later already failed (`retrying`).
 /// - `retrying` of attempt n applies unless the record shows a later attempt.
@@ -301,13 +311,19 @@ local function write(key, fields, drop)
   redis.call('PEXPIRE', key, ttl)
 end
 
-if op == 'queued' then
-  local answer = {'applied', 'queued'}
+if op == 'queued' or op == 'scheduled' then
+  local answer = {'applied', op}
+  local fields = {'state', op, 'owner', owner, 'created_at', now, 'attempts', '0'}
+  if op == 'scheduled' then
+    for _, f in ipairs({'next_attempt_at', due, 'scheduled_for', due}) do table.insert(fields, f) end
+    -- Kept for the TTL after its due time, not only after now.
+    ttl = string.format('%d', tonumber(ttl) + math.max(0, tonumber(due) - tonumber(now)))
+  end
   for _, key in ipairs(KEYS) do
     local state = redis.call('HGET', key, 'state')
     if not state then
-      write(key, {'state', 'queued', 'owner', owner, 'created_at', now, 'attempts', '0'}, {})
-      answer = {'applied', 'queued'}
+      write(key, fields, {})
+      answer = {'applied', op}
     else
       redis.call('HSETNX', key, 'owner', owner)
       redis.call('HSETNX', key, 'created_at', now)
@@ -476,6 +492,24 @@ impl StatusStore {
             .map(drop)
     }
 
+    /// Records every job of `job_ids` (one batch) as `scheduled` for `owner`, due at
+    /// `due`, in one call.
+    pub async fn scheduled_many(
+        &self,
+        queue: &str,
+        job_ids: &[String],
+        owner: &str,
+        due: SystemTime,
+    ) -> Result<(), StatusError> {
+        if job_ids.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = job_ids.iter().map(|id| Self::key(queue, id)).collect();
+        self.run(&keys, 0, Transition::Scheduled { owner, due })
+            .await
+            .map(drop)
+    }
+
     async fn run(
         &self,
         keys: &[String],
@@ -489,6 +523,7 @@ impl StatusStore {
         match transition {
             Transition::Queued { owner: o } | Transition::Cancel { owner: o } => owner = o,
             Transition::Replayed => {}
+            Transition::Scheduled { owner: o, due: d } => (owner, due) = (o, epoch_millis(d)),
             Transition::Running { attempt: a } => attempt = a,
             Transition::Retrying {
                 attempt: a,
@@ -581,7 +616,7 @@ struct OpLabels {
 }
 
 /// `jobgate_status_store_failures_total{op}`: status calls that failed (Redis down,
-/// slow, or answering nonsense), by operation (`queued`, `running`, `retrying`,
+/// slow, or answering nonsense), by operation (`queued`, `scheduled`, `running`, `retrying`,
 /// `done`, `dead`, `cancel`, `read`). Both binaries count them the same way.
 #[derive(Debug, Clone, Default)]
 pub struct StoreFailures(
@@ -628,7 +663,8 @@ fn epoch_millis(at: SystemTime) -> u64 {
 }
 
 /// `text` cut to at most `max` bytes, at a character boundary.
-fn cut(text: &str, max: usize) -> String {
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn cut(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
@@ -693,6 +729,7 @@ fn from_fields(
         started_at: time("started_at")?,
         finished_at: time("finished_at")?,
         next_attempt_at: time("next_attempt_at")?,
+        scheduled_for: time("scheduled_for")?,
         last_error: text("last_error"),
         result: text("result"),
         result_truncated: fields.contains_key("result_truncated"),

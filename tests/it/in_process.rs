@@ -119,7 +119,9 @@ async fn kafka_committed_offset_never_passes_an_unfinished_job_of_a_partition() 
             max: Duration::from_secs(1),
         },
         job_timeout: None,
+        policy_ceilings: consumer::job_policy::Ceilings::default(),
         status: None,
+        callbacks: None,
     };
     // Nothing is retried here: the outcome publisher is never used.
     let outcomes: jobgate_shared::broker::SharedPublisher =

@@ -15,6 +15,10 @@
 //!
 //! `status` and `status_store` hold job status (issue 16): the routes with the real
 //! binaries on both backends, and the store's transition rules against Redis.
+//! `scheduled` holds scheduled jobs and per-job policy (issue 16).
+//!
+//! `callbacks` holds completion callbacks (issue 16): a callback server on loopback,
+//! signatures verified, retries, redirects, the allow-list at submit and in the consumer.
 //!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
@@ -25,6 +29,7 @@ mod alarm;
 mod amqp_nodes;
 mod auth;
 mod batch;
+mod callbacks;
 mod clusters;
 mod consumer_metrics;
 mod faults;
@@ -43,6 +48,7 @@ mod rabbitmq_only;
 mod redelivery;
 mod retries;
 mod scenarios;
+mod scheduled;
 mod setup;
 mod slow_clients;
 mod status;

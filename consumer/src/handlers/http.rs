@@ -168,14 +168,14 @@ impl Handler for HttpHandler {
 }
 
 /// `408`, `429` and `5xx` are worth another try; other failures are not.
-fn is_transient(status: StatusCode) -> bool {
+pub(crate) fn is_transient(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
 }
 
 /// "503 Service Unavailable", or "599" for a code without a name.
-fn status_text(status: StatusCode) -> String {
+pub(crate) fn status_text(status: StatusCode) -> String {
     match status.canonical_reason() {
         Some(name) => format!("{} {name}", status.as_u16()),
         None => status.as_u16().to_string(),
@@ -185,7 +185,7 @@ fn status_text(status: StatusCode) -> String {
 /// The delay a `Retry-After` header asks for (RFC 9110 §10.2.3: seconds, or an HTTP
 /// date), at most [`MAX_RETRY_AFTER`]; a date in the past is no delay. `None` without a
 /// header or with one that is neither.
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     let delay = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         // All digits: only an overflow can fail, and that is "very long".

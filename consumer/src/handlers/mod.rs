@@ -5,7 +5,7 @@
 //! - `exec` ([`ExecHandler`]): runs `JOBGATE_EXEC_COMMAND` with the body on stdin.
 
 mod exec;
-mod http;
+pub(crate) mod http;
 mod log;
 
 pub use exec::ExecHandler;

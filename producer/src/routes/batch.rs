@@ -490,14 +490,19 @@ fn short_problem(error: &PublishError) -> &'static str {
     params(
         ("queue" = String, Path, description = "A queue of `JOBGATE_QUEUES`."),
         ("X-Job-*" = Option<String>, Header, description = "Any number (at most 16) of `X-Job-<name>` headers travel with every job of the batch as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces."),
+        ("Jobgate-Callback" = Option<String>, Header, description = "An absolute http(s) URL (at most 2048 bytes, no user name or password) whose host is in `JOBGATE_CALLBACK_ALLOW`: every job of the batch POSTs its final status (done, dead, cancelled) there, signed (`Jobgate-Signature`). Else 400."),
         ("traceparent" = Option<String>, Header, description = "W3C trace context; travels with every job when valid."),
         ("tracestate" = Option<String>, Header, description = "W3C trace context; travels with a valid `traceparent`."),
+        ("Jobgate-Delay" = Option<String>, Header, description = "For every job of the batch: Run the job no sooner than this many seconds from now (`90`, `1.5`); `0` runs it now. At most `JOBGATE_SCHEDULE_MAX` (default 30 days). Not with `Jobgate-Not-Before`. Its status is `scheduled` until it starts. The job reaches a consumer up to `JOBGATE_RETRY_BASE_MS` (default 1 s) after its time on RabbitMQ, about on time on Kafka, plus the consumers' own backlog; never before."),
+        ("Jobgate-Not-Before" = Option<String>, Header, description = "For every job of the batch: Run the job no sooner than this RFC 3339 time (`2026-01-05T10:00:00Z`, `2026-01-05T11:00:00+01:00`); a time in the past runs it now. At most `JOBGATE_SCHEDULE_MAX` ahead. Not with `Jobgate-Delay`."),
+        ("Jobgate-Max-Attempts" = Option<u32>, Header, description = "For every job of the batch: Attempts this job gets in all (1 to 1000) instead of the consumer's `JOBGATE_MAX_ATTEMPTS`; a consumer holds it to its `JOBGATE_MAX_ATTEMPTS_CEILING`."),
+        ("Jobgate-Timeout" = Option<String>, Header, description = "For every job of the batch: This job's timeout, in seconds (`30`, `0.5`) or as a duration (`1m 30s`, `250ms`), 1 ms to 7 days, instead of the consumer's `JOBGATE_JOB_TIMEOUT_MS`; a consumer holds it to its `JOBGATE_JOB_TIMEOUT_CEILING`."),
     ),
     responses(
         (status = 202, description = "The broker took every item.", body = BatchAnswer),
         (status = 207, description = "The broker took some items; the others have `error` (retry those).", body = BatchAnswer,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying the failed items."))),
-        (status = 400, description = "`malformed-batch`, `empty-batch`, `bad-body` or `bad-metadata` (nothing is published).", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`malformed-batch`, `empty-batch`, `bad-body`, `bad-metadata`, `bad-schedule`, `bad-job-policy`, `callback-not-allowed` (the `Jobgate-Callback` host is not in `JOBGATE_CALLBACK_ALLOW`, or that setting is unset) or `bad-callback` (nothing is published).", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: API keys are configured and the request has none or a wrong one.", body = Problem, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"jobgate\"`"))),
         (status = 404, description = "`unknown-queue` (nothing is published) or `not-found`.", body = Problem, content_type = "application/problem+json"),
@@ -536,7 +541,17 @@ pub async fn post_batch(
     let (body, items) = read_batch(&state, &headers, format, body).await?;
     let items: Vec<Bytes> = items.into_iter().map(|range| body.slice(range)).collect();
     // The request's metadata headers travel with every job of the batch.
-    let job_headers = crate::metadata::extract(&headers).map_err(IntoResponse::into_response)?;
+    let mut job_headers =
+        crate::metadata::extract(&headers).map_err(IntoResponse::into_response)?;
+    let options = crate::job_options::JobOptions::from_headers(
+        &headers,
+        std::time::SystemTime::now(),
+        state.schedule_max,
+    )
+    .map_err(IntoResponse::into_response)?;
+    options.apply(&mut job_headers);
+    crate::callback::apply(state.callback_allow.as_ref(), &headers, &mut job_headers)
+        .map_err(IntoResponse::into_response)?;
     let header_bytes: usize = job_headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     if header_bytes.saturating_mul(items.len()) > state.max_batch_header_bytes {
         return Err(BatchError::HeadersTooLarge {
@@ -619,8 +634,14 @@ pub async fn post_batch(
         let (task_state, task_queue) = (state.clone(), queue.clone());
         let scope = scope.map(|Extension(ApiKeyId(digest))| digest);
         let recorded = tokio::spawn(async move {
-            super::status::record_queued(&task_state, &task_queue, &accepted_ids, scope.as_ref())
-                .await;
+            super::status::record_queued(
+                &task_state,
+                &task_queue,
+                &accepted_ids,
+                scope.as_ref(),
+                options.due,
+            )
+            .await;
         });
         if let Err(error) = recorded.await {
             tracing::error!(%error, "the task recording the batch's status failed");

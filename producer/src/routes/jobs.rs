@@ -45,10 +45,25 @@ struct JobHeaders {
     /// Any number (at most 16) of `X-Job-<name>` headers travel with the job as message headers, names lower-cased: names up to 64 bytes, values up to 1024 bytes of visible ASCII and spaces.
     #[param(rename = "X-Job-*")]
     x_job: Option<String>,
+    /// An absolute http(s) URL (at most 2048 bytes, no user name or password) whose host is in `JOBGATE_CALLBACK_ALLOW`: the job's final status (done, dead, cancelled; the JSON of `GET /jobs/{queue}/{job_id}`) is POSTed there, signed with `Jobgate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, retried with backoff. Else 400 `callback-not-allowed` or `bad-callback`.
+    #[param(rename = "Jobgate-Callback")]
+    jobgate_callback: Option<String>,
     /// W3C trace context; travels with the job when valid (`00-<32 hex>-<16 hex>-<2 hex>`), ignored otherwise.
     traceparent: Option<String>,
     /// W3C trace context; travels with a valid `traceparent`.
     tracestate: Option<String>,
+    /// Run the job no sooner than this many seconds from now (`90`, `1.5`); `0` runs it now. At most `JOBGATE_SCHEDULE_MAX` (default 30 days). Not with `Jobgate-Not-Before`. Its status is `scheduled` until it starts. The job reaches a consumer up to `JOBGATE_RETRY_BASE_MS` (default 1 s) after its time on RabbitMQ, about on time on Kafka, plus the consumers' own backlog; never before.
+    #[param(rename = "Jobgate-Delay")]
+    delay: Option<String>,
+    /// Run the job no sooner than this RFC 3339 time (`2026-01-05T10:00:00Z`, `2026-01-05T11:00:00+01:00`); a time in the past runs it now. At most `JOBGATE_SCHEDULE_MAX` ahead. Not with `Jobgate-Delay`.
+    #[param(rename = "Jobgate-Not-Before")]
+    not_before: Option<String>,
+    /// Attempts this job gets in all (1 to 1000) instead of the consumer's `JOBGATE_MAX_ATTEMPTS`; a consumer holds it to its `JOBGATE_MAX_ATTEMPTS_CEILING`.
+    #[param(rename = "Jobgate-Max-Attempts")]
+    max_attempts: Option<u32>,
+    /// This job's timeout, in seconds (`30`, `0.5`) or as a duration (`1m 30s`, `250ms`), 1 ms to 7 days, instead of the consumer's `JOBGATE_JOB_TIMEOUT_MS`; a consumer holds it to its `JOBGATE_JOB_TIMEOUT_CEILING`.
+    #[param(rename = "Jobgate-Timeout")]
+    timeout: Option<String>,
 }
 
 /// The answers of both single-job routes (OpenAPI only).
@@ -60,7 +75,7 @@ enum JobResponses {
     Accepted(Accepted),
     #[response(
         status = 400,
-        description = "`bad-body`, `bad-metadata` or `bad-idempotency-key`.",
+        description = "`bad-body`, `bad-metadata`, `bad-idempotency-key`, `bad-schedule` (`Jobgate-Delay` or `Jobgate-Not-Before` unreadable, both given, or beyond `JOBGATE_SCHEDULE_MAX`), `bad-job-policy` (`Jobgate-Max-Attempts` or `Jobgate-Timeout` unreadable or out of bounds), `callback-not-allowed` (the `Jobgate-Callback` host is not in `JOBGATE_CALLBACK_ALLOW`, or that setting is unset: callbacks off) or `bad-callback` (not an absolute http(s) URL, too long, or with a user name).",
         content_type = "application/problem+json"
     )]
     BadRequest(Problem),
@@ -176,6 +191,13 @@ async fn accept(
     let content_type = crate::metadata::content_type(headers)?;
     let mut meta = JobMeta::new(queue, content_type);
     meta.headers = crate::metadata::extract(headers)?;
+    let options = crate::job_options::JobOptions::from_headers(
+        headers,
+        std::time::SystemTime::now(),
+        state.schedule_max,
+    )?;
+    options.apply(&mut meta.headers);
+    crate::callback::apply(state.callback_allow.as_ref(), headers, &mut meta.headers)?;
     // Idempotency-Key: replay a stored answer, or claim the key before publishing.
     let scope = scope.map(|Extension(ApiKeyId(digest))| digest);
     let claim = match idempotency::begin(
@@ -230,6 +252,7 @@ async fn accept(
                     &meta.queue,
                     std::slice::from_ref(&meta.id),
                     scope.as_ref(),
+                    options.due,
                 )
                 .await;
             }

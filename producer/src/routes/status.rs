@@ -25,19 +25,29 @@ pub(crate) fn owner(scope: Option<&[u8; 32]>) -> String {
 }
 
 /// Records `job_ids` of `queue`, which the broker confirmed, as `queued` for the caller
-/// `scope`. Never fails the request (the jobs are queued already): a failed write is
-/// logged and counted, and the jobs' status then cannot be read.
+/// `scope`, or `scheduled` when they are `due` later. Never fails the request (the jobs
+/// are queued already): a failed write is logged and counted, and the jobs' status then
+/// cannot be read.
 pub(crate) async fn record_queued(
     state: &AppState,
     queue: &str,
     job_ids: &[String],
     scope: Option<&[u8; 32]>,
+    due: Option<std::time::SystemTime>,
 ) {
     let Some(store) = &state.status else {
         return;
     };
-    if let Err(error) = store.queued_many(queue, job_ids, &owner(scope)).await {
-        state.metrics.status_failures.record("queued");
+    let owner = owner(scope);
+    let (written, op) = match due {
+        None => (store.queued_many(queue, job_ids, &owner).await, "queued"),
+        Some(due) => (
+            store.scheduled_many(queue, job_ids, &owner, due).await,
+            "scheduled",
+        ),
+    };
+    if let Err(error) = written {
+        state.metrics.status_failures.record(op);
         tracing::warn!(%error, %queue, jobs = job_ids.len(), first_job_id = job_ids.first().map(String::as_str), "could not record accepted jobs as queued; their status will not be readable");
     }
 }
@@ -102,7 +112,7 @@ enum CancelResponses {
     path = "/jobs/{queue}/{job_id}",
     tag = "jobs",
     summary = "A job's status",
-    description = "What became of a job submitted with this API key: `queued`, `running`, `retrying` (with `next_attempt_at`), `done` (with the handler's `result`), `dead` or `cancelled`, with its attempts, times and last error. Kept for `JOBGATE_STATUS_TTL` after its last change. Needs `JOBGATE_REDIS_URL`.",
+    description = "What became of a job submitted with this API key: `queued`, `scheduled` (with `next_attempt_at` and `scheduled_for`), `running`, `retrying` (with `next_attempt_at`), `done` (with the handler's `result`), `dead` or `cancelled`, with its attempts, times and last error. Kept for `JOBGATE_STATUS_TTL` after its last change. Needs `JOBGATE_REDIS_URL`.",
     params(
         ("queue" = String, Path, description = "A queue of `JOBGATE_QUEUES`."),
         ("job_id" = String, Path, description = "The `job_id` of the 202 (or of a batch item)."),
@@ -134,7 +144,7 @@ pub async fn get_status(
     path = "/jobs/{queue}/{job_id}",
     tag = "jobs",
     summary = "Cancel a job that has not started",
-    description = "Cancels a job submitted with this API key that is `queued` or `retrying`: its state becomes `cancelled` and a consumer that receives it acks it without running it. A running attempt is not interrupted (409). Cancelling a cancelled job again answers 200. Needs `JOBGATE_REDIS_URL` (on the consumers too).",
+    description = "Cancels a job submitted with this API key that is `queued`, `scheduled` or `retrying`: its state becomes `cancelled` and a consumer that receives it acks it without running it. A running attempt is not interrupted (409). Cancelling a cancelled job again answers 200. Needs `JOBGATE_REDIS_URL` (on the consumers too).",
     params(
         ("queue" = String, Path, description = "A queue of `JOBGATE_QUEUES`."),
         ("job_id" = String, Path, description = "The `job_id` of the 202 (or of a batch item)."),
