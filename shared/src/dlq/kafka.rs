@@ -12,8 +12,10 @@
 //! - `replay` publishes each record to `Q` through a confirming [`KafkaPublisher`],
 //!   then commits (synchronously) the partition's next offset for the replay group, so
 //!   a second replay does not repeat the first. With `--job-id`, only matching records
-//!   are replayed and nothing is committed: a later full replay includes that job
-//!   again (a duplicate; handlers are idempotent on the job id);
+//!   are replayed, and one is committed past only when no record before it on its
+//!   partition was skipped (it was the oldest there); otherwise it stays listed and a
+//!   later full replay includes that job again (a duplicate; handlers are idempotent on
+//!   the job id);
 //! - `purge` commits the end of every partition for the replay group. The records stay
 //!   in the topic until its retention removes them, but the tools treat them as gone.
 //!
@@ -320,12 +322,15 @@ pub async fn replay(
     let result = async {
         wait_ready(publisher.as_ref(), "the Kafka publisher").await?;
         reader.assign()?;
+        let mut skipped_on = HashSet::new();
         while (replayed as usize) < limit {
             let Some(message) = reader.next().await? else {
                 break;
             };
             let dead = dead_job(&reader.topic, &message);
             if job_id.is_some_and(|id| id != dead.meta.id) {
+                // Left in place: the group may not move past it on this partition.
+                skipped_on.insert(message.partition());
                 continue;
             }
             let meta = replay_meta(&dead.meta, queue);
@@ -336,9 +341,11 @@ pub async fn replay(
                 ))
             })?;
             record_replay(status, &meta).await;
-            // Confirmed in Q: now the replay group may move past it. Not with
-            // --job-id: records skipped before it must stay ahead of the group.
-            if job_id.is_none() {
+            // Confirmed in Q: now the replay group may move past it, unless a record
+            // before it on its partition was skipped (`--job-id`): that one must stay
+            // ahead of the group. A job replayed alone at the head of its partition
+            // (the common case: the only dead job, or the oldest) so leaves the DLQ.
+            if !skipped_on.contains(&message.partition()) {
                 reader
                     .commit(message.partition(), message.offset() + 1)
                     .await?;
