@@ -14,6 +14,7 @@
   const KEY_STORAGE = "jobgate.key";
   const POLL_MS = 2000;
   const WINDOW_MS = 5 * 60 * 1000;
+  const MIN_SPAN_MS = 60 * 1000;
   const FINAL_STATES = new Set(["done", "dead", "cancelled"]);
   const ADMIN_ONLY = "Needs an admin key (JOBGATE_ADMIN_KEYS)";
   const COLORS = {
@@ -438,8 +439,11 @@
     ctx.lineTo(cssWidth, cssHeight - 0.5);
     ctx.stroke();
     if (!history.length) return;
+    // The last five minutes; while fewer are known (a page just opened), what is known,
+    // but at least a minute, so that a few samples are not squeezed into one corner.
     const end = history[history.length - 1].t;
-    const x = (t) => ((t - (end - WINDOW_MS)) / WINDOW_MS) * (cssWidth - 2) + 1;
+    const span = Math.min(WINDOW_MS, Math.max(MIN_SPAN_MS, end - history[0].t));
+    const x = (t) => ((t - (end - span)) / span) * (cssWidth - 2) + 1;
     const top = 3;
     const peak = (values) => Math.max(0, ...values.filter((v) => typeof v === "number"));
     const depthPeak = peak(history.map((s) => s.depth));
