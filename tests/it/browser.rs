@@ -388,8 +388,12 @@ impl Browser {
         .await
     }
 
-    /// Saves a PNG of the viewport as `name` in `JOBGATE_SCREENSHOTS_DIR`, when set
-    /// (`scripts/screenshots.sh`).
+    /// True when `JOBGATE_SCREENSHOTS_DIR` is set (`scripts/screenshots.sh`).
+    pub fn screenshots_wanted() -> bool {
+        std::env::var_os("JOBGATE_SCREENSHOTS_DIR").is_some()
+    }
+
+    /// Saves a PNG of the viewport as `name` in `JOBGATE_SCREENSHOTS_DIR`, when set.
     pub async fn screenshot(&self, name: &str) {
         let Some(dir) = std::env::var_os("JOBGATE_SCREENSHOTS_DIR") else {
             return;

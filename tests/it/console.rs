@@ -287,7 +287,21 @@ pub async fn a_queues_depth_rises_with_posts_and_falls_when_a_consumer_drains_it
         .await;
     assert!(summary.contains("max 5"), "{summary}");
     assert!(!browser.visible("#queues-error").await);
-    if backend == Backend::Rabbitmq {
+    if backend == Backend::Rabbitmq && Browser::screenshots_wanted() {
+        // For the README: half a minute of bursts, so the chart shows some history.
+        for burst in 0..5 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            for n in 0..4 * (burst + 1) {
+                post_as(
+                    &producer,
+                    ADMIN,
+                    &queue,
+                    &format!("{{\"burst\":{burst},\"n\":{n}}}"),
+                )
+                .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
         browser.screenshot("queues.png").await;
     }
     browser.close().await;
