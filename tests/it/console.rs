@@ -227,6 +227,26 @@ pub async fn signing_in_needs_a_key_the_producer_accepts(backend: Backend) {
         .until_text("#whoami", "the reader role", |t| t.contains("reader"))
         .await;
     assert!(whoami.contains(backend_name(backend)), "{whoami}");
+
+    // A producer without keys answers loopback clients without one: the empty key signs
+    // in (as an admin, like RabbitMQ's guest). When that producer goes away, the page
+    // says its polls fail.
+    let mut keyless = Producer::start(backend, &[&queue], &[]).await;
+    browser.open(&keyless.url("/ui")).await;
+    browser.until_visible("#signin").await;
+    browser.fill("#api-key", "").await;
+    browser.click("#signin-submit").await;
+    browser.until_visible("#page-queues").await;
+    browser
+        .until_text("#whoami", "the admin role", |t| t.contains("admin"))
+        .await;
+    browser
+        .until_text(&queue_cell(&queue, "consumers"), "a cell", |_| true)
+        .await;
+    assert!(!browser.visible("#queues-error").await);
+    keyless.process.terminate();
+    keyless.process.wait_exit(Duration::from_secs(30)).await;
+    browser.until_visible("#queues-error").await;
     browser.close().await;
 }
 
