@@ -9,7 +9,8 @@
 # What it removes first (needs root, like the brokers' install):
 #   - the running brokers (scripts/brokers.sh down all, the loopback clusters, then any
 #     epmd left behind);
-#   - jobgate's Debian packages (rabbitmq-server, redis-server) with everything apt
+#   - jobgate's Debian packages (rabbitmq-server, redis-server, chromium,
+#     chromium-driver) with everything apt
 #     installed only for them (Erlang, ...), their data and config, and apt's package
 #     lists (a new machine may have none);
 #   - ~/.cache/jobgate (Kafka jars, jobgate's Maven repository, the readiness probe) and
@@ -26,7 +27,9 @@ set -euo pipefail
 readonly PROG="scripts/fresh-machine-check.sh"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly ROOT
-readonly PACKAGES=(rabbitmq-server redis-server)
+# scripts/brokers.sh installs the first two, scripts/browser.sh (the console's browser
+# tests) the other two.
+readonly PACKAGES=(rabbitmq-server redis-server chromium chromium-driver)
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/jobgate"
 STATE_ROOT="${JOBGATE_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/jobgate}"
 TARGET_DIR="${JOBGATE_REHEARSAL_TARGET:-${XDG_CACHE_HOME:-$HOME/.cache}/jobgate-rehearsal-target}"

@@ -10,5 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/brokers.sh up all
+bash scripts/browser.sh
 cargo build --workspace --bins
 cargo test --workspace "$@"

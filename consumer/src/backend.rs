@@ -23,7 +23,7 @@ pub fn source(config: &ConsumerConfig) -> Box<dyn JobSource> {
         Backend::Kafka => Box::new(KafkaSource::new(kafka::SourceOptions {
             topics: config.broker.kafka_topics(),
             queues: config.queue.clone(),
-            group_template: config.kafka_group.clone(),
+            group_template: config.broker.kafka_group.clone(),
             session_timeout: Duration::from_millis(config.kafka_session_timeout_ms),
             retry_tiers: tiers,
             publish_timeout: config.publish_timeout(),

@@ -283,9 +283,9 @@ pub fn worker_config(config: &ConsumerConfig) -> ConsumerConfig {
         .iter()
         .map(|q| callbacks_queue_name(q))
         .collect();
-    if !c.kafka_group.contains("{queue}") {
+    if !c.broker.kafka_group.contains("{queue}") {
         // One fixed group for every queue: the callbacks get one of their own.
-        c.kafka_group = format!("{}.callbacks", c.kafka_group);
+        c.broker.kafka_group = format!("{}.callbacks", c.broker.kafka_group);
     }
     c
 }

@@ -82,10 +82,6 @@ pub struct ConsumerConfig {
     #[arg(long, env = "JOBGATE_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
 
-    /// Kafka consumer group of each queue; `{queue}` is replaced by the queue name.
-    #[arg(long, env = "JOBGATE_KAFKA_GROUP", default_value = "jobgate.{queue}")]
-    pub kafka_group: String,
-
     /// Kafka session timeout in milliseconds: how soon the partitions of a replica that
     /// died move to the others.
     #[arg(long, env = "JOBGATE_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,

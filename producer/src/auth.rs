@@ -38,7 +38,18 @@ pub const FAILURES_PER_SEC: u32 = 1;
 pub const FAILURE_BURST: u32 = 10;
 
 /// Paths that never need a key: probes and descriptions of the service.
-pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json"];
+/// The console's page and assets are open too: they hold no data, and the page asks for
+/// a key before it calls the API.
+pub const OPEN_PATHS: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/ui",
+    "/ui/",
+    "/ui/app.js",
+    "/ui/app.css",
+];
 
 /// A list of API keys as given on the command line; `Debug` shows only how many.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -154,10 +165,23 @@ fn digest(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
 }
 
-/// The accepted keys, as SHA-256 digests.
+/// What a caller may do: every caller may send jobs and read; only an admin may replay
+/// and purge dead jobs, and read the status of any job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A key of `JOBGATE_API_KEYS`, or anyone when keys are off and anonymous
+    /// clients are allowed.
+    Reader,
+    /// A key of `JOBGATE_ADMIN_KEYS`, or a loopback client when no keys are configured
+    /// (like RabbitMQ's `guest` user).
+    Admin,
+}
+
+/// The accepted keys, as SHA-256 digests, each with its role.
 #[derive(Clone)]
 pub struct ApiKeys {
-    digests: Vec<[u8; 32]>,
+    digests: Vec<([u8; 32], Role)>,
 }
 
 impl fmt::Debug for ApiKeys {
@@ -172,10 +196,29 @@ impl ApiKeys {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        Self::with_admins(keys, std::iter::empty::<&str>())
+    }
+
+    /// `readers` and `admins`; a key in both lists is an admin.
+    pub fn with_admins<I, S, J, T>(readers: I, admins: J) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+        J: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let admins: Vec<[u8; 32]> = admins
+            .into_iter()
+            .map(|k| digest(k.as_ref().as_bytes()))
+            .collect();
+        let readers = readers
+            .into_iter()
+            .map(|k| digest(k.as_ref().as_bytes()))
+            .filter(|d| !admins.contains(d));
         Self {
-            digests: keys
-                .into_iter()
-                .map(|k| digest(k.as_ref().as_bytes()))
+            digests: readers
+                .map(|d| (d, Role::Reader))
+                .chain(admins.iter().map(|d| (*d, Role::Admin)))
                 .collect(),
         }
     }
@@ -191,12 +234,26 @@ impl ApiKeys {
     /// The digest of `presented` when it is one of the keys. Every key is compared, in
     /// constant time, whatever matches.
     pub fn verify(&self, presented: &str) -> Option<[u8; 32]> {
+        self.verify_role(presented).map(|(digest, _)| digest)
+    }
+
+    /// [`ApiKeys::verify`], with the key's role.
+    pub fn verify_role(&self, presented: &str) -> Option<([u8; 32], Role)> {
         let candidate = digest(presented.as_bytes());
-        let found = self
-            .digests
-            .iter()
-            .fold(Choice::from(0), |found, d| found | d.ct_eq(&candidate));
-        bool::from(found).then_some(candidate)
+        let (found, admin) = self.digests.iter().fold(
+            (Choice::from(0), Choice::from(0)),
+            |(found, admin), (d, role)| {
+                let this = d.ct_eq(&candidate);
+                let is_admin = Choice::from(u8::from(*role == Role::Admin));
+                (found | this, admin | (this & is_admin))
+            },
+        );
+        let role = if bool::from(admin) {
+            Role::Admin
+        } else {
+            Role::Reader
+        };
+        bool::from(found).then_some((candidate, role))
     }
 }
 
@@ -235,11 +292,13 @@ impl Security {
     /// From the configuration; reads the keys file (an error when it cannot be read or
     /// holds no keys).
     pub fn from_args(args: &SecurityArgs) -> anyhow::Result<Self> {
-        let keys = match (&args.api_keys, &args.api_keys_file) {
-            (_, Some(path)) => Some(ApiKeys::new(load_keys_file(path)?)),
-            (Some(list), None) => Some(ApiKeys::new(list.keys())),
-            (None, None) => None,
+        let readers = match (&args.api_keys, &args.api_keys_file) {
+            (_, Some(path)) => load_keys_file(path)?,
+            (Some(list), None) => list.keys().to_vec(),
+            (None, None) => Vec::new(),
         };
+        let admins = args.admin_keys.as_ref().map_or(&[][..], ApiKeyList::keys);
+        let keys = Some(ApiKeys::with_admins(&readers, admins));
         let rate_limit = RateLimit::from_settings(args.rate_limit_per_sec, args.rate_limit_burst);
         let mut security = Self::new(keys, rate_limit);
         security.loopback_only = security.keys.is_none() && !args.allow_anonymous;
@@ -324,15 +383,15 @@ pub async fn guard(
         }
         unauthorized(detail)
     };
-    let bucket = match &security.keys {
+    let (bucket, role) = match &security.keys {
         Some(keys) => match bearer_token(&request) {
             None => {
                 return refuse(
                     "This endpoint needs an API key: send `Authorization: Bearer <key>`.",
                 )
             }
-            Some(token) => match keys.verify(token) {
-                Some(digest) => Bucket::Key(digest),
+            Some(token) => match keys.verify_role(token) {
+                Some((digest, role)) => (Bucket::Key(digest), role),
                 None => {
                     tracing::info!(
                         path = request.uri().path(),
@@ -350,7 +409,10 @@ pub async fn guard(
                  JOBGATE_ALLOW_ANONYMOUS=true to accept jobs from anyone.",
             )
         }
-        None => peer.map_or(Bucket::Unknown, Bucket::Addr),
+        // Loopback only, like RabbitMQ's guest user: the operator on the host.
+        None if security.loopback_only => (peer.map_or(Bucket::Unknown, Bucket::Addr), Role::Admin),
+        // Anyone may send jobs and read; nobody may replay or purge without admin keys.
+        None => (peer.map_or(Bucket::Unknown, Bucket::Addr), Role::Reader),
     };
     if let Some(limit) = &security.rate_limit {
         if let Err(wait) = limit.check(&bucket) {
@@ -361,6 +423,7 @@ pub async fn guard(
     if let Bucket::Key(digest) = &bucket {
         request.extensions_mut().insert(ApiKeyId(*digest));
     }
+    request.extensions_mut().insert(role);
     // A batch pays the rest of its items from the same bucket.
     request.extensions_mut().insert(bucket);
     next.run(request).await
@@ -420,6 +483,23 @@ mod tests {
         assert!(keys.verify("k").is_none());
         assert!(keys.verify("k1k1").is_none());
         assert!(keys.verify("").is_none());
+    }
+
+    #[test]
+    fn admin_keys_are_keys_with_the_admin_role() {
+        let keys = ApiKeys::with_admins(["reader", "both"], ["admin", "both"]);
+        assert_eq!(keys.len(), 3);
+        assert_eq!(
+            keys.verify_role("reader").map(|(_, r)| r),
+            Some(Role::Reader)
+        );
+        assert_eq!(keys.verify_role("admin").map(|(_, r)| r), Some(Role::Admin));
+        assert_eq!(keys.verify_role("both").map(|(_, r)| r), Some(Role::Admin));
+        assert!(keys.verify_role("nobody").is_none());
+        assert_eq!(
+            keys.verify("admin"),
+            keys.verify_role("admin").map(|(d, _)| d)
+        );
     }
 
     mod routes {

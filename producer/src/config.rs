@@ -121,6 +121,9 @@ pub struct ProducerConfig {
     pub security: SecurityArgs,
 
     #[command(flatten)]
+    pub console: crate::console::ConsoleArgs,
+
+    #[command(flatten)]
     pub broker: BrokerArgs,
 }
 
@@ -141,6 +144,14 @@ pub struct SecurityArgs {
     #[arg(long, env = "JOBGATE_API_KEYS", hide_env_values = true,
           value_parser = KeyListParser, conflicts_with = "api_keys_file")]
     pub api_keys: Option<ApiKeyList>,
+
+    /// Admin API keys (comma list): valid API keys that may also replay and purge dead
+    /// jobs (the console's `POST /queues/{queue}/dead/replay` and `DELETE
+    /// /queues/{queue}/dead`) and read any job's status. Other keys are read-only
+    /// there.
+    #[arg(long, env = "JOBGATE_ADMIN_KEYS", hide_env_values = true,
+          value_parser = KeyListParser)]
+    pub admin_keys: Option<ApiKeyList>,
 
     /// File of API keys, one a line (blank lines and `#` comments ignored), read at
     /// start; an unreadable file or one without keys stops the producer.
@@ -169,7 +180,7 @@ pub struct SecurityArgs {
 /// Compose leaves `JOBGATE_API_KEYS: ${JOBGATE_API_KEYS:-}` without a `.env`. A value
 /// that is there but holds no key (`,`, blanks), or `--api-keys ""` on the command line,
 /// is still refused.
-const EMPTY_VARIABLE_IS_UNSET: &[&str] = &["api_keys"];
+const EMPTY_VARIABLE_IS_UNSET: &[&str] = &["api_keys", "admin_keys"];
 
 impl ProducerConfig {
     /// The configuration of this process: its flags, then its `JOBGATE_*` variables,

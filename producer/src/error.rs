@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use jobgate_shared::broker::PublishError;
+use jobgate_shared::dlq::DlqError;
 use serde::Serialize;
 
 /// Every error the HTTP API answers with.
@@ -60,6 +61,21 @@ pub enum ApiError {
     /// A cancel of a job that ended already (`done` or `dead`).
     #[error("the job is {0} already")]
     JobFinished(jobgate_shared::status::State),
+    /// A request the route cannot use (a bad query or body): the words say why.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A console action that needs an admin key.
+    #[error("this needs an admin key")]
+    AdminOnly,
+    /// A purge without `confirm` naming the queue.
+    #[error("the purge of {0:?} was not confirmed")]
+    ConfirmationRequired(String),
+    /// A dead-letter operation failed.
+    #[error(transparent)]
+    Dlq(#[from] jobgate_shared::dlq::DlqError),
+    /// A state built without the console (unit tests of other routes).
+    #[error("the console is not configured")]
+    ConsoleOff,
 }
 
 /// The problem document (RFC 9457), sent as `application/problem+json`.
@@ -104,7 +120,13 @@ impl ApiError {
             Self::UnknownQueue(_) | Self::NotFound | Self::JobNotFound { .. } => {
                 StatusCode::NOT_FOUND
             }
-            Self::StatusOff => StatusCode::NOT_IMPLEMENTED,
+            Self::StatusOff | Self::ConsoleOff => StatusCode::NOT_IMPLEMENTED,
+            Self::AdminOnly => StatusCode::FORBIDDEN,
+            Self::BadRequest(_) | Self::ConfirmationRequired(_) | Self::Dlq(DlqError::Usage(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Dlq(DlqError::NotFound(_)) => StatusCode::NOT_FOUND,
+            Self::Dlq(DlqError::Failed(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::StatusStore(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::JobRunning | Self::JobFinished(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -144,6 +166,12 @@ impl ApiError {
             Self::StatusStore(_) => "status-store-unavailable",
             Self::JobRunning => "job-running",
             Self::JobFinished(_) => "job-finished",
+            Self::BadRequest(_) | Self::Dlq(DlqError::Usage(_)) => "bad-request",
+            Self::AdminOnly => "admin-only",
+            Self::ConfirmationRequired(_) => "confirmation-required",
+            Self::Dlq(DlqError::NotFound(_)) => "dead-job-not-found",
+            Self::Dlq(DlqError::Failed(_)) => "dlq-unavailable",
+            Self::ConsoleOff => "console-not-configured",
         }
     }
 
@@ -168,6 +196,12 @@ impl ApiError {
             Self::StatusStore(_) => "Job status store unavailable",
             Self::JobRunning => "Job is running",
             Self::JobFinished(_) => "Job already finished",
+            Self::BadRequest(_) | Self::Dlq(DlqError::Usage(_)) => "Bad request",
+            Self::AdminOnly => "Admin key needed",
+            Self::ConfirmationRequired(_) => "Confirmation required",
+            Self::Dlq(DlqError::NotFound(_)) => "Dead job not found",
+            Self::Dlq(DlqError::Failed(_)) => "Dead-letter queue unavailable",
+            Self::ConsoleOff => "Console not configured",
         }
     }
 
@@ -222,6 +256,21 @@ impl ApiError {
             Self::JobFinished(state) => {
                 format!("The job is {state} already; there is nothing to cancel.")
             }
+            Self::AdminOnly => "Replaying and purging dead jobs needs an admin key: one of \
+                 JOBGATE_ADMIN_KEYS, sent as `Authorization: Bearer <key>`."
+                .to_owned(),
+            Self::ConfirmationRequired(queue) => format!(
+                "A purge removes every dead job of {queue:?} for good: repeat the queue's name \
+                 in `confirm` (`?confirm={queue}`) to confirm it."
+            ),
+            // The dlq operations' words are for operators: they name queues and nodes,
+            // with passwords masked.
+            Self::Dlq(DlqError::Failed(message)) => {
+                tracing::warn!(%message, "dead-letter operation failed");
+                format!("{message}. Retry later.")
+            }
+            Self::Dlq(error) => format!("{error}."),
+            Self::BadRequest(why) => format!("{why}."),
             other => format!("{other}."),
         }
     }
@@ -233,6 +282,7 @@ impl ApiError {
             | Self::PublishWithKey(PublishError::Malformed(_)) => None,
             Self::Publish(e) | Self::PublishWithKey(e) => Some(e.retry_after()),
             Self::ShuttingDown | Self::StatusStore(_) => Some(Duration::from_secs(1)),
+            Self::Dlq(DlqError::Failed(_)) => Some(Duration::from_secs(5)),
             _ => None,
         }
     }

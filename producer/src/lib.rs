@@ -21,12 +21,16 @@
 //!   `Jobgate-Max-Attempts`, `Jobgate-Timeout`).
 //! - [`metrics`]: `GET /metrics` and what records it. [`request_id`]: `X-Request-Id`.
 //! - `routes`: `jobs` (POST /jobs, /jobs/{queue}), `batch` (POST /jobs/{queue}/batch)
-//!   and `health` (/healthz, /readyz). [`openapi`]: GET /openapi.json.
+//!   `status` (GET/DELETE /jobs/{queue}/{job_id}) and `health` (/healthz, /readyz).
+//!   [`openapi`]: GET /openapi.json.
+//! - [`console`]: the web console at `/ui` and its API (`/me`, `/queues`, the
+//!   dead-letter routes).
 
 pub mod auth;
 pub mod body_deadline;
 pub mod callback;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod idempotency;
 pub mod in_flight;

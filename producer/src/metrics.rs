@@ -155,6 +155,15 @@ impl ProducerMetrics {
         }
     }
 
+    /// Jobs of `queue` this process accepted since it started (the console's rate).
+    pub fn accepted(&self, queue: &str) -> u64 {
+        self.jobs_accepted
+            .get_or_create(&QueueLabels {
+                queue: queue.to_owned(),
+            })
+            .get()
+    }
+
     /// The metrics in the OpenMetrics text format, the broker state read now.
     pub fn render(&self, broker_ready: bool) -> String {
         self.broker_up.set(i64::from(broker_ready));

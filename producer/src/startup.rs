@@ -17,6 +17,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::{self, Security};
 use crate::config::ProducerConfig;
+use crate::console;
 use crate::error::ApiError;
 use crate::idempotency::{MemoryStore, RedisStore, SharedStore, DEFAULT_MAX_ENTRIES};
 use crate::routes::{batch, health, jobs, status};
@@ -33,6 +34,17 @@ pub fn app(state: AppState) -> Router {
             "/jobs/{queue}/{job_id}",
             get(status::get_status).delete(status::cancel_job),
         )
+        .route("/me", get(console::me))
+        .route("/queues", get(console::queues))
+        .route(
+            "/queues/{queue}/dead",
+            get(console::list_dead).delete(console::purge_dead),
+        )
+        .route("/queues/{queue}/dead/replay", post(console::replay_dead))
+        .route("/ui", get(console::assets::index))
+        .route("/ui/", get(console::assets::index))
+        .route("/ui/app.js", get(console::assets::script))
+        .route("/ui/app.css", get(console::assets::style))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(crate::openapi::openapi_json))
@@ -195,7 +207,12 @@ pub async fn run(
         .with_idempotency(idempotency_store(&config)?, config.publish_timeout())
         .with_status(status_store(&config)?)
         .with_schedule_max(config.schedule_max)
-        .with_callback_allow(config.callback_allow.clone());
+        .with_callback_allow(config.callback_allow.clone())
+        .with_console(console::Console::new(
+            &config.broker,
+            &config.console,
+            config.publish_timeout(),
+        )?);
     match &state.callback_allow {
         Some(allow) => tracing::info!(%allow, "completion callbacks allowed to these hosts"),
         None => tracing::info!("completion callbacks off (JOBGATE_CALLBACK_ALLOW is not set)"),

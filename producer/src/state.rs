@@ -77,6 +77,8 @@ pub struct Shared {
     /// `JOBGATE_CALLBACK_ALLOW`: the hosts a `Jobgate-Callback` may name; none: callbacks
     /// are refused.
     pub callback_allow: Option<jobgate_shared::callback::CallbackAllow>,
+    /// The console's broker views and dead-letter settings (none: its API answers 501).
+    pub console: Option<Arc<crate::console::Console>>,
 }
 
 impl AppState {
@@ -106,12 +108,20 @@ impl AppState {
             status: None,
             schedule_max: crate::job_options::DEFAULT_SCHEDULE_MAX,
             callback_allow: None,
+            console: None,
         }))
     }
 
     /// The fields, to set while building (a copy only if the state is already shared).
     fn shared_mut(&mut self) -> &mut Shared {
         Arc::make_mut(&mut self.0)
+    }
+
+    /// Sets the console (off by default).
+    #[must_use]
+    pub fn with_console(mut self, console: crate::console::Console) -> Self {
+        self.shared_mut().console = Some(Arc::new(console));
+        self
     }
 
     /// Sets the API keys and rate limit (off by default).

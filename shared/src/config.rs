@@ -46,6 +46,12 @@ pub struct BrokerArgs {
     #[arg(long, env = "JOBGATE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
 
+    /// Kafka consumer group of each queue; `{queue}` is replaced by the queue name. The
+    /// consumers join it; the producer's console reads its lag; the dead-letter tools'
+    /// replay group is named after it (`<group>.dlq-replay`).
+    #[arg(long, env = "JOBGATE_KAFKA_GROUP", default_value = "jobgate.{queue}")]
+    pub kafka_group: String,
+
     /// Partitions of each topic jobgate creates (existing topics are left alone).
     #[arg(long, env = "JOBGATE_KAFKA_PARTITIONS", default_value_t = 6,
           value_parser = clap::value_parser!(i32).range(1..=10_000))]

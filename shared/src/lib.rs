@@ -10,6 +10,8 @@
 //!   ordered transitions in one script.
 //! - [`callback`]: completion callbacks: the URL allow-list, the callbacks queue's
 //!   name, the signature.
+//! - [`dlq`]: the dead-letter queues: list, replay, purge (the `consumer dlq` tools and
+//!   the producer's console API share it).
 //! - [`backoff`]: the reconnect delay schedule; [`retry`]: attempts and retry tiers.
 //! - [`telemetry`]: logging and trace export; [`metrics`]: the Prometheus encoder;
 //!   [`shutdown`]: the SIGTERM/SIGINT future.
@@ -18,6 +20,7 @@ pub mod backoff;
 pub mod broker;
 pub mod callback;
 pub mod config;
+pub mod dlq;
 pub mod job;
 pub mod metrics;
 pub mod retry;

@@ -20,6 +20,9 @@
 //! `callbacks` holds completion callbacks (issue 16): a callback server on loopback,
 //! signatures verified, retries, redirects, the allow-list at submit and in the consumer.
 //!
+//! `console` holds the web console (issue 17) in headless Chromium, driven through
+//! Debian's chromedriver (`browser`; `scripts/browser.sh` installs both).
+//!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
 #[macro_use]
@@ -29,8 +32,10 @@ mod alarm;
 mod amqp_nodes;
 mod auth;
 mod batch;
+mod browser;
 mod callbacks;
 mod clusters;
+mod console;
 mod consumer_metrics;
 mod faults;
 mod give_back;

@@ -1,128 +1,39 @@
 //! `consumer dlq list|replay|purge`: operator tools for the dead-letter queue `Q.dlq`
-//! of a job queue `Q`, on either backend.
-//!
-//! - `list` shows dead jobs without removing them: RabbitMQ hands them out unacked
-//!   (`basic.get`) and gets them back when the channel closes; Kafka reads them from
-//!   the positions of the replay group without committing anything.
-//! - `replay` publishes each dead job back to `Q` (same id, body, content type and
-//!   user headers; attempt 1; dead-letter headers removed), waits for the broker's
-//!   confirm, and only then removes it from the dead-letter queue (RabbitMQ: ack;
-//!   Kafka: commit of the replay group). An interrupted replay loses nothing; at worst
-//!   a job is replayed twice (handlers are idempotent on the job id). The replayed job
-//!   counts its replays in `x-replays`, and with a status store (`JOBGATE_REDIS_URL`)
-//!   its status starts a new life (`queued`, `replays` + 1; see `jobgate_shared::status`).
-//! - `purge` removes the dead jobs (RabbitMQ: `queue.purge`; Kafka: the replay group
-//!   skips to the end of each partition; the records stay until the topic's retention).
+//! of a job queue `Q`, on either backend. What each does on the broker is
+//! [`jobgate_shared::dlq`] (the producer's console API shares it); this is the command
+//! line around it.
 //!
 //! Exit codes: 0 done, 1 broker or operational error (message on stderr), 2 usage.
 //! Results go to stdout, logs to stderr.
 
-mod kafka;
-mod rabbitmq;
-
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use consumer::config::{ConsumerConfig, DlqCommand};
-use jobgate_shared::broker::{dlq_name, Publisher};
-use jobgate_shared::config::{validate_queue_name, Backend};
-use jobgate_shared::job::{
-    JobMeta, HEADER_ATTEMPTS, HEADER_DUE_AT, HEADER_ERROR, HEADER_FAILED_AT, HEADER_LAST_ERROR,
-    HEADER_ORIGINAL_QUEUE, HEADER_REPLAYS,
+use jobgate_shared::broker::dlq_name;
+use jobgate_shared::dlq::{
+    self, escape_preview, json_line, DeadJob, DlqError, DlqSettings, PREVIEW_CHARS,
 };
-use jobgate_shared::status::{replays_of, StatusStore, Transition};
 
-/// Longest body preview, in characters (escapes included).
-pub const PREVIEW_CHARS: usize = 80;
 /// Longest reason shown in the table (JSON has it whole).
 const TABLE_REASON_CHARS: usize = 40;
-/// How long a replay waits for its publisher to connect and declare the topology.
-const PUBLISHER_READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound of one broker operation (declare, get, ack, purge, metadata, commit).
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Headers that only make sense on a dead (or retried) job; a replayed job loses them.
-const DEAD_LETTER_HEADERS: [&str; 6] = [
-    HEADER_ERROR,
-    HEADER_ATTEMPTS,
-    HEADER_FAILED_AT,
-    HEADER_ORIGINAL_QUEUE,
-    HEADER_DUE_AT,
-    HEADER_LAST_ERROR,
-];
-/// Prefixes of the headers RabbitMQ adds when it dead-letters a message itself
-/// (`x-first-death-reason`, ...): also removed on replay.
-const BROKER_DEATH_PREFIXES: [&str; 2] = ["x-first-death-", "x-last-death-"];
-
-/// Why a dlq command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DlqError {
-    /// The command line asks for something we refuse (exit code 2).
-    #[error("{0}")]
-    Usage(String),
-    /// The broker failed or refused, or something else went wrong (exit code 1).
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl DlqError {
-    fn failed(message: impl Into<String>) -> Self {
-        Self::Failed(message.into())
-    }
-
-    fn exit_code(&self) -> ExitCode {
-        match self {
-            Self::Usage(_) => ExitCode::from(2),
-            Self::Failed(_) => ExitCode::from(1),
-        }
-    }
-}
 
 type Result<T, E = DlqError> = std::result::Result<T, E>;
 
-/// One dead job as read from the dead-letter queue.
-#[derive(Debug, Clone)]
-pub struct DeadJob {
-    /// Metadata as the wire mapping reads it (queue: the dead-letter queue's name).
-    pub meta: JobMeta,
-    pub body: Bytes,
-    /// Kafka only: partition and offset of the record in `Q.dlq`.
-    pub position: Option<(i32, i64)>,
-}
-
-impl DeadJob {
-    /// Attempts the job had: `x-attempts`, or its last `x-attempt`.
-    pub fn attempts(&self) -> u32 {
-        self.meta
-            .headers
-            .get(HEADER_ATTEMPTS)
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or(self.meta.attempt)
-    }
-
-    /// Why it died: `x-error`, or the reason RabbitMQ gave when it dead-lettered the
-    /// message itself (`x-first-death-reason`, e.g. `rejected`).
-    pub fn reason(&self) -> Option<&str> {
-        let headers = &self.meta.headers;
-        headers
-            .get(HEADER_ERROR)
-            .or_else(|| headers.get("x-first-death-reason"))
-            .map(String::as_str)
-    }
-
-    pub fn failed_at(&self) -> Option<&str> {
-        self.meta.headers.get(HEADER_FAILED_AT).map(String::as_str)
+fn exit_code(error: &DlqError) -> ExitCode {
+    match error {
+        DlqError::Usage(_) => ExitCode::from(2),
+        DlqError::NotFound(_) | DlqError::Failed(_) => ExitCode::from(1),
     }
 }
 
-/// What `list` found.
-#[derive(Debug, Default)]
-pub struct Listing {
-    pub jobs: Vec<DeadJob>,
-    /// How many dead jobs the dead-letter queue held in all, when the broker says.
-    pub total: Option<u64>,
+/// The dlq operations' settings from the consumer's configuration.
+pub fn settings(config: &ConsumerConfig) -> DlqSettings {
+    DlqSettings {
+        broker: config.broker.clone(),
+        retry_tiers: config.retry_policy().tiers(),
+        publish_timeout: config.publish_timeout(),
+    }
 }
 
 /// Runs one dlq command and prints its result; returns the process exit code.
@@ -131,20 +42,17 @@ pub async fn run(config: &ConsumerConfig, command: &DlqCommand) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
-            error.exit_code()
+            exit_code(&error)
         }
     }
 }
 
 async fn execute(config: &ConsumerConfig, command: &DlqCommand) -> Result<()> {
+    let settings = settings(config);
     match command {
         DlqCommand::List(args) => {
-            validate(&args.queue)?;
             let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
-            let listing = match config.broker.backend {
-                Backend::Rabbitmq => rabbitmq::list(config, &args.queue, limit).await?,
-                Backend::Kafka => kafka::list(config, &args.queue, limit).await?,
-            };
+            let listing = dlq::list(&settings, &args.queue, limit).await?;
             let dlq = dlq_name(&args.queue);
             if listing.jobs.is_empty() {
                 if args.json {
@@ -163,7 +71,6 @@ async fn execute(config: &ConsumerConfig, command: &DlqCommand) -> Result<()> {
             Ok(())
         }
         DlqCommand::Replay(args) => {
-            validate(&args.queue)?;
             if let Some(id) = &args.job_id {
                 if id.trim().is_empty() {
                     return Err(DlqError::Usage("--job-id must not be empty".into()));
@@ -172,53 +79,38 @@ async fn execute(config: &ConsumerConfig, command: &DlqCommand) -> Result<()> {
             let limit = args
                 .limit
                 .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-            let job_id = args.job_id.as_deref();
             let status = config
                 .status
                 .store()
                 .map_err(|error| DlqError::failed(error.to_string()))?;
-            let status = status.as_ref();
-            let replayed = match config.broker.backend {
-                Backend::Rabbitmq => {
-                    rabbitmq::replay(config, &args.queue, limit, job_id, status).await?
-                }
-                Backend::Kafka => kafka::replay(config, &args.queue, limit, job_id, status).await?,
-            };
-            let dlq = dlq_name(&args.queue);
-            if let (Some(id), 0) = (job_id, replayed) {
-                return Err(DlqError::failed(format!(
-                    "no dead job with id {id:?} in {dlq}; nothing was replayed"
-                )));
-            }
+            let replayed = dlq::replay(
+                &settings,
+                &args.queue,
+                limit,
+                args.job_id.as_deref(),
+                status.as_ref(),
+            )
+            .await?;
             println!(
-                "replayed {replayed} dead {} from {dlq} to {}",
+                "replayed {replayed} dead {} from {} to {}",
                 jobs_word(replayed),
+                dlq_name(&args.queue),
                 args.queue
             );
             Ok(())
         }
         DlqCommand::Purge(args) => {
-            validate(&args.queue)?;
             let dlq = dlq_name(&args.queue);
             if !args.yes {
                 return Err(DlqError::Usage(format!(
                     "purge removes every dead job in {dlq} for good; run it again with --yes to confirm"
                 )));
             }
-            let purged = match config.broker.backend {
-                Backend::Rabbitmq => rabbitmq::purge(config, &args.queue).await?,
-                Backend::Kafka => kafka::purge(config, &args.queue).await?,
-            };
+            let purged = dlq::purge(&settings, &args.queue).await?;
             println!("purged {purged} dead {} from {dlq}", jobs_word(purged));
             Ok(())
         }
     }
-}
-
-/// The queue name is checked by clap already; this keeps the tools safe if they are
-/// driven some other way.
-fn validate(queue: &str) -> Result<()> {
-    validate_queue_name(queue).map_err(DlqError::Usage)
 }
 
 fn jobs_word(n: u64) -> &'static str {
@@ -227,107 +119,6 @@ fn jobs_word(n: u64) -> &'static str {
     } else {
         "jobs"
     }
-}
-
-/// Waits until `publisher` is connected and has declared its topology.
-async fn wait_ready(publisher: &dyn Publisher, what: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + PUBLISHER_READY_TIMEOUT;
-    while !publisher.is_ready() {
-        if tokio::time::Instant::now() >= deadline {
-            return Err(DlqError::failed(format!(
-                "{what} was not ready within {PUBLISHER_READY_TIMEOUT:?}; is the broker reachable?"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
-/// The job as it goes back to `queue`: same id, body, content type, enqueue time and
-/// user headers; attempt 1; every dead-letter and retry header removed; one more replay
-/// in `x-replays`.
-pub fn replay_meta(dead: &JobMeta, queue: &str) -> JobMeta {
-    let mut meta = dead.clone();
-    meta.queue = queue.to_owned();
-    meta.attempt = 1;
-    meta.redeliveries = 0;
-    meta.headers.retain(|name, _| {
-        !DEAD_LETTER_HEADERS.contains(&name.as_str())
-            && !BROKER_DEATH_PREFIXES.iter().any(|p| name.starts_with(p))
-    });
-    let replays = replays_of(dead).saturating_add(1);
-    meta.headers
-        .insert(HEADER_REPLAYS.to_owned(), replays.to_string());
-    meta
-}
-
-/// With a status store: the replayed job `meta` (confirmed in its queue) starts its new
-/// life. A store that fails changes nothing about the replay: it is said on stderr, and
-/// the consumer's first write of the new life starts it over anyway.
-async fn record_replay(status: Option<&StatusStore>, meta: &JobMeta) {
-    let Some(store) = status else {
-        return;
-    };
-    let replays = replays_of(meta);
-    if let Err(error) = store
-        .apply_in(&meta.queue, &meta.id, replays, Transition::Replayed)
-        .await
-    {
-        tracing::warn!(job_id = %meta.id, queue = %meta.queue, %error, "could not record the replay in the job's status");
-    }
-}
-
-/// `text` with everything that is not printable escaped: `\n`, `\r`, `\t`, `\\`,
-/// `\xNN` for other control bytes and for bytes that are not UTF-8, `\u{NN}` for other
-/// control characters. Cut to at most `max` characters (ending in `…` when cut),
-/// never in the middle of an escape.
-pub fn escape_preview(bytes: &[u8], max: usize) -> String {
-    let mut pieces: Vec<String> = Vec::new();
-    let mut chars = 0;
-    // Escape a little more than fits, to know whether something was cut.
-    'outer: for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            let piece = match c {
-                '\n' => "\\n".to_owned(),
-                '\r' => "\\r".to_owned(),
-                '\t' => "\\t".to_owned(),
-                '\\' => "\\\\".to_owned(),
-                c if c.is_ascii_control() => format!("\\x{:02x}", c as u32),
-                c if c.is_control() => format!("\\u{{{:x}}}", c as u32),
-                c => c.to_string(),
-            };
-            chars += piece.chars().count();
-            pieces.push(piece);
-            if chars > max {
-                break 'outer;
-            }
-        }
-        for b in chunk.invalid() {
-            let piece = format!("\\x{b:02x}");
-            chars += piece.len();
-            pieces.push(piece);
-            if chars > max {
-                break 'outer;
-            }
-        }
-    }
-    if chars <= max {
-        return pieces.concat();
-    }
-    let mut out = String::new();
-    let mut used = 0;
-    for piece in pieces {
-        let n = piece.chars().count();
-        if used + n + 1 > max {
-            break;
-        }
-        out.push_str(&piece);
-        used += n;
-    }
-    if max > 0 {
-        out.push('…');
-    }
-    out
 }
 
 /// A table cell: the value escaped (headers of a hand-made message may hold control
@@ -400,43 +191,21 @@ fn summary(dlq: &str, shown: usize, total: Option<u64>) -> String {
         _ => format!("{shown} dead {} in {dlq}", jobs_word(shown as u64)),
     }
 }
-
-/// `at` in RFC 3339, or `None` outside what RFC 3339 writes (before the epoch or after
-/// year 9999: a hand-made timestamp), where `humantime`'s formatter would fail, and
-/// `to_string` panic with it.
-fn rfc3339(at: SystemTime) -> Option<String> {
-    /// The first second of year 10000.
-    const YEAR_10000: Duration = Duration::from_secs(253_402_300_800);
-    let since_epoch = at.duration_since(UNIX_EPOCH).ok()?;
-    (since_epoch < YEAR_10000).then(|| humantime::format_rfc3339_millis(at).to_string())
-}
-
-/// One dead job as a JSON object (`list --json`).
-pub fn json_line(job: &DeadJob) -> serde_json::Value {
-    let mut value = serde_json::json!({
-        "job_id": job.meta.id,
-        "attempts": job.attempts(),
-        "reason": job.reason(),
-        "failed_at": job.failed_at(),
-        "original_queue": job.meta.headers.get(HEADER_ORIGINAL_QUEUE),
-        "content_type": job.meta.content_type,
-        "enqueued_at": job.meta.enqueued_at.and_then(rfc3339),
-        "body_size": job.body.len(),
-        "body_preview": escape_preview(&job.body, PREVIEW_CHARS),
-    });
-    if let Some((partition, offset)) = job.position {
-        value["partition"] = partition.into();
-        value["offset"] = offset.into();
-    }
-    value
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use clap::Parser;
     use consumer::config::Command;
+
+    use bytes::Bytes;
+    use jobgate_shared::config::Backend;
+    use jobgate_shared::dlq::replay_meta;
+    use jobgate_shared::job::{
+        JobMeta, HEADER_ATTEMPTS, HEADER_DUE_AT, HEADER_ERROR, HEADER_FAILED_AT, HEADER_LAST_ERROR,
+        HEADER_ORIGINAL_QUEUE, HEADER_REPLAYS,
+    };
 
     use super::*;
 
@@ -529,7 +298,7 @@ mod tests {
         let error = rt.block_on(execute(&config, &command)).unwrap_err();
         assert!(matches!(error, DlqError::Usage(_)), "{error:?}");
         assert!(error.to_string().contains("--yes"));
-        assert_eq!(error.exit_code(), ExitCode::from(2));
+        assert_eq!(exit_code(&error), ExitCode::from(2));
         let DlqCommand::Purge(args) = dlq(&["consumer", "dlq", "purge", "--queue", "q", "--yes"])
         else {
             panic!("not purge")

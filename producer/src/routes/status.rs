@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use jobgate_shared::status::{JobStatus, State as JobState, Transition, Verdict};
 
-use crate::auth::ApiKeyId;
+use crate::auth::{ApiKeyId, Role};
 use crate::error::{ApiError, Problem};
 use crate::state::AppState;
 
@@ -112,7 +112,7 @@ enum CancelResponses {
     path = "/jobs/{queue}/{job_id}",
     tag = "jobs",
     summary = "A job's status",
-    description = "What became of a job submitted with this API key: `queued`, `scheduled` (with `next_attempt_at` and `scheduled_for`), `running`, `retrying` (with `next_attempt_at`), `done` (with the handler's `result`), `dead` or `cancelled`, with its attempts, times and last error. Kept for `JOBGATE_STATUS_TTL` after its last change. Needs `JOBGATE_REDIS_URL`.",
+    description = "What became of a job submitted with this API key (an admin key of `JOBGATE_ADMIN_KEYS` may read any job): `queued`, `scheduled` (with `next_attempt_at` and `scheduled_for`), `running`, `retrying` (with `next_attempt_at`), `done` (with the handler's `result`), `dead` or `cancelled`, with its attempts, times and last error. Kept for `JOBGATE_STATUS_TTL` after its last change. Needs `JOBGATE_REDIS_URL`.",
     params(
         ("queue" = String, Path, description = "A queue of `JOBGATE_QUEUES`."),
         ("job_id" = String, Path, description = "The `job_id` of the 202 (or of a batch item)."),
@@ -124,11 +124,18 @@ pub async fn get_status(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
     scope: Option<Extension<ApiKeyId>>,
+    role: Option<Extension<Role>>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let (queue, job_id) = job_path(&state, path)?;
     let store = state.status.as_ref().ok_or(ApiError::StatusOff)?;
     let owner = owner(scope.map(|Extension(ApiKeyId(digest))| digest).as_ref());
-    match store.get_for(&queue, &job_id, &owner).await {
+    // An admin (the console's operator) may look up any job.
+    let read = if role.is_some_and(|Extension(role)| role == Role::Admin) {
+        store.get(&queue, &job_id).await
+    } else {
+        store.get_for(&queue, &job_id, &owner).await
+    };
+    match read {
         Ok(Some(status)) => Ok(Json(status)),
         Ok(None) => Err(ApiError::JobNotFound { queue, job_id }),
         Err(error) => {

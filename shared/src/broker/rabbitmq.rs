@@ -42,7 +42,7 @@ mod nodes;
 mod tls;
 
 pub use nodes::NodeCursor;
-pub use tls::{AmqpEndpoint, AmqpTls};
+pub use tls::{AmqpEndpoint, AmqpTls, ManagementDefaults};
 
 /// AMQP heartbeat interval in seconds when the URL does not set one (see [`connect`]).
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;

@@ -50,6 +50,26 @@ pub struct AmqpEndpoint {
     pub tls: AmqpTls,
 }
 
+/// The management HTTP API of an [`AmqpEndpoint`]'s first node, as its URL implies.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ManagementDefaults {
+    /// `http://host:15672/` (or `https://host:15671/`).
+    pub base_url: String,
+    pub user: String,
+    pub password: String,
+    pub vhost: String,
+}
+
+impl fmt::Debug for ManagementDefaults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManagementDefaults")
+            .field("base_url", &self.base_url)
+            .field("user", &self.user)
+            .field("vhost", &self.vhost)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One node of an [`AmqpEndpoint`], parsed.
 #[derive(Clone)]
 pub(crate) struct AmqpNode {
@@ -87,6 +107,34 @@ impl fmt::Debug for AmqpEndpoint {
 }
 
 impl AmqpEndpoint {
+    /// Where the management HTTP API of the first node is by default, and how to sign
+    /// in: the node's host on port 15672 (`amqps://`: `https` on 15671), with the URL's
+    /// user and password (`guest`/`guest` when it has none) and its vhost.
+    pub fn management_defaults(&self) -> Result<ManagementDefaults, String> {
+        let nodes = self.parsed_nodes()?;
+        let first = nodes
+            .first()
+            .ok_or_else(|| "JOBGATE_AMQP_URL names no node".to_owned())?;
+        let tls = first.uri.scheme == AMQPScheme::AMQPS;
+        let authority = &first.uri.authority;
+        let host = &authority.host;
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        Ok(ManagementDefaults {
+            base_url: if tls {
+                format!("https://{host}:15671/")
+            } else {
+                format!("http://{host}:15672/")
+            },
+            user: authority.userinfo.username.clone(),
+            password: authority.userinfo.password.clone(),
+            vhost: first.uri.vhost.clone(),
+        })
+    }
+
     /// Whether the URL asks for TLS (`amqps://`, in any case): that of the first node,
     /// which [`AmqpEndpoint::check`] holds every other node to.
     pub fn is_tls(&self) -> bool {

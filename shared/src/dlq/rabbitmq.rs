@@ -16,18 +16,18 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use crate::broker::rabbitmq::{self, RabbitPublisher};
+use crate::broker::{dlq_name, Publisher};
+use crate::job;
+use crate::status::StatusStore;
 use bytes::Bytes;
-use consumer::config::ConsumerConfig;
-use jobgate_shared::broker::rabbitmq::{self, RabbitPublisher};
-use jobgate_shared::broker::{dlq_name, Publisher};
-use jobgate_shared::job;
-use jobgate_shared::status::StatusStore;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection};
 
 use super::{
-    record_replay, replay_meta, wait_ready, DeadJob, DlqError, Listing, Result, OPERATION_TIMEOUT,
+    record_replay, replay_meta, wait_ready, DeadJob, DlqError, DlqSettings, Listing, Result,
+    OPERATION_TIMEOUT,
 };
 
 /// `x-delivery-count` from which a dead job's return count is worth a warning.
@@ -65,9 +65,9 @@ impl Session {
     /// Connects, opens a channel and checks that `Q.dlq` exists (a passive declare,
     /// which creates nothing). Returns the session and how many messages `Q.dlq` holds
     /// ready.
-    async fn open(config: &ConsumerConfig, queue: &str) -> Result<(Self, u64)> {
-        let url = config.broker.amqp();
-        let timeout = config.broker.connect_timeout();
+    async fn open(settings: &DlqSettings, queue: &str) -> Result<(Self, u64)> {
+        let url = settings.broker.amqp();
+        let timeout = settings.broker.connect_timeout();
         let name = rabbitmq::connection_name("dlq");
         let mut cursor = rabbitmq::NodeCursor::next_in_process();
         let conn = rabbitmq::connect(&url, &name, timeout, &mut cursor)
@@ -261,8 +261,8 @@ async fn close(conn: &Connection) {
 }
 
 /// Up to `limit` dead jobs, all given back to `Q.dlq`.
-pub async fn list(config: &ConsumerConfig, queue: &str, limit: usize) -> Result<Listing> {
-    let (session, ready) = Session::open(config, queue).await?;
+pub async fn list(settings: &DlqSettings, queue: &str, limit: usize) -> Result<Listing> {
+    let (session, ready) = Session::open(settings, queue).await?;
     let mut listing = Listing {
         jobs: Vec::new(),
         total: Some(ready),
@@ -284,20 +284,20 @@ pub async fn list(config: &ConsumerConfig, queue: &str, limit: usize) -> Result<
 
 /// Replays up to `limit` dead jobs (only those with `job_id`, when given) to `queue`.
 pub async fn replay(
-    config: &ConsumerConfig,
+    settings: &DlqSettings,
     queue: &str,
     limit: usize,
     job_id: Option<&str>,
     status: Option<&StatusStore>,
 ) -> Result<u64> {
-    let (session, ready) = Session::open(config, queue).await?;
+    let (session, ready) = Session::open(settings, queue).await?;
     let publisher = RabbitPublisher::start(rabbitmq::PublisherOptions {
-        endpoint: config.broker.amqp(),
+        endpoint: settings.broker.amqp(),
         queues: vec![queue.to_owned()],
-        connect_timeout: config.broker.connect_timeout(),
-        publish_timeout: config.publish_timeout(),
+        connect_timeout: settings.broker.connect_timeout(),
+        publish_timeout: settings.publish_timeout,
         channels: 1,
-        retry_tiers: config.retry_policy().tiers(),
+        retry_tiers: settings.retry_tiers.clone(),
     });
     let mut replayed = 0u64;
     let result = async {
@@ -343,8 +343,8 @@ pub async fn replay(
 }
 
 /// Removes every ready message of `Q.dlq`; returns how many.
-pub async fn purge(config: &ConsumerConfig, queue: &str) -> Result<u64> {
-    let (session, _ready) = Session::open(config, queue).await?;
+pub async fn purge(settings: &DlqSettings, queue: &str) -> Result<u64> {
+    let (session, _ready) = Session::open(settings, queue).await?;
     let purged = bounded(
         "queue.purge",
         session

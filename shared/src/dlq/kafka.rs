@@ -12,8 +12,10 @@
 //! - `replay` publishes each record to `Q` through a confirming [`KafkaPublisher`],
 //!   then commits (synchronously) the partition's next offset for the replay group, so
 //!   a second replay does not repeat the first. With `--job-id`, only matching records
-//!   are replayed and nothing is committed: a later full replay includes that job
-//!   again (a duplicate; handlers are idempotent on the job id);
+//!   are replayed, and one is committed past only when no record before it on its
+//!   partition was skipped (it was the oldest there); otherwise it stays listed and a
+//!   later full replay includes that job again (a duplicate; handlers are idempotent on
+//!   the job id);
 //! - `purge` commits the end of every partition for the replay group. The records stay
 //!   in the topic until its retention removes them, but the tools treat them as gone.
 //!
@@ -24,30 +26,28 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::broker::kafka::{self, KafkaPublisher};
+use crate::broker::{dlq_name, Publisher};
+use crate::job;
+use crate::status::StatusStore;
 use bytes::Bytes;
-use consumer::config::ConsumerConfig;
-use jobgate_shared::broker::kafka::{self, KafkaPublisher};
-use jobgate_shared::broker::{dlq_name, Publisher};
-use jobgate_shared::job;
-use jobgate_shared::status::StatusStore;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{
-    record_replay, replay_meta, wait_ready, DeadJob, DlqError, Listing, Result, OPERATION_TIMEOUT,
+    record_replay, replay_meta, wait_ready, DeadJob, DlqError, DlqSettings, Listing, Result,
+    OPERATION_TIMEOUT,
 };
 
 /// Reading fails when no record comes for this long while records remain to be read.
 const READ_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The consumer group whose committed positions mark what the tools have removed.
-pub fn replay_group(config: &ConsumerConfig, queue: &str) -> String {
-    format!(
-        "{}.dlq-replay",
-        config.kafka_group.replace("{queue}", queue)
-    )
+/// The consumer group whose committed positions mark what the tools have removed;
+/// `kafka_group` is `JOBGATE_KAFKA_GROUP`, with `{queue}` standing for the queue.
+pub fn replay_group(kafka_group: &str, queue: &str) -> String {
+    format!("{}.dlq-replay", kafka_group.replace("{queue}", queue))
 }
 
 /// Runs a blocking librdkafka call off the async runtime.
@@ -87,10 +87,10 @@ struct Reader {
 impl Reader {
     /// Creates the consumer and finds, for each partition of `Q.dlq`, the replay
     /// group's position and the current end. Nothing is assigned yet.
-    async fn open(config: &ConsumerConfig, queue: &str) -> Result<Self> {
+    async fn open(settings: &DlqSettings, queue: &str) -> Result<Self> {
         let topic = dlq_name(queue);
-        let group = replay_group(config, queue);
-        let spec = config.broker.kafka_topics();
+        let group = replay_group(&settings.broker.kafka_group, queue);
+        let spec = settings.broker.kafka_topics();
         let brokers = spec.brokers.clone();
         let consumer: StreamConsumer = spec
             .client_config("dlq")
@@ -275,8 +275,8 @@ fn dead_job(topic: &str, message: &OwnedMessage) -> DeadJob {
 }
 
 /// Up to `limit` dead jobs, read without committing.
-pub async fn list(config: &ConsumerConfig, queue: &str, limit: usize) -> Result<Listing> {
-    let mut reader = Reader::open(config, queue).await?;
+pub async fn list(settings: &DlqSettings, queue: &str, limit: usize) -> Result<Listing> {
+    let mut reader = Reader::open(settings, queue).await?;
     let mut listing = Listing {
         jobs: Vec::new(),
         total: Some(reader.total()),
@@ -300,34 +300,37 @@ pub async fn list(config: &ConsumerConfig, queue: &str, limit: usize) -> Result<
 
 /// Replays up to `limit` dead jobs (only those with `job_id`, when given) to `queue`.
 pub async fn replay(
-    config: &ConsumerConfig,
+    settings: &DlqSettings,
     queue: &str,
     limit: usize,
     job_id: Option<&str>,
     status: Option<&StatusStore>,
 ) -> Result<u64> {
-    let mut reader = Reader::open(config, queue).await?;
+    let mut reader = Reader::open(settings, queue).await?;
     if reader.total() == 0 {
         reader.close().await;
         return Ok(0);
     }
     let publisher = KafkaPublisher::start(kafka::PublisherOptions {
-        topics: config.broker.kafka_topics(),
+        topics: settings.broker.kafka_topics(),
         queues: vec![queue.to_owned()],
-        retry_tiers: config.retry_policy().tiers(),
-        publish_timeout: config.publish_timeout(),
+        retry_tiers: settings.retry_tiers.clone(),
+        publish_timeout: settings.publish_timeout,
     })
     .map_err(DlqError::Failed)?;
     let mut replayed = 0u64;
     let result = async {
         wait_ready(publisher.as_ref(), "the Kafka publisher").await?;
         reader.assign()?;
+        let mut skipped_on = HashSet::new();
         while (replayed as usize) < limit {
             let Some(message) = reader.next().await? else {
                 break;
             };
             let dead = dead_job(&reader.topic, &message);
             if job_id.is_some_and(|id| id != dead.meta.id) {
+                // Left in place: the group may not move past it on this partition.
+                skipped_on.insert(message.partition());
                 continue;
             }
             let meta = replay_meta(&dead.meta, queue);
@@ -338,9 +341,11 @@ pub async fn replay(
                 ))
             })?;
             record_replay(status, &meta).await;
-            // Confirmed in Q: now the replay group may move past it. Not with
-            // --job-id: records skipped before it must stay ahead of the group.
-            if job_id.is_none() {
+            // Confirmed in Q: now the replay group may move past it, unless a record
+            // before it on its partition was skipped (`--job-id`): that one must stay
+            // ahead of the group. A job replayed alone at the head of its partition
+            // (the common case: the only dead job, or the oldest) so leaves the DLQ.
+            if !skipped_on.contains(&message.partition()) {
                 reader
                     .commit(message.partition(), message.offset() + 1)
                     .await?;
@@ -364,8 +369,8 @@ pub async fn replay(
 
 /// Moves the replay group to the end of every partition; returns how many dead jobs
 /// it skipped.
-pub async fn purge(config: &ConsumerConfig, queue: &str) -> Result<u64> {
-    let reader = Reader::open(config, queue).await?;
+pub async fn purge(settings: &DlqSettings, queue: &str) -> Result<u64> {
+    let reader = Reader::open(settings, queue).await?;
     let total = reader.total();
     let result = async {
         let mut tpl = TopicPartitionList::new();
@@ -385,17 +390,17 @@ pub async fn purge(config: &ConsumerConfig, queue: &str) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
     #[test]
     fn the_replay_group_follows_the_queue_group() {
-        let config = ConsumerConfig::try_parse_from(["consumer"]).unwrap();
-        assert_eq!(replay_group(&config, "mail"), "jobgate.mail.dlq-replay");
-        let config =
-            ConsumerConfig::try_parse_from(["consumer", "--kafka-group", "team-{queue}-v2"])
-                .unwrap();
-        assert_eq!(replay_group(&config, "mail"), "team-mail-v2.dlq-replay");
+        assert_eq!(
+            replay_group("jobgate.{queue}", "mail"),
+            "jobgate.mail.dlq-replay"
+        );
+        assert_eq!(
+            replay_group("team-{queue}-v2", "mail"),
+            "team-mail-v2.dlq-replay"
+        );
     }
 }
