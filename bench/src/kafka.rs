@@ -95,10 +95,13 @@ impl Kafka {
         }
         if !topics.is_empty() {
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            tokio::time::timeout(TIMEOUT * 2, self.admin.delete_topics(&names, &options))
-                .await
-                .map_err(|_| anyhow!("no answer to DeleteTopics within {:?}", TIMEOUT * 2))?
-                .context("DeleteTopics")?;
+            tokio::time::timeout(
+                TIMEOUT * 2,
+                jk::admin::delete_topics(&self.admin, &names, &options),
+            )
+            .await
+            .map_err(|_| anyhow!("no answer to DeleteTopics within {:?}", TIMEOUT * 2))?
+            .context("DeleteTopics")?;
         }
         Ok(())
     }

@@ -270,7 +270,38 @@ pub fn parse_queue_list(s: &str) -> Result<Vec<String>, String> {
     for q in &queues {
         validate_queue_name(q)?;
     }
+    for (i, q) in queues.iter().enumerate() {
+        if queues[..i].contains(q) {
+            return Err(format!("queue {q:?} is listed twice"));
+        }
+        if let Some(owner) = queues.iter().find(|owner| is_derived_from(q, owner)) {
+            return Err(format!(
+                "queue {q:?} is a name jobgate gives to a queue of {owner:?} (its dead letters \
+                 `.dlq`, retries `.retry.<tier>` or callbacks `.callbacks`); name it otherwise"
+            ));
+        }
+    }
     Ok(queues)
+}
+
+/// Whether `name` is one of the broker names that job queue `queue` brings along:
+/// `queue.dlq`, `queue.retry.<tier>` (any tier: Kafka's retry forwarder subscribes to
+/// them by pattern), its callbacks queue `queue.callbacks`, and that queue's own. Two
+/// listed queues with one such name would share a queue or topic.
+fn is_derived_from(name: &str, queue: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix(queue)
+        .and_then(|rest| rest.strip_prefix('.'))
+    else {
+        return false;
+    };
+    let callbacks = crate::callback::callbacks_queue_name(queue);
+    rest == "dlq"
+        || rest
+            .strip_prefix("retry.")
+            .is_some_and(crate::retry::is_tier_label)
+        || name == callbacks
+        || is_derived_from(name, &callbacks)
 }
 
 /// Queue names become RabbitMQ queue names and Kafka topic names (with `.retry.*` and
@@ -299,6 +330,42 @@ pub fn validate_queue_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_list_whose_broker_names_would_collide_is_refused() {
+        assert_eq!(
+            parse_queue_list(" a, b ,,a.b").unwrap(),
+            vec!["a", "b", "a.b"],
+            "a queue may be named like another with a suffix of its own"
+        );
+        for (list, said) in [
+            ("a,b,a", "\"a\" is listed twice"),
+            (
+                "a,a.dlq",
+                "\"a.dlq\" is a name jobgate gives to a queue of \"a\"",
+            ),
+            ("a.retry.2s,a", "\"a.retry.2s\" is a name"),
+            ("a,a.callbacks", "\"a.callbacks\" is a name"),
+            ("a,a.callbacks.dlq", "\"a.callbacks.dlq\" is a name"),
+            (
+                "a,a.callbacks.retry.1s",
+                "\"a.callbacks.retry.1s\" is a name",
+            ),
+        ] {
+            let error = parse_queue_list(list).unwrap_err();
+            assert!(error.contains(said), "{list}: {error}");
+        }
+        for fine in [
+            "a,a.dlqx",
+            "a,a.retry",
+            "a,a.retry.x",
+            "a,ab.dlq",
+            "a,a.callbacksx",
+            "a.dlq",
+        ] {
+            assert!(parse_queue_list(fine).is_ok(), "{fine}");
+        }
+    }
 
     #[test]
     fn a_count_is_auto_or_a_number_from_1_to_100() {

@@ -81,6 +81,15 @@ pub fn tier_label(tier: Duration) -> String {
     }
 }
 
+/// Whether `label` has the shape of a [`tier_label`] (digits, then `ms`, `s` or `m`):
+/// what [`retry_topic_pattern`] matches after `Q.retry.`.
+pub fn is_tier_label(label: &str) -> bool {
+    let unit_at = label
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(label.len());
+    unit_at > 0 && matches!(&label[unit_at..], "ms" | "s" | "m")
+}
+
 /// The queue (RabbitMQ) or topic (Kafka) where retries of `queue` wait `tier`.
 pub fn retry_queue_name(queue: &str, tier: Duration) -> String {
     format!("{queue}.retry.{}", tier_label(tier))
@@ -105,6 +114,17 @@ mod tests {
             retry_topic_pattern("emails.eu-1"),
             r"^emails\.eu-1\.retry\.[0-9]+(ms|s|m)$"
         );
+    }
+
+    #[test]
+    fn every_tier_label_has_the_shape_the_pattern_matches() {
+        for ms in [1, 500, 1000, 1500, 60_000, 90_000, 3_600_000] {
+            let label = tier_label(Duration::from_millis(ms));
+            assert!(is_tier_label(&label), "{label}");
+        }
+        for junk in ["", "s", "ms", "1", "1h", "1.5s", "x1s", "1sx", "-1s"] {
+            assert!(!is_tier_label(junk), "{junk:?}");
+        }
     }
 
     fn policy(base_ms: u64, max_ms: u64) -> RetryPolicy {

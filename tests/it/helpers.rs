@@ -960,10 +960,10 @@ pub mod kafka {
         let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
         if !topics.is_empty() {
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            for result in admin
-                .delete_topics(&names, &options)
-                .await
-                .map_err(|e| e.to_string())?
+            for result in
+                jobgate_shared::broker::kafka::admin::delete_topics(&admin, &names, &options)
+                    .await
+                    .map_err(|e| e.to_string())?
             {
                 result.map_err(|(topic, e)| format!("delete topic {topic}: {e}"))?;
             }

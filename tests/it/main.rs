@@ -23,6 +23,9 @@
 //! `console` holds the web console (issue 17) in headless Chromium, driven through
 //! Debian's chromedriver (`browser`; `scripts/browser.sh` installs both).
 //!
+//! `queue_names` holds queue lists whose broker names collide, and Kafka's topic admin
+//! calls given a topic twice.
+//!
 //! Set `TEST_LOG=1` to see the binaries' logs.
 
 #[macro_use]
@@ -49,6 +52,7 @@ mod manifests;
 mod metadata;
 mod observability;
 mod publisher;
+mod queue_names;
 mod rabbitmq_only;
 mod redelivery;
 mod retries;

@@ -35,6 +35,7 @@
 //! broker auto-creation; existing topics are left alone. Retries wait in the tier
 //! topics until due and are forwarded back to `Q` by [`retry`].
 
+pub mod admin;
 mod ledger;
 mod retry;
 mod security;
@@ -201,10 +202,13 @@ pub async fn ensure_topics(
     let options = AdminOptions::new()
         .request_timeout(Some(spec.timeout))
         .operation_timeout(Some(spec.timeout));
-    let results = tokio::time::timeout(spec.timeout * 2, admin.create_topics(&topics, &options))
-        .await
-        .map_err(|_| format!("no answer to CreateTopics within {:?}", spec.timeout * 2))?
-        .map_err(|e| format!("CreateTopics: {e}"))?;
+    let results = tokio::time::timeout(
+        spec.timeout * 2,
+        admin::create_topics(&admin, &topics, &options),
+    )
+    .await
+    .map_err(|_| format!("no answer to CreateTopics within {:?}", spec.timeout * 2))?
+    .map_err(|e| format!("CreateTopics: {e}"))?;
     for result in results {
         match result {
             Ok(name) => tracing::info!(
