@@ -383,3 +383,99 @@ async fn the_exec_command_gets_no_broker_url_and_no_path_as_job_id() {
         fields[2]
     );
 }
+
+/// A purge sent while a listing holds the dead jobs (RabbitMQ hands them out unacked
+/// until the listing ends) removes every one of them, as does the listing's own
+/// producer. The console's Refresh then Purge purged 0 of 3 when the two met: the
+/// producer now runs one dead-letter operation per queue at a time.
+#[tokio::test]
+async fn a_purge_while_a_listing_holds_the_dead_jobs_removes_them_all() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+
+    const DEAD: u32 = 2000;
+    let _brokers = brokers_shared().await;
+    let queue = unique("purge-turns");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    // No keys: a loopback client is an admin.
+    let producer = Producer::start(BACKEND, &[&queue], &[]).await;
+    let dlq = format!("{queue}.dlq");
+
+    let conn = rabbit::connect().await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for n in 0..DEAD {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                dlq.as_str().into(),
+                BasicPublishOptions::default(),
+                format!("dead job {n}").as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        confirms.push(confirm);
+    }
+    for confirm in futures::future::join_all(confirms).await {
+        assert!(confirm.unwrap().is_ack());
+    }
+    let ready = || ready_on(&channel, &dlq);
+    wait_until(
+        Duration::from_secs(30),
+        "the dead jobs to be ready",
+        || async { ready().await == DEAD },
+    )
+    .await;
+
+    // A listing of 500, and while it holds some of them (fewer are ready), a purge.
+    let list = producer
+        .http
+        .get(producer.url(&format!("/queues/{queue}/dead?limit=500")))
+        .send();
+    let listing = tokio::spawn(list);
+    let mut held = false;
+    while !listing.is_finished() {
+        if ready().await < DEAD {
+            held = true;
+            break;
+        }
+    }
+    assert!(held, "the listing was seen holding dead jobs");
+    let purge = producer
+        .http
+        .delete(producer.url(&format!("/queues/{queue}/dead?confirm={queue}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 200);
+    let purged: Value = purge.json().await.unwrap();
+    assert_eq!(purged["purged"], DEAD, "{purged}");
+
+    let listed = listing.await.unwrap().unwrap();
+    assert_eq!(listed.status(), 200);
+    let listed: Value = listed.json().await.unwrap();
+    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(500));
+    assert_eq!(listed["total"], DEAD);
+    assert_eq!(ready().await, 0, "nothing came back after the purge");
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Messages ready in `queue`, exact (a passive declare on `channel`).
+async fn ready_on(channel: &lapin::Channel, queue: &str) -> u32 {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    declared.message_count()
+}

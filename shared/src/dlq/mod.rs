@@ -18,6 +18,8 @@
 mod kafka;
 mod rabbitmq;
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -135,9 +137,29 @@ fn validate(queue: &str) -> Result<()> {
     validate_queue_name(queue).map_err(DlqError::Usage)
 }
 
+/// One operation at a time on each dead-letter queue, in this process. A RabbitMQ
+/// listing holds the dead jobs it shows (unacked) until it ends: a purge that came
+/// meanwhile found them not ready and purged none of them (the console's Refresh, then
+/// Purge), and a replay skipped them. Operations of other processes (`consumer dlq` or
+/// another producer) are not ordered with these: see the README.
+async fn one_at_a_time(queue: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    static LOCKS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+        LazyLock::new(Mutex::default);
+    // One entry per queue name: the callers take only names of allow-listed queues.
+    let lock = Arc::clone(
+        LOCKS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(queue.to_owned())
+            .or_default(),
+    );
+    lock.lock_owned().await
+}
+
 /// Up to `limit` dead jobs of `queue`'s dead-letter queue, left in place.
 pub async fn list(settings: &DlqSettings, queue: &str, limit: usize) -> Result<Listing> {
     validate(queue)?;
+    let _turn = one_at_a_time(queue).await;
     match settings.broker.backend {
         Backend::Rabbitmq => rabbitmq::list(settings, queue, limit).await,
         Backend::Kafka => kafka::list(settings, queue, limit).await,
@@ -158,6 +180,7 @@ pub async fn replay(
     if job_id.is_some_and(|id| id.trim().is_empty()) {
         return Err(DlqError::Usage("the job id must not be empty".into()));
     }
+    let _turn = one_at_a_time(queue).await;
     let replayed = match settings.broker.backend {
         Backend::Rabbitmq => rabbitmq::replay(settings, queue, limit, job_id, status).await?,
         Backend::Kafka => kafka::replay(settings, queue, limit, job_id, status).await?,
@@ -174,6 +197,7 @@ pub async fn replay(
 /// Removes every dead job of `queue`'s dead-letter queue; returns how many.
 pub async fn purge(settings: &DlqSettings, queue: &str) -> Result<u64> {
     validate(queue)?;
+    let _turn = one_at_a_time(queue).await;
     match settings.broker.backend {
         Backend::Rabbitmq => rabbitmq::purge(settings, queue).await,
         Backend::Kafka => kafka::purge(settings, queue).await,
