@@ -153,7 +153,8 @@ pub struct JobStatus {
     pub state: State,
     /// Attempts started so far.
     pub attempts: u32,
-    /// When the producer recorded it (absent while only a consumer has written).
+    /// When it was first recorded: by the producer after the broker's confirm, or by a
+    /// consumer's start that came first; never after `started_at`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
     /// The last change.
@@ -291,7 +292,8 @@ pub struct StatusError(pub String);
 ///   is `queued` with the state `scheduled`, `next_attempt_at` and `scheduled_for` (due),
 ///   and the record is kept for the TTL after the due time.
 /// - `running` of attempt n applies unless the record shows a later attempt running, or
-///   attempt n or later already failed (`retrying`).
+///   attempt n or later already failed (`retrying`); it lowers a creation time later
+///   than its own (writers read their clocks before their writes land).
 /// - `retrying` of attempt n applies unless the record shows a later attempt.
 /// - `done` and `dead` apply to any record not final.
 /// - `cancel` by its owner applies to `queued`, `scheduled` and `retrying`; `running`
@@ -373,7 +375,12 @@ if op == 'running' then
     return {'stale', state}
   end
   local fields = {'state', 'running', 'attempts', attempt, 'started_at', now}
-  if not state then table.insert(fields, 'created_at'); table.insert(fields, now) end
+  -- Each writer reads its own clock before its write lands: a producer's 'queued' can
+  -- land first with a later time. A job is never created after it started.
+  local created = tonumber(redis.call('HGET', key, 'created_at') or '')
+  if not created or created > tonumber(now) then
+    table.insert(fields, 'created_at'); table.insert(fields, now)
+  end
   write(key, fields, {'next_attempt_at'})
   return {'applied', 'running'}
 end

@@ -205,6 +205,60 @@ async fn a_queued_write_after_the_consumer_started_keeps_the_state_and_adds_the_
     assert!(s.get_for(&q, id, "owner-b").await.unwrap().is_none());
 }
 
+/// The producer's `queued` and a consumer's first `running` each read their clock before
+/// their write lands; when the later-timed `queued` lands first, the record still never
+/// says the job was created after it started (the console's timeline showed that).
+#[tokio::test]
+async fn a_start_timed_before_the_queued_write_that_landed_first_is_not_before_the_creation() {
+    let _brokers = brokers_shared().await;
+    let (s, q, id) = fresh();
+    let client = redis::Client::open(REDIS_URL).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let script = redis::Script::new(jobgate_shared::status::TRANSITION_SCRIPT);
+    // ARGV: op, now (ms), ttl (ms), attempt, owner, text, due, truncated, replays.
+    let key = format!("jobgate:status:{q}:{id}");
+    let write = |op: &str, now: u64, attempt: u32| {
+        let mut call = script.prepare_invoke();
+        call.key(&key)
+            .arg(op)
+            .arg(now)
+            .arg(600_000)
+            .arg(attempt)
+            .arg(OWNER)
+            .arg("")
+            .arg(0)
+            .arg("0")
+            .arg(0);
+        call
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let landed: Vec<String> = write("queued", now, 0)
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(landed, ["applied", "queued"]);
+    let landed: Vec<String> = write("running", now - 40, 1)
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(landed, ["applied", "running"]);
+    let status = s.get(&q, id).await.unwrap().expect("a record");
+    assert_eq!(status.state, State::Running);
+    assert_eq!(status.created_at, status.started_at, "{status:?}");
+    assert_eq!(status.owner.as_deref(), Some(OWNER));
+
+    // In the usual order nothing moves: created first, started later.
+    let (s, q, id) = fresh();
+    apply(&s, &q, id, Transition::Queued { owner: OWNER }).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    apply(&s, &q, id, Transition::Running { attempt: 1 }).await;
+    let status = s.get(&q, id).await.unwrap().expect("a record");
+    assert!(status.created_at < status.started_at, "{status:?}");
+}
+
 #[tokio::test]
 async fn cancel_takes_waiting_jobs_of_its_owner_only() {
     let _brokers = brokers_shared().await;
