@@ -510,14 +510,14 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
         if let Some(l) = &b.scheduled {
             let _ = writeln!(
                 out,
-                "### Scheduled jobs
-
-                 {} jobs posted with `Jobgate-Not-Before` times spread over 15 s, one                  `consumer` with the default delay tiers (1 s to 60 s) and the `http`                  handler; lateness is the job's arrival at a local endpoint minus its due                  time.
-
-                 | start - due p50 ms | p99 ms | max ms | early |
-                 |---|---|---|---|
-                 | {} | {} | {} | {} |
-",
+                "### Scheduled jobs\n\n\
+                 {} jobs posted with `Jobgate-Not-Before` times spread over 15 s, one \
+                 `consumer` with the default delay tiers (1 s to 60 s) and the `http` \
+                 handler; lateness is the job's arrival at a local endpoint minus its due \
+                 time.\n\n\
+                 | start - due p50 ms | p99 ms | max ms | early |\n\
+                 |---|---|---|---|\n\
+                 | {} | {} | {} | {} |\n",
                 l.jobs, l.p50_ms, l.p99_ms, l.max_ms, l.early
             );
         }
@@ -996,8 +996,8 @@ mod tests {
             "| slow downstream: jobs/s over the ideal | x1: 0.95, x2: 0.88, x4: 0.75 |",
             "| slow downstream: scaling over consumer counts | 1.00 -> 1.84 -> 3.16 |",
             "### Replicas on a slow downstream",
-            "### Scheduled jobs",
-            "| 480 | 990 | 1010 | 0 |",
+            "\n### Scheduled jobs\n\n",
+            "\n| start - due p50 ms | p99 ms | max ms | early |\n|---|---|---|---|\n| 480 | 990 | 1010 | 0 |\n",
             "3000 jobs, each POSTed by the `http` handler to a local endpoint that answers after 20 ms",
             "| 4 | 8 | - | 2.50 | 1200 | 1600 | 0.75 | 3.16 |",
             "## How to run",
