@@ -16,9 +16,9 @@
 #            binaries were linked against is present; non-root user, CA certificates
 #   consumer / producer   runtime + one binary each
 #
-# Build dependencies: the bundled librdkafka (rdkafka-sys) is built with its ./configure
-# and make, lapin uses rustls + ring; the C/C++ toolchain, make and zlib1g-dev of the
-# rust:1 image cover both, so nothing is installed in the builder. zlib is linked
+# Build dependencies: the bundled librdkafka (rdkafka-sys) and the producer's jemalloc
+# (tikv-jemalloc-sys) are built with their ./configure and make, lapin uses rustls +
+# ring; the C/C++ toolchain, make and zlib1g-dev of the rust:1 image cover all three, so nothing is installed in the builder. zlib is linked
 # dynamically (libz-sys finds the image's zlib), which is why the runtime is
 # debian:trixie-slim (zlib1g is part of every Debian base) and not distroless/cc.
 

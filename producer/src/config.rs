@@ -91,6 +91,14 @@ pub struct ProducerConfig {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// Length of the listen backlog: connections whose TCP handshake completed, waiting
+    /// to be accepted. The kernel caps it at `net.core.somaxconn`. A burst larger than
+    /// the backlog (clients that open a connection per request while the broker pauses,
+    /// say) has its SYNs dropped, and those clients retry only after 1, 3, 7 s.
+    #[arg(long, env = "JOBGATE_LISTEN_BACKLOG", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub listen_backlog: u32,
+
     /// After SIGTERM, how long in-flight requests may take to finish, in milliseconds.
     #[arg(long, env = "JOBGATE_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
@@ -263,6 +271,7 @@ mod tests {
         assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
         assert_eq!(limits.idle_timeout, Duration::from_secs(5));
         assert_eq!(limits.max_connections, 4096);
+        assert_eq!(c.listen_backlog, 4096);
         assert_eq!(c.body_read_timeout(), Duration::from_secs(30));
         assert_eq!(c.batch_in_flight_percent, 50);
         assert_eq!(c.max_batch_header_bytes, 1_048_576);

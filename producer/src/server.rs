@@ -6,6 +6,8 @@
 //!   `accept`, so past the cap new connections wait in the kernel's listen backlog
 //!   (their TCP handshake completes, nothing is read) until a connection closes; none is
 //!   refused by the producer itself.
+//! - **Listen backlog** (`JOBGATE_LISTEN_BACKLOG`, [`bind`]): how many such connections
+//!   the kernel holds; past it their SYNs are dropped and clients retry seconds later.
 //! - **Header-read timeout** (`JOBGATE_HEADER_READ_TIMEOUT_MS`): hyper's own, with a
 //!   tokio timer. hyper starts it whenever it waits for a request head: on a new
 //!   connection and, on a keep-alive connection, as soon as the previous response is
@@ -38,6 +40,39 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
+
+/// Binds the HTTP listener on `addr` (`host:port`, the first address that binds) with a
+/// listen backlog of `backlog` connections (the kernel caps it at `net.core.somaxconn`).
+///
+/// Why not `TcpListener::bind`: its backlog is fixed at 1024. Under an open-loop load a
+/// pause of the broker of 100 ms (a quorum-queue WAL roll-over, say) leaves every
+/// in-flight request waiting on its confirm, so clients open new connections for new
+/// requests; past 1024 waiting to be accepted the kernel dropped their SYNs, and those
+/// clients retried 1, 3 and 7 s later: a 100 ms pause became seconds of latency
+/// (bench/notes.md, "The open loop's tail").
+pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std's TcpListener::bind does: a restart may rebind at once while the old
+        // process's connections are in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
+            Ok(listener) => return Ok(listener),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
 
 /// The limits of the listener (see the module doc).
 #[derive(Debug, Clone, Copy)]

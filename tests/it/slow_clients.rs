@@ -203,3 +203,85 @@ async fn connections_past_the_cap_wait_until_one_closes() {
         .expect("served once a connection closed");
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
 }
+
+/// Issue 15's open-loop tail: clients that open a connection per request while the
+/// broker pauses arrive in bursts larger than `TcpListener::bind`'s fixed backlog of
+/// 1024. The kernel dropped the SYNs past it and those clients retried 1, 3 and 7 s
+/// later. With `JOBGATE_LISTEN_BACKLOG` (4096 by default) a burst of 2000 connections
+/// past the cap is held by the kernel, every handshake completed.
+#[tokio::test]
+async fn a_burst_of_connections_past_the_cap_waits_in_the_backlog() {
+    const BURST: usize = 2000;
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("read net.core.somaxconn")
+        .trim()
+        .parse()
+        .expect("net.core.somaxconn is a number");
+    assert!(
+        somaxconn > BURST,
+        "net.core.somaxconn is {somaxconn}: the kernel caps every listen backlog there, \
+         so this machine cannot hold a burst of {BURST} (raise it with sysctl)"
+    );
+    let _brokers = brokers_shared().await;
+    let backend = Backend::Rabbitmq;
+    let queue = unique("backlog");
+    let _cleanup = backend.cleanup(&[&queue]);
+    let producer = Producer::start(
+        backend,
+        &[&queue],
+        &vars(&[
+            ("JOBGATE_MAX_CONNECTIONS", "1"),
+            ("JOBGATE_HEADER_READ_TIMEOUT_MS", "60000"),
+            ("JOBGATE_IDLE_TIMEOUT_MS", "300"),
+        ]),
+    )
+    .await;
+    // The harness's own keep-alive connection (readiness) goes idle and is closed...
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let target = addr(&producer);
+    // ...and this one takes the only permit: nothing more is accepted.
+    let mut holder = TcpStream::connect(&target).await.unwrap();
+    holder
+        .write_all(job_request(&queue).as_bytes())
+        .await
+        .unwrap();
+    assert!(read_response(&mut holder).await.starts_with("HTTP/1.1 202"));
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..BURST {
+        let target = target.clone();
+        // A dropped SYN is retried after 1 s and 3 s and then still finds the backlog
+        // full (nothing is accepted meanwhile): 10 s cannot pass for a completed one.
+        burst.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(target)).await
+        });
+    }
+    let mut connected = Vec::new();
+    let mut failures = Vec::new();
+    while let Some(joined) = burst.join_next().await {
+        match joined.unwrap() {
+            Ok(Ok(stream)) => connected.push(stream),
+            Ok(Err(error)) => failures.push(error.to_string()),
+            Err(_) => failures.push("no handshake within 10 s".to_owned()),
+        }
+    }
+    failures.dedup();
+    assert_eq!(
+        connected.len(),
+        BURST,
+        "of {BURST} connections past the cap only {} completed their handshake; the \
+         rest: {failures:?}",
+        connected.len()
+    );
+    // Still served: the others and the holder close; the producer accepts the closed
+    // ones in turn (each ends at once) and then serves the one kept.
+    let mut kept = connected.swap_remove(0);
+    kept.write_all(job_request(&queue).as_bytes())
+        .await
+        .unwrap();
+    drop(connected);
+    drop(holder);
+    let answer = tokio::time::timeout(Duration::from_secs(10), read_response(&mut kept))
+        .await
+        .expect("a connection of the burst was served once the others closed");
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+}
