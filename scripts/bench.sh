@@ -4,6 +4,9 @@
 #
 #   scripts/bench.sh [bench options]     e.g. --backend rabbitmq --duration 5 --jobs 10000
 #   scripts/bench.sh --cluster           also on the three-node clusters, beside the single node
+#
+# With Go installed it also builds bench/go-baseline (net/http + amqp091-go) into
+# target/release/go-baseline and measures it beside the RabbitMQ ingress.
 #   scripts/bench.sh --profile 10        only a CPU profile of the producer under load:
 #                                        bench/flamegraph-<backend>.svg, bench/profile-<backend>.txt
 #
@@ -21,12 +24,14 @@ die() { printf 'bench.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
 backend=all
 profile=false
+go_given=false
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case ${args[i]} in
     --backend) backend=${args[i + 1]:-} ;;
     --backend=*) backend=${args[i]#--backend=} ;;
     --profile | --profile=*) profile=true ;;
+    --go-baseline | --go-baseline=*) go_given=true ;;
     -h | --help) backend=none profile=false ;;
   esac
 done
@@ -46,7 +51,19 @@ cargo build --release -p producer -p consumer -p jobgate-bench ||
   die "release build failed"
 
 if [[ $profile != true ]]; then
-  exec target/release/bench "$@"
+  # Issue 15's yardstick for the RabbitMQ ingress: the plain Go service of
+  # bench/go-baseline (its module comes from the Go module proxy), measured beside it.
+  go_args=()
+  if [[ $go_given != true && " ${brokers[*]} " == *" rabbitmq "* ]]; then
+    if command -v go >/dev/null 2>&1; then
+      (cd bench/go-baseline && go build -o ../../target/release/go-baseline .) ||
+        die "building the Go baseline (bench/go-baseline) failed"
+      go_args=(--go-baseline target/release/go-baseline)
+    else
+      echo "bench.sh: no Go toolchain (go): the Go baseline is left out of the report" >&2
+    fi
+  fi
+  exec target/release/bench "$@" "${go_args[@]}"
 fi
 
 # --profile: perf from Debian's linux-perf, the flame graph from inferno (crates.io).

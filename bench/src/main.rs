@@ -109,6 +109,12 @@ pub struct Args {
     /// Directory of the release `producer` and `consumer` (default: the bench's own).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// The Go baseline (`bench/go-baseline`: net/http and amqp091-go with confirms on 4
+    /// channels, which `scripts/bench.sh` builds when Go is installed), measured beside
+    /// the RabbitMQ ingress under the same loads; without it the report leaves that
+    /// comparison out and says so.
+    #[arg(long)]
+    pub go_baseline: Option<PathBuf>,
     /// Markdown report to write.
     #[arg(long)]
     pub report: Option<PathBuf>,

@@ -35,12 +35,22 @@ impl Binaries {
                 program.display()
             );
         }
+        self.spawn_program(&program, name, env)
+    }
+
+    /// [`Binaries::spawn`] for a program outside the binaries' directory.
+    pub fn spawn_program(
+        &self,
+        program: &Path,
+        name: &str,
+        env: &[(&str, String)],
+    ) -> Result<Running> {
         std::fs::create_dir_all(&self.logs)
             .with_context(|| format!("creating {}", self.logs.display()))?;
         let log = self.logs.join(format!("{name}.log"));
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = Command::new(&program);
+        let mut command = Command::new(program);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("JOBGATE_") {
                 command.env_remove(key);

@@ -144,6 +144,10 @@ pub struct BackendResults {
     /// written before it).
     #[serde(default)]
     pub raw_open: Option<Phase>,
+    /// RabbitMQ: the Go service of `bench/go-baseline` under the ingress's loads (none
+    /// on Kafka, without `--go-baseline`, and in results written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub go_baseline: Option<GoBaseline>,
     pub producer_peak_rss_kib: u64,
     pub raw_consume: Phase,
     pub drains: Vec<Drain>,
@@ -155,6 +159,15 @@ pub struct BackendResults {
     pub scheduled: Option<Lateness>,
     pub knobs: Vec<KnobRun>,
     pub ratios: Ratios,
+}
+
+/// The Go baseline's phases: the ingress's closed loop, then its open loop's rate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GoBaseline {
+    pub closed: Phase,
+    pub open: Phase,
+    /// The Go service's peak resident memory (`VmHWM`) over both phases.
+    pub peak_rss_kib: u64,
 }
 
 /// Scheduled jobs (`Jobgate-Not-Before`): how long after its due time each started.
@@ -235,6 +248,35 @@ fn backend_title(name: &str) -> &str {
 }
 
 /// One table row: rate, counts, latency percentiles.
+/// What the Go rows of the publish table are, or why a RabbitMQ run has none.
+fn go_baseline_note(out: &mut String, b: &BackendResults) {
+    match &b.go_baseline {
+        Some(g) => {
+            let _ = writeln!(
+                out,
+                "The Go rows: `bench/go-baseline`, the plain service of issue 15 (net/http, \
+                 amqp091-go, persistent messages confirmed on 4 channels, 202 once \
+                 confirmed), on a queue of its own under the ingress's two loads; its CPU \
+                 column is the Go process's own. Its peak RSS: {}.{}\n",
+                mib(g.peak_rss_kib),
+                g.open.slowest.map_or_else(String::new, |w| format!(
+                    " Its open loop's slowest 100 ms: the {} requests due {:.1} s into it \
+                     waited up to {:.1} ms.",
+                    w.requests, w.at_s, w.max_ms
+                )),
+            );
+        }
+        None if b.backend == "rabbitmq" => {
+            let _ = writeln!(
+                out,
+                "The Go baseline was not measured in this run (`--go-baseline`; \
+                 `scripts/bench.sh` builds it when Go is installed).\n"
+            );
+        }
+        None => {}
+    }
+}
+
 fn phase_row(out: &mut String, what: &str, p: &Phase) {
     let l = p.latency.unwrap_or_default();
     let cpu = p
@@ -350,6 +392,14 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
     row(&mut out, "HTTP ingress / jobgate publisher", &|b| {
         show_ratio(b.ratios.ingress_over_library)
     });
+    if r.backends.iter().any(|b| b.go_baseline.is_some()) {
+        row(&mut out, "HTTP ingress / Go service, closed loop", &|b| {
+            b.go_baseline.as_ref().map_or_else(
+                || "-".into(),
+                |g| show_ratio(ratio(b.ingress_closed.per_sec, g.closed.per_sec)),
+            )
+        });
+    }
     row(&mut out, "drain / raw consume, per consumer count", &|b| {
         b.ratios
             .drain_over_raw_consume
@@ -432,6 +482,24 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
             ),
             &b.ingress_open,
         );
+        if let Some(g) = &b.go_baseline {
+            phase_row(
+                &mut out,
+                &format!(
+                    "Go service (net/http + amqp091-go), closed loop, {} clients",
+                    s.in_flight
+                ),
+                &g.closed,
+            );
+            phase_row(
+                &mut out,
+                &format!(
+                    "Go service, open loop at {:.0}/s",
+                    g.open.target_rate.unwrap_or_default()
+                ),
+                &g.open,
+            );
+        }
         let _ = writeln!(
             out,
             "\nLatency of the raw and jobgate publishers is publish-to-confirm; of the \
@@ -457,15 +525,17 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
                     ))
             )),
         );
-        errors(
-            &mut out,
-            &[
-                ("raw publish", &b.raw_publish),
-                ("jobgate publisher", &b.library_publish),
-                ("ingress closed loop", &b.ingress_closed),
-                ("ingress open loop", &b.ingress_open),
-            ],
-        );
+        go_baseline_note(&mut out, b);
+        let mut publish_phases = vec![
+            ("raw publish", &b.raw_publish),
+            ("jobgate publisher", &b.library_publish),
+            ("ingress closed loop", &b.ingress_closed),
+            ("ingress open loop", &b.ingress_open),
+        ];
+        if let Some(g) = &b.go_baseline {
+            publish_phases.extend([("Go closed loop", &g.closed), ("Go open loop", &g.open)]);
+        }
+        errors(&mut out, &publish_phases);
 
         let _ = writeln!(
             out,
@@ -899,6 +969,14 @@ mod tests {
                     target_rate: Some(1500.0),
                     ..phase(1500.0)
                 }),
+                go_baseline: Some(GoBaseline {
+                    closed: phase(2000.0),
+                    open: Phase {
+                        target_rate: Some(1500.0),
+                        ..phase(1500.0)
+                    },
+                    peak_rss_kib: 12 * 1024,
+                }),
                 producer_peak_rss_kib: 30 * 1024,
                 raw_consume: phase(4000.0),
                 drains,
@@ -950,6 +1028,21 @@ mod tests {
     }
 
     #[test]
+    fn a_rabbitmq_run_without_the_go_baseline_says_so_and_has_no_go_rows() {
+        let mut report = sample();
+        report.backends[0].go_baseline = None;
+        let md = render_markdown(&report, None);
+        assert!(
+            md.contains("The Go baseline was not measured in this run"),
+            "{md}"
+        );
+        assert!(!md.contains("Go service"), "{md}");
+        report.backends[0].backend = "kafka".into();
+        let md = render_markdown(&report, None);
+        assert!(!md.contains("Go baseline"), "{md}");
+    }
+
+    #[test]
     fn ratios_relate_each_path_to_its_raw_ceiling() {
         let r = &sample().backends[0].ratios;
         assert_eq!(r.ingress_over_raw_publish, Some(0.5));
@@ -987,6 +1080,10 @@ mod tests {
             "| HTTP ingress, closed loop, 64 clients | 3000 | 30000 | 3 | 10.0 | 1.25 | 7.50 | 12.00 | 40.00 | 61 |",
             "| HTTP ingress, open loop at 1500/s | 1500 |",
             "| raw client, open loop at 1500/s | 1500 |",
+            "| HTTP ingress / Go service, closed loop | 1.50 |",
+            "| Go service (net/http + amqp091-go), closed loop, 64 clients | 2000 |",
+            "| Go service, open loop at 1500/s | 1500 |",
+            "its CPU column is the Go process's own. Its peak RSS: 12.0 MiB.",
             "| jobgate publisher (no HTTP), 64 in flight | 5000 | 50000 | 0 | 10.0 | - | - | - | - | - |",
             "Peak RSS of the producer (VmHWM, both ingress phases): 30.0 MiB. The open loop's slowest 100 ms: the 150 requests due 4.2 s into it waited up to 91.5 ms",
             "The producer's histograms for that phase: 120 requests took over 64 ms, and 118 publishes waited over 64 ms for the broker's confirm.",

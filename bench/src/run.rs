@@ -21,6 +21,7 @@ mod big_batches;
 mod cluster;
 pub use cluster::stop_clusters;
 mod downstream;
+mod go_baseline;
 mod profile;
 mod scheduled;
 mod soak;
@@ -897,6 +898,7 @@ impl Bench<'_> {
             "  raw publish, open loop: {}",
             show_open(&raw_open)
         ));
+        let go_baseline = self.go_baseline(rate).await?;
 
         say(format!(
             "{}: raw consume of {} jobs",
@@ -956,6 +958,7 @@ impl Bench<'_> {
             ingress_closed,
             ingress_open,
             raw_open: Some(raw_open),
+            go_baseline,
             producer_peak_rss_kib,
             raw_consume,
             drains,

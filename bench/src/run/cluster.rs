@@ -53,6 +53,8 @@ fn cluster_args(args: &Args, backend: &str, env: &str) -> Result<Args> {
     on_cluster.no_knobs = true;
     on_cluster.cluster = false;
     on_cluster.jobs = Some(args.cluster_jobs);
+    // The Go baseline is a yardstick for the single node's ingress only.
+    on_cluster.go_baseline = None;
     match backend {
         "rabbitmq" => {
             on_cluster.backend = Which::Rabbitmq;
