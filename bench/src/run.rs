@@ -484,17 +484,24 @@ impl Bench<'_> {
     ) -> Result<(Phase, u64)> {
         let q = self.queue(&format!("ingress-{label}"));
         self.create(&q).await?;
-        let (mut producer, base) = self.start_producer(&q, label, overrides).await?;
+        let (producer, base) = self.start_producer(&q, label, overrides).await?;
         let budget = self.timed(measure);
         let phase = with_cpu(&producer, self.post_op(&base), |op| {
             closed_loop(clients, budget, op)
         })
         .await?;
-        producer.check_alive()?;
-        let rss = producer.peak_rss_kib()?;
-        producer.stop(STOP_GRACE).await?;
-        self.drop_queue(&q).await?;
+        let rss = self.stop_serving(producer, &q).await?;
         Ok((phase, rss))
+    }
+
+    /// After an HTTP phase: checks that the service under load (a producer or the Go
+    /// baseline) is still up, reads its peak RSS (KiB), stops it and drops its queue.
+    async fn stop_serving(&self, mut service: crate::procs::Running, queue: &str) -> Result<u64> {
+        service.check_alive()?;
+        let rss = service.peak_rss_kib()?;
+        service.stop(STOP_GRACE).await?;
+        self.drop_queue(queue).await?;
+        Ok(rss)
     }
 
     /// The main ingress figures: closed loop, then open loop at half its rate, on one
@@ -502,7 +509,7 @@ impl Bench<'_> {
     async fn ingress(&self) -> Result<(Phase, Phase, u64)> {
         let q = self.queue("ingress");
         self.create(&q).await?;
-        let (mut producer, base) = self.start_producer(&q, "main", &[]).await?;
+        let (producer, base) = self.start_producer(&q, "main", &[]).await?;
         let clients = self.args.in_flight as usize;
         let budget = self.timed(self.duration);
         let closed = with_cpu(&producer, self.post_op(&base), |op| {
@@ -532,10 +539,7 @@ impl Bench<'_> {
             "  ingress open loop at {rate:.0}/s: {}",
             show_open(&open)
         ));
-        producer.check_alive()?;
-        let rss = producer.peak_rss_kib()?;
-        producer.stop(STOP_GRACE).await?;
-        self.drop_queue(&q).await?;
+        let rss = self.stop_serving(producer, &q).await?;
         Ok((closed, open, rss))
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{brokers_shared, unique, vars, Backend, Producer};
+use crate::helpers::{brokers_shared, unique, vars, Backend, Cleanup, Producer};
 
 /// The producer's `host:port`.
 fn addr(producer: &Producer) -> String {
@@ -165,24 +165,32 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(sent, "");
 }
 
-#[tokio::test]
-async fn connections_past_the_cap_wait_until_one_closes() {
-    let _brokers = brokers_shared().await;
+/// A producer on RabbitMQ capped at `max_connections` (long header-read timeout, short
+/// idle timeout), once the harness's own keep-alive connection (readiness) has gone
+/// idle and been closed, so every connection opened next counts against the cap.
+/// Returned with its queue's clean-up first, which is dropped last.
+async fn capped_producer(prefix: &str, max_connections: u32) -> (Cleanup, Producer, String) {
     let backend = Backend::Rabbitmq;
-    let queue = unique("cap");
-    let _cleanup = backend.cleanup(&[&queue]);
+    let queue = unique(prefix);
+    let cleanup = backend.cleanup(&[&queue]);
     let producer = Producer::start(
         backend,
         &[&queue],
         &vars(&[
-            ("JOBGATE_MAX_CONNECTIONS", "3"),
+            ("JOBGATE_MAX_CONNECTIONS", &max_connections.to_string()),
             ("JOBGATE_HEADER_READ_TIMEOUT_MS", "60000"),
             ("JOBGATE_IDLE_TIMEOUT_MS", "300"),
         ]),
     )
     .await;
-    // The harness's own keep-alive connection (readiness) goes idle and is closed.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    (cleanup, producer, queue)
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let _brokers = brokers_shared().await;
+    let (_cleanup, producer, queue) = capped_producer("cap", 3).await;
     let target = addr(&producer);
     let mut holders = Vec::new();
     for _ in 0..3 {
@@ -223,23 +231,9 @@ async fn a_burst_of_connections_past_the_cap_waits_in_the_backlog() {
          so this machine cannot hold a burst of {BURST} (raise it with sysctl)"
     );
     let _brokers = brokers_shared().await;
-    let backend = Backend::Rabbitmq;
-    let queue = unique("backlog");
-    let _cleanup = backend.cleanup(&[&queue]);
-    let producer = Producer::start(
-        backend,
-        &[&queue],
-        &vars(&[
-            ("JOBGATE_MAX_CONNECTIONS", "1"),
-            ("JOBGATE_HEADER_READ_TIMEOUT_MS", "60000"),
-            ("JOBGATE_IDLE_TIMEOUT_MS", "300"),
-        ]),
-    )
-    .await;
-    // The harness's own keep-alive connection (readiness) goes idle and is closed...
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_cleanup, producer, queue) = capped_producer("backlog", 1).await;
     let target = addr(&producer);
-    // ...and this one takes the only permit: nothing more is accepted.
+    // This connection takes the only permit: nothing more is accepted.
     let mut holder = TcpStream::connect(&target).await.unwrap();
     holder
         .write_all(job_request(&queue).as_bytes())

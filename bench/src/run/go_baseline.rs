@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 
-use super::{require_clean, say, show, show_open, with_cpu, Bench, STOP_GRACE};
+use super::{require_clean, say, show, show_open, with_cpu, Bench};
 use crate::load::{closed_loop, open_loop};
 use crate::procs::{free_port, wait_ready};
 use crate::report::GoBaseline;
@@ -60,10 +60,7 @@ impl Bench<'_> {
             "  Go open loop at {open_rate:.0}/s: {}",
             show_open(&open)
         ));
-        service.check_alive()?;
-        let peak_rss_kib = service.peak_rss_kib()?;
-        service.stop(STOP_GRACE).await?;
-        self.drop_queue(&q).await?;
+        let peak_rss_kib = self.stop_serving(service, &q).await?;
         Ok(Some(GoBaseline {
             closed,
             open,
