@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::stats::{ratio, LatencySummary, SlowestWindow};
+use crate::stats::{ratio, LatencySummary, OpenLoopDetail, SlowestWindow};
 
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +73,10 @@ pub struct Phase {
     /// Open loop only: its slowest 100 ms of send schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slowest: Option<SlowestWindow>,
+    /// Open loop only: how late its requests went out, their send-to-answer latency,
+    /// and how busy the machine was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_loop: Option<OpenLoopDetail>,
     /// Ingress open loop only: where its slow requests waited, from the producer's own
     /// histograms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,6 +279,62 @@ fn go_baseline_note(out: &mut String, b: &BackendResults) {
         }
         None => {}
     }
+}
+
+/// The open loops side by side: the latency from the due time (the table above) split
+/// into the generator's lag and the system's send-to-answer time, with the machine's
+/// load; then, for the ingress, where the producer says its slow requests waited.
+fn open_loops(out: &mut String, b: &BackendResults) {
+    let mut loops = Vec::new();
+    if let Some(raw) = &b.raw_open {
+        loops.push(("raw client", raw));
+    }
+    loops.push(("HTTP ingress", &b.ingress_open));
+    if let Some(g) = &b.go_baseline {
+        loops.push(("Go service", &g.open));
+    }
+    let slow_ms = crate::stats::SLOW.as_secs_f64() * 1000.0;
+    if loops.iter().any(|(_, p)| p.open_loop.is_some()) {
+        open_loop_table(out, &loops, slow_ms);
+    }
+    if let Some(t) = b.ingress_open.slow_split {
+        let _ = writeln!(
+            out,
+            "The producer's own histograms for its open loop: {} requests took over \
+             {:.0} ms from request to answer, and {} publishes waited over {:.0} ms for the \
+             broker's confirm (close counts put the tail in the broker or its client, far \
+             fewer publishes on the HTTP side).\n",
+            t.requests, t.over_ms, t.publishes, t.over_ms
+        );
+    }
+}
+
+fn open_loop_table(out: &mut String, loops: &[(&str, &Phase)], slow_ms: f64) {
+    let _ = writeln!(
+        out,
+        "Open loops, from the due time and from the send: p99 from due = sent late + \
+         send to answer, roughly; a generator sending late means a machine with no CPU \
+         to spare.\n\n\
+         | open loop | p99 ms from due | sent late, p99 ms | p99 ms from send | over \
+         {slow_ms:.0} ms from send | machine busy |\n|---|---|---|---|---|---|"
+    );
+    for (what, p) in loops {
+        let Some(d) = p.open_loop else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "| {what} | {:.2} | {:.2} | {:.2} | {} of {} | {} |",
+            p.latency.unwrap_or_default().p99_ms,
+            d.send_lag_p99_ms,
+            d.from_send.p99_ms,
+            d.slow,
+            d.from_send.count,
+            d.machine_busy
+                .map_or_else(|| "-".to_owned(), |f| format!("{:.0} %", f * 100.0)),
+        );
+    }
+    let _ = writeln!(out);
 }
 
 fn phase_row(out: &mut String, what: &str, p: &Phase) {
@@ -511,21 +571,12 @@ pub fn render_markdown(r: &Report, notes: Option<&str>) -> String {
             b.ingress_open.slowest.map_or_else(String::new, |w| format!(
                 " The open loop's slowest 100 ms: the {} requests due {:.1} s into it \
                  waited up to {:.1} ms (in an open loop one stall delays every request \
-                 due during it, so one stall can set the p99).{}",
-                w.requests,
-                w.at_s,
-                w.max_ms,
-                b.ingress_open
-                    .slow_split
-                    .map_or_else(String::new, |t| format!(
-                        " The producer's histograms for that phase: {} requests took over \
-                     {:.0} ms, and {} publishes waited over {:.0} ms for the broker's \
-                     confirm.",
-                        t.requests, t.over_ms, t.publishes, t.over_ms
-                    ))
+                 due during it, so one stall can set the p99).",
+                w.requests, w.at_s, w.max_ms,
             )),
         );
         go_baseline_note(&mut out, b);
+        open_loops(&mut out, b);
         let mut publish_phases = vec![
             ("raw publish", &b.raw_publish),
             ("jobgate publisher", &b.library_publish),
@@ -837,7 +888,11 @@ up rabbitmq-cluster`, `up kafka-cluster`) and stops it when done. The bench hold
   when the answer came, against the release `producer` binary.
 - **ingress, open loop**: requests sent on a fixed schedule at half the closed-loop rate,
   whatever the answers; latency counts from the scheduled send time, so a stall shows in
-  the percentiles instead of slowing the sender (no coordinated omission).
+  the percentiles instead of slowing the sender (no coordinated omission). The open-loop
+  table splits it into how late the bench sent (tokio's millisecond timer, and any wait
+  for a CPU) and the time from the send to the answer, with the machine's busy share
+  (`/proc/stat`) over the loop; for the ingress, the producer's histograms say how many
+  of its requests and confirms took over 4 ms.
 - **raw consume**: one client draining the backlog: lapin `basic_consume` with the
   consumer's prefetch and one ack per job, acks sent concurrently as jobgate's tasks
   do; rdkafka `StreamConsumer`, offsets stored per
@@ -871,6 +926,19 @@ mod tests {
             seconds: 10.0,
             per_sec,
             ..Phase::default()
+        }
+    }
+
+    fn detail(lag_ms: f64, p99_ms: f64, slow: u64, busy: Option<f64>) -> OpenLoopDetail {
+        OpenLoopDetail {
+            send_lag_p99_ms: lag_ms,
+            from_send: LatencySummary {
+                count: 15000,
+                p99_ms,
+                ..LatencySummary::default()
+            },
+            slow,
+            machine_busy: busy,
         }
     }
 
@@ -958,8 +1026,9 @@ mod tests {
                         requests: 150,
                         max_ms: 91.5,
                     }),
+                    open_loop: Some(detail(0.35, 6.1, 180, Some(0.72))),
                     slow_split: Some(SlowSplit {
-                        over_ms: 64.0,
+                        over_ms: 4.0,
                         requests: 120,
                         publishes: 118,
                     }),
@@ -967,6 +1036,7 @@ mod tests {
                 },
                 raw_open: Some(Phase {
                     target_rate: Some(1500.0),
+                    open_loop: Some(detail(0.2, 2.5, 40, None)),
                     ..phase(1500.0)
                 }),
                 go_baseline: Some(GoBaseline {
@@ -1043,6 +1113,20 @@ mod tests {
     }
 
     #[test]
+    fn results_from_before_the_open_loop_detail_render_without_its_table() {
+        let mut report = sample();
+        let b = &mut report.backends[0];
+        b.ingress_open.open_loop = None;
+        b.raw_open.as_mut().unwrap().open_loop = None;
+        let md = render_markdown(&report, None);
+        assert!(!md.contains("| open loop | p99 ms from due"), "{md}");
+        assert!(
+            md.contains("The producer's own histograms for its open loop: 120 requests"),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn ratios_relate_each_path_to_its_raw_ceiling() {
         let r = &sample().backends[0].ratios;
         assert_eq!(r.ingress_over_raw_publish, Some(0.5));
@@ -1086,7 +1170,10 @@ mod tests {
             "its CPU column is the Go process's own. Its peak RSS: 12.0 MiB.",
             "| jobgate publisher (no HTTP), 64 in flight | 5000 | 50000 | 0 | 10.0 | - | - | - | - | - |",
             "Peak RSS of the producer (VmHWM, both ingress phases): 30.0 MiB. The open loop's slowest 100 ms: the 150 requests due 4.2 s into it waited up to 91.5 ms",
-            "The producer's histograms for that phase: 120 requests took over 64 ms, and 118 publishes waited over 64 ms for the broker's confirm.",
+            "| open loop | p99 ms from due | sent late, p99 ms | p99 ms from send | over 4 ms from send | machine busy |",
+            "| raw client | 0.00 | 0.20 | 2.50 | 40 of 15000 | - |",
+            "| HTTP ingress | 0.00 | 0.35 | 6.10 | 180 of 15000 | 72 % |",
+            "The producer's own histograms for its open loop: 120 requests took over 4 ms from request to answer, and 118 publishes waited over 4 ms for the broker's confirm",
             "- first failure of *ingress closed loop*: `503 overloaded`",
             "| 4 `consumer` process(es), concurrency 8 | 25000 | 10.00 | 2500 | 0.62 | 20.0 MiB | 95 |",
             "| `JOBGATE_PUBLISH_CHANNELS=4` | ingress closed loop | 3300 | 3000 | +10% | 0 | - | - |",

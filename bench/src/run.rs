@@ -62,10 +62,6 @@ enum Done<'a> {
     Answered(&'a downstream::SlowDownstream),
 }
 
-/// The producer's latency bucket (seconds) above which the open loop's requests and
-/// publishes count as slow (a bucket bound of `jobgate_shared::metrics::latency_histogram`).
-const SLOW_BUCKET_S: f64 = 0.064;
-
 /// The consumers get one retry tier of this length (the fewest queues to create).
 const RETRY_TIER: Duration = Duration::from_secs(1);
 
@@ -178,7 +174,16 @@ fn show_open(p: &Phase) -> String {
             w.at_s, w.max_ms
         )
     });
-    format!("{}{slowest}", show(p))
+    let detail = p.open_loop.map_or_else(String::new, |d| {
+        format!(
+            "; sent late p99 {:.2} ms, from send p99 {:.2} ms, machine busy {}",
+            d.send_lag_p99_ms,
+            d.from_send.p99_ms,
+            d.machine_busy
+                .map_or_else(|| "-".to_owned(), |f| format!("{:.0} %", f * 100.0))
+        )
+    });
+    format!("{}{slowest}{detail}", show(p))
 }
 
 fn say(msg: impl AsRef<str>) {
@@ -530,7 +535,7 @@ impl Bench<'_> {
         .await?;
         if let (Some(before), Some(after)) = (before, self.slow_counts(&base).await) {
             open.slow_split = Some(SlowSplit {
-                over_ms: SLOW_BUCKET_S * 1000.0,
+                over_ms: crate::stats::SLOW.as_secs_f64() * 1000.0,
                 requests: after.0.saturating_sub(before.0),
                 publishes: after.1.saturating_sub(before.1),
             });
@@ -544,11 +549,12 @@ impl Bench<'_> {
     }
 
     /// From the producer's `/metrics`: requests to `/jobs` and confirmed publishes that
-    /// took longer than [`SLOW_BUCKET_S`] so far (`None` when it cannot be read).
+    /// took longer than [`crate::stats::SLOW`] (a bucket bound of
+    /// `jobgate_shared::metrics::latency_histogram`) so far (`None` when it cannot be read).
     async fn slow_counts(&self, base: &str) -> Option<(u64, u64)> {
         let answer = self.http.get(format!("{base}/metrics")).send().await.ok()?;
         let text = answer.text().await.ok()?;
-        let le = SLOW_BUCKET_S.to_string();
+        let le = crate::stats::SLOW.as_secs_f64().to_string();
         let requests = above_bucket(
             &text,
             "jobgate_http_request_duration_seconds",

@@ -69,6 +69,49 @@ pub struct SlowestWindow {
     pub max_ms: f64,
 }
 
+/// An open loop's requests beyond their latency from the due time: how late the
+/// generator sent them and what the system under test took from the send on. A
+/// generator that falls behind (a saturated machine) shows in the first; the second is
+/// the comparable figure for the system, since the generator's lag is not its doing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OpenLoopDetail {
+    /// 99th percentile of (actual send - due time), in milliseconds.
+    pub send_lag_p99_ms: f64,
+    /// Latency from each successful request's send to its answer.
+    pub from_send: LatencySummary,
+    /// Successful requests whose send-to-answer took longer than [`SLOW`].
+    pub slow: u64,
+    /// Share of the machine's CPU time that was busy (not idle, not waiting for I/O)
+    /// while the loop ran, 0 to 1; `None` where `/proc/stat` cannot be read.
+    pub machine_busy: Option<f64>,
+}
+
+/// What counts as a slow open-loop request: under the 5 ms p99 goal, and a bucket bound
+/// of the producer's latency histograms (0.5 ms doubling), so the bench's count and the
+/// producer's compare.
+pub const SLOW: Duration = Duration::from_millis(4);
+
+/// The machine's CPU time so far, from `/proc/stat`'s first line: (all, idle + iowait),
+/// in clock ticks.
+pub fn parse_machine_ticks(stat: &str) -> Option<(u64, u64)> {
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some((fields.iter().sum(), idle))
+}
+
+/// The busy share of the machine's CPU time between two [`parse_machine_ticks`] readings.
+pub fn busy_between(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let all = after.0.checked_sub(before.0)?;
+    let idle = after.1.checked_sub(before.1)?;
+    (all > 0).then(|| 1.0 - idle as f64 / all as f64)
+}
+
 /// Width of the windows [`slowest_window`] compares.
 pub const WINDOW: Duration = Duration::from_millis(100);
 
@@ -139,6 +182,21 @@ pub fn scheduled_count(rate: f64, duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_busy_comes_from_the_idle_and_iowait_columns() {
+        let before = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
+        let after = "cpu  400 0 150 1000 50 0 0 0 0 0\n";
+        let (b, a) = (
+            parse_machine_ticks(before).unwrap(),
+            parse_machine_ticks(after).unwrap(),
+        );
+        assert_eq!(b, (1000, 850));
+        // 600 ticks passed, 200 of them idle: two thirds busy.
+        assert!((busy_between(b, a).unwrap() - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(busy_between(a, a), None);
+        assert_eq!(parse_machine_ticks("intr 1 2 3"), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles_of_one_to_a_thousand() {
@@ -236,5 +294,29 @@ mod tests {
         assert_eq!(above_bucket(text, h, "queue=\"q\"", "0.064"), Some(7));
         assert_eq!(above_bucket(text, h, "queue=\"other\"", "0.064"), None);
         assert_eq!(above_bucket(text, "jobgate_nothing", "", "0.064"), None);
+    }
+
+    #[test]
+    fn the_slow_threshold_is_a_bucket_bound_of_the_producers_histograms() {
+        use jobgate_shared::metrics::prometheus_client::metrics::family::Family;
+        use jobgate_shared::metrics::prometheus_client::metrics::histogram::Histogram;
+        use jobgate_shared::metrics::{latency_histogram, registry, render};
+        let mut registry = registry();
+        // Labelled, as the producer's are.
+        let family =
+            Family::<Vec<(String, String)>, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register("wait_seconds", "Waits", family.clone());
+        let series = family.get_or_create(&vec![("route".to_owned(), "/jobs".to_owned())]);
+        series.observe(0.003);
+        series.observe(0.005);
+        let text = render(&registry);
+        let le = SLOW.as_secs_f64().to_string();
+        assert_eq!(
+            above_bucket(&text, "jobgate_wait_seconds", "route=\"/jobs\"", &le),
+            Some(1),
+            "no bucket le=\"{le}\" in:\n{text}"
+        );
     }
 }
