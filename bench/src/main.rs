@@ -37,6 +37,17 @@ pub enum Which {
     All,
 }
 
+impl Which {
+    /// The backends measured, in order.
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            Which::Rabbitmq => &["rabbitmq"],
+            Which::Kafka => &["kafka"],
+            Which::All => &["rabbitmq", "kafka"],
+        }
+    }
+}
+
 /// Measures raw broker ceilings against jobgate's ingress and workers; writes
 /// BENCHMARKS.md and bench/results.json.
 #[derive(Debug, Clone, Parser)]
@@ -157,7 +168,7 @@ pub struct Args {
     #[arg(long)]
     pub soak_report: Option<PathBuf>,
     /// The whole run is abandoned (exit 1) after this many seconds (twice as many with
-    /// `--cluster`; a soak gets at least its own length plus 5 minutes).
+    /// `--cluster`; a soak gets at least its own length plus 5 minutes, per backend).
     #[arg(long, default_value_t = 1200)]
     pub max_seconds: u64,
 }
@@ -208,6 +219,18 @@ fn lock_brokers() -> Result<File> {
     Ok(file)
 }
 
+/// How long the whole run may take before it is abandoned.
+fn run_limit(args: &Args) -> Duration {
+    // A soak lasts what it was asked to per backend, plus start-up and shutdown.
+    let backends = args.backend.names().len() as f64;
+    let soak_limit = args
+        .soak
+        .map_or(0.0, |seconds| (seconds + 300.0) * backends);
+    // The cluster phases repeat the main ones (without the knobs) on slower brokers.
+    let sites = if args.cluster { 2 } else { 1 };
+    (Duration::from_secs(args.max_seconds) * sites).max(Duration::from_secs_f64(soak_limit))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -231,12 +254,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // A soak lasts what it was asked to, plus start-up and shutdown.
-    let soak_limit = args.soak.map_or(0.0, |seconds| seconds + 300.0);
-    // The cluster phases repeat the main ones (without the knobs) on slower brokers.
-    let sites = if args.cluster { 2 } else { 1 };
-    let limit =
-        (Duration::from_secs(args.max_seconds) * sites).max(Duration::from_secs_f64(soak_limit));
+    let limit = run_limit(&args);
     let leftovers = run::Leftovers::default();
     let outcome = tokio::select! {
         r = tokio::time::timeout(limit, run::run(&args, workspace_root(), &leftovers)) => match r {
@@ -257,5 +275,32 @@ async fn main() -> ExitCode {
             eprintln!("bench: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_soak_of_both_backends_gets_its_length_twice() {
+        let args = |extra: &[&str]| {
+            Args::try_parse_from([&["bench"][..], extra].concat()).expect("valid arguments")
+        };
+        // 900 s per backend, both backends: 2 x (900 + 300) s, past the 1200 s default.
+        assert_eq!(
+            run_limit(&args(&["--soak", "900"])),
+            Duration::from_secs(2400)
+        );
+        assert_eq!(
+            run_limit(&args(&["--soak", "900", "--backend", "kafka"])),
+            Duration::from_secs(1200)
+        );
+        assert_eq!(
+            run_limit(&args(&["--soak", "1200", "--backend", "rabbitmq"])),
+            Duration::from_secs(1500)
+        );
+        assert_eq!(run_limit(&args(&[])), Duration::from_secs(1200));
+        assert_eq!(run_limit(&args(&["--cluster"])), Duration::from_secs(2400));
     }
 }

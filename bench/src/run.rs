@@ -15,7 +15,7 @@ use crate::report::{
     SlowSplit,
 };
 use crate::stats::above_bucket;
-use crate::{Args, Which};
+use crate::Args;
 
 mod big_batches;
 mod cluster;
@@ -1198,11 +1198,7 @@ async fn benches<'a>(
         .tcp_nodelay(true)
         .build()
         .context("HTTP client")?;
-    let backends: &[&'static str] = match args.backend {
-        Which::Rabbitmq => &["rabbitmq"],
-        Which::Kafka => &["kafka"],
-        Which::All => &["rabbitmq", "kafka"],
-    };
+    let backends = args.backend.names();
     let mut benches = Vec::new();
     for &backend in backends {
         let broker = match backend {
