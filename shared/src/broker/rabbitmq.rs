@@ -647,24 +647,39 @@ impl PublishPath {
             message_id: meta.id.clone(),
             routing_key: routing_key.to_string(),
         };
-        // Taken before sending, handed over after (see `confirms`).
-        let ticket = target.confirms.ticket();
-        let sent = target.channel.basic_publish(
-            ShortString::default(),
-            routing_key,
-            BasicPublishOptions {
+        let channel = target.channel.clone();
+        // Owned, as the rest of the publish goes on in the confirm task. lapin copies
+        // the body into its frames at the first poll; this copy lives until they are
+        // written.
+        let body = Bytes::copy_from_slice(body);
+        let mut writing: confirms::Writing = Box::pin(async move {
+            let options = BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        );
-        // An error here means lapin did not write the frames: the broker has nothing.
-        let confirm = match sent.await {
-            Ok(confirm) => confirm,
-            Err(e) => return Attempt::NotSent(e.to_string()),
-        };
+            };
+            channel
+                .basic_publish(
+                    ShortString::default(),
+                    routing_key,
+                    options,
+                    &body,
+                    properties,
+                )
+                .await
+        });
         let (answer, answered) = oneshot::channel();
+        // Taken just before the frames are queued, handed over right after, with no
+        // await between: the confirm task waits for every ticket taken before it
+        // answers (see `confirms`), so a publisher that had to be scheduled again to
+        // hand over would hold up the answers of every other publish on the channel.
+        let ticket = target.confirms.ticket();
+        // The first poll queues the frames for lapin's I/O thread; it does not yield.
+        let confirm = match futures::poll!(writing.as_mut()) {
+            std::task::Poll::Pending => confirms::Sending::Writing(writing),
+            std::task::Poll::Ready(Ok(confirm)) => confirms::Sending::Written(confirm),
+            // lapin did not queue the frames: the broker has nothing.
+            std::task::Poll::Ready(Err(e)) => return Attempt::NotSent(e.to_string()),
+        };
         let handed = ticket.hand_over(confirms::Sent {
             key,
             confirm,
@@ -677,11 +692,13 @@ impl PublishPath {
                 "the connection closed before the broker confirmed the message".into(),
             )));
         }
-        Attempt::Answered(answered.await.unwrap_or_else(|_| {
-            Err(PublishError::Unconfirmed(
+        match answered.await {
+            Ok(confirms::Heard::Answered(answer)) => Attempt::Answered(answer),
+            Ok(confirms::Heard::NotSent(error)) => Attempt::NotSent(error),
+            Err(_) => Attempt::Answered(Err(PublishError::Unconfirmed(
                 "the confirm was dropped before the broker answered".into(),
-            ))
-        }))
+            ))),
+        }
     }
 
     /// Publishes, going on to the next session when the message could not be sent on

@@ -18,19 +18,28 @@
 //!   one of them is seen complete, taking that lock ([`barrier`]) waits for the rest,
 //!   so every return of the batch is in hand before any publish of it is answered;
 //! - every publish of the batch is in hand too: a publisher takes a [`Ticket`] (a
-//!   number, in order) before it sends, and hands the confirm over (or gives the ticket
-//!   back) once lapin has it. Seeing a confirm complete, the task first waits for every
-//!   ticket taken until then. Without that, a return could be popped by the confirm of
-//!   a publish whose handover had not arrived yet (the broker answers while the
-//!   publisher is between `basic_publish` and its handover), and its own publish,
-//!   handed over a moment later, was answered as taken: a 202 for a job no queue held,
-//!   about once in 4 000 mixed publishes under load.
+//!   number, in order) before it sends, and hands the publish over (or gives the ticket
+//!   back) at once. Seeing a confirm complete, the task first waits for every ticket
+//!   taken until then. Without that, a return could be popped by the confirm of a
+//!   publish whose handover had not arrived yet (the broker answers while the publisher
+//!   is between `basic_publish` and its handover), and its own publish, handed over a
+//!   moment later, was answered as taken: a 202 for a job no queue held, about once in
+//!   4 000 mixed publishes under load.
 //!
-//! The task also owns every confirm until the broker answers it or the channel closes:
+//! That wait holds up every answer of the channel, so the window between ticket and
+//! handover has no await in it: the publisher polls `basic_publish` once (lapin queues
+//! the frames in that poll) and hands over the rest of it, the wait for the frames to
+//! be written ([`Sending`]). When the publisher awaited the write itself, it had to be
+//! scheduled again to hand over, and under load the task waited 1-4 ms for it a few
+//! hundred times a run (issue 15: a fifth as many since).
+//!
+//! The task also owns every publish until the broker answers it or the channel closes:
 //! a publish that gave up waiting (its timeout) leaves nothing behind in lapin, where a
 //! dropped confirm would be kept until the channel closes (issue 12, item 9).
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -66,12 +75,34 @@ impl ReturnKey {
     }
 }
 
-/// A publish that left the process, waiting for the broker's answer.
+/// A publish whose frames are in lapin's queue, waiting for the broker's answer.
 pub(super) struct Sent {
     pub key: ReturnKey,
-    pub confirm: PublisherConfirm,
+    pub confirm: Sending,
     /// Where the answer goes; the publisher may have stopped waiting (timed out).
-    pub answer: oneshot::Sender<Result<(), PublishError>>,
+    pub answer: oneshot::Sender<Heard>,
+}
+
+/// lapin's `basic_publish` after its first poll, which queued the frames: the rest
+/// waits for its I/O thread to write them, then yields the confirm.
+pub(super) type Writing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
+/// How far a handed-over publish has got.
+pub(super) enum Sending {
+    /// Its frames are queued, not yet written.
+    Writing(Writing),
+    /// Written: only the broker's answer is left.
+    Written(PublisherConfirm),
+}
+
+/// What the publisher of a handed-over publish hears back.
+#[derive(Debug)]
+pub(super) enum Heard {
+    /// lapin could not write the frames (the channel or connection was closing): the
+    /// broker has nothing, so the job can go out on another session.
+    NotSent(String),
+    /// The broker's answer, or the confirm lost after the message left: final.
+    Answered(Result<(), PublishError>),
 }
 
 /// What a publisher tells the confirm task about its ticket.
@@ -179,7 +210,16 @@ async fn settle_confirms(
             },
         ) => {
             arrivals.arrived(number);
-            Some(async move { (key, answer, confirm.await) })
+            Some(async move {
+                let confirmation = match confirm {
+                    Sending::Writing(writing) => match writing.await {
+                        Ok(confirm) => Ok(confirm.await),
+                        Err(unwritten) => Err(unwritten.to_string()),
+                    },
+                    Sending::Written(confirm) => Ok(confirm.await),
+                };
+                (key, answer, confirmation)
+            })
         }
         Handoff::Gone(number) => {
             arrivals.arrived(number);
@@ -200,7 +240,16 @@ async fn settle_confirms(
                 let taken = tickets.load(Ordering::SeqCst);
                 let catch_up = async {
                     while open && arrivals.through < taken {
-                        match handoffs.recv().await {
+                        // Those already queued first, without giving up the thread:
+                        // `recv` counts against tokio's cooperative budget and, once it
+                        // is spent, yields the task to the back of the run queue for a
+                        // millisecond or more while every answer of the batch waits.
+                        let next = match handoffs.try_recv() {
+                            Ok(handoff) => Some(handoff),
+                            Err(mpsc::error::TryRecvError::Disconnected) => None,
+                            Err(mpsc::error::TryRecvError::Empty) => handoffs.recv().await,
+                        };
+                        match next {
                             Some(handoff) => pending.extend(receive(handoff, &mut arrivals)),
                             None => open = false,
                         }
@@ -218,13 +267,16 @@ async fn settle_confirms(
                     done.push(more);
                 }
                 for (_, _, confirmation) in &mut done {
-                    if let Ok(Confirmation::Ack(Some(message)) | Confirmation::Nack(Some(message))) = confirmation {
+                    if let Ok(Ok(Confirmation::Ack(Some(message)) | Confirmation::Nack(Some(message)))) = confirmation {
                         *returned.entry(ReturnKey::of_return(message)).or_default() += 1;
                     }
                 }
                 for (key, answer, confirmation) in done {
-                    let outcome = outcome(confirmation, take(&mut returned, &key));
-                    if let Err(unheard) = answer.send(outcome) {
+                    let heard = match confirmation {
+                        Ok(confirmation) => Heard::Answered(outcome(confirmation, take(&mut returned, &key))),
+                        Err(unwritten) => Heard::NotSent(unwritten),
+                    };
+                    if let Err(unheard) = answer.send(heard) {
                         tracing::debug!(job_id = %key.message_id, queue = %key.routing_key, outcome = ?unheard, "the broker answered a publish after its timeout");
                     }
                 }
