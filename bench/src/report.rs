@@ -703,7 +703,8 @@ fn downstream_table(out: &mut String, b: &BackendResults) {
          {:.0} ms; the ideal is `processes × concurrency / job time`. The processes start \
          before the jobs are published; \"settled after\" is how long they took to all \
          consume (Kafka: the group stable with every partition owned), and the drain's \
-         time starts then. It ends when the endpoint has answered every job once (not \
+         time starts once the bench's publisher, connected after that, has sent the first \
+         job. It ends when the endpoint has answered every job once (not \
          when the broker's backlog is empty: a Kafka group commits once a second).\n",
         first.drain.phase.ok, first.job_ms
     );

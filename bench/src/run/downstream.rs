@@ -3,8 +3,11 @@
 //! 1, 2, 4 `consumer` processes drain the same backlog through it, and each count's
 //! rate is set against the ideal `processes × concurrency / job time`. The processes
 //! start before the backlog is published, and the clock starts once they all consume
-//! (on Kafka: their group stable, every partition owned): the rate is what running
-//! replicas do; how long they took to settle is reported beside it. Replicas run for
+//! (on Kafka: their group stable, every partition owned) and the bench's publisher has
+//! sent the first job: the rate is what running replicas do; how long they took to
+//! settle is reported beside it. (Until 2026-12-04 the clock also ran while the bench's
+//! Kafka publisher connected, 0.6 s in which no job existed: a third of a 4-process
+//! drain of 3 000 jobs.) Replicas run for
 //! days, so a few seconds of rebalancing at start would otherwise dominate a backlog
 //! that takes seconds to drain.
 //!
