@@ -330,8 +330,7 @@ fn open_loop_table(out: &mut String, loops: &[(&str, &Phase)], slow_ms: f64) {
             d.from_send.p99_ms,
             d.slow,
             d.from_send.count,
-            d.machine_busy
-                .map_or_else(|| "-".to_owned(), |f| format!("{:.0} %", f * 100.0)),
+            d.machine_busy_shown(),
         );
     }
     let _ = writeln!(out);

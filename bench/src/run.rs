@@ -179,8 +179,7 @@ fn show_open(p: &Phase) -> String {
             "; sent late p99 {:.2} ms, from send p99 {:.2} ms, machine busy {}",
             d.send_lag_p99_ms,
             d.from_send.p99_ms,
-            d.machine_busy
-                .map_or_else(|| "-".to_owned(), |f| format!("{:.0} %", f * 100.0))
+            d.machine_busy_shown()
         )
     });
     format!("{}{slowest}{detail}", show(p))

@@ -86,6 +86,14 @@ pub struct OpenLoopDetail {
     pub machine_busy: Option<f64>,
 }
 
+impl OpenLoopDetail {
+    /// [`Self::machine_busy`] as the log and the report show it: "67 %", or "-".
+    pub fn machine_busy_shown(&self) -> String {
+        self.machine_busy
+            .map_or_else(|| "-".to_owned(), |f| format!("{:.0} %", f * 100.0))
+    }
+}
+
 /// What counts as a slow open-loop request: under the 5 ms p99 goal, and a bucket bound
 /// of the producer's latency histograms (0.5 ms doubling), so the bench's count and the
 /// producer's compare.
@@ -182,6 +190,18 @@ pub fn scheduled_count(rate: f64, duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_busy_is_shown_in_whole_percent_or_as_a_dash() {
+        let detail = |busy| OpenLoopDetail {
+            send_lag_p99_ms: 0.0,
+            from_send: LatencySummary::default(),
+            slow: 0,
+            machine_busy: busy,
+        };
+        assert_eq!(detail(Some(0.666)).machine_busy_shown(), "67 %");
+        assert_eq!(detail(None).machine_busy_shown(), "-");
+    }
 
     #[test]
     fn machine_busy_comes_from_the_idle_and_iowait_columns() {
