@@ -328,8 +328,15 @@ impl Producer {
     /// POSTs a job and returns its job id; panics unless the answer is 202.
     pub async fn post_ok(&self, queue: &str, body: impl Into<reqwest::Body>) -> String {
         let response = self.post(queue, body).await;
-        assert_eq!(response.status(), 202, "expected 202");
-        let json: Value = response.json().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(
+            status,
+            202,
+            "expected 202, got: {text}\nproducer log:\n{}",
+            self.process.dump()
+        );
+        let json: Value = serde_json::from_str(&text).expect("a JSON answer");
         assert_eq!(json["message"], "Request received");
         assert_eq!(json["queue"], queue);
         json["job_id"].as_str().expect("job_id").to_owned()

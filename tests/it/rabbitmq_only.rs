@@ -58,30 +58,68 @@ async fn management_api_shows_the_job_with_its_real_body_and_properties() {
     assert!(p["timestamp"].as_u64().is_some(), "timestamp set: {p}");
 }
 
+/// An operator deletes the queue: the publish that finds it missing is refused (503,
+/// never a 202 for a job no queue holds), and from the next request on every job is
+/// taken again, each round. A channel that published to the deleted quorum queue keeps
+/// RabbitMQ's state for it and nacked a publish to the queue declared again (seen in CI
+/// under load), so the producer must go on with a fresh connection, not the old one.
 #[tokio::test]
 async fn a_queue_deleted_behind_the_producers_back_gets_503_then_is_declared_again() {
     let _brokers = brokers_shared().await;
     let queue = unique("deleted");
     let _cleanup = BACKEND.cleanup(&[&queue]);
     let producer = Producer::start(BACKEND, &[&queue], &[]).await;
-    producer.post_ok(&queue, "before").await;
-    rabbit::delete_queue(&queue).await;
+    for round in 0..4 {
+        producer.post_many(&queue, 10).await;
+        rabbit::delete_queue(&queue).await;
 
-    // `mandatory` makes RabbitMQ return the unroutable message: never a false 202.
-    let response = producer.post(&queue, "unroutable").await;
-    assert_problem(response, 503, "broker-unavailable").await;
+        // `mandatory` makes RabbitMQ return the unroutable message: never a false 202.
+        let response = producer.post(&queue, "unroutable").await;
+        assert_problem(response, 503, "broker-unavailable").await;
+        wait_until(
+            Duration::from_secs(10),
+            "the queue to be declared again",
+            || async { rabbit::queue_info(&queue).await.is_some() },
+        )
+        .await;
+        producer.post_many(&queue, 20).await;
+        assert_eq!(
+            BACKEND.pending(&queue).await,
+            20,
+            "round {round}: only the jobs after the redeclare are queued"
+        );
+    }
+}
+
+/// An operator deletes one of the queues a consumer drains. RabbitMQ cancels that one
+/// subscription (`basic.cancel`); the consumer must notice, declare the queue again and
+/// subscribe to it again, with no restart, and go on draining the other queue. Jobs
+/// posted after, to either queue, are processed by the same process, each once.
+#[tokio::test]
+async fn a_queue_deleted_under_a_consumer_is_subscribed_again_and_the_other_keeps_draining() {
+    let _brokers = brokers_shared().await;
+    let (deleted, kept) = (unique("gone"), unique("kept"));
+    let _cleanup = BACKEND.cleanup(&[&deleted, &kept]);
+    let producer = Producer::start(BACKEND, &[&deleted, &kept], &[]).await;
+    let consumer = Consumer::start(BACKEND, &format!("{deleted},{kept}"), &[]).await;
+    let mut ids = producer.post_many(&deleted, 3).await;
+    ids.extend(producer.post_many(&kept, 3).await);
+    assert_processed_exactly_once(&[&consumer], &ids, Duration::from_secs(30)).await;
+
+    rabbit::delete_queue(&deleted).await;
     wait_until(
-        Duration::from_secs(10),
-        "the queue to be declared again",
-        || async { rabbit::queue_info(&queue).await.is_some() },
+        Duration::from_secs(20),
+        "the deleted queue to be declared again with the consumer on it",
+        || async {
+            rabbit::queue_info(&deleted)
+                .await
+                .is_some_and(|q| q["consumers"] == 1)
+        },
     )
     .await;
-    producer.post_ok(&queue, "after").await;
-    assert_eq!(
-        BACKEND.pending(&queue).await,
-        1,
-        "only the job after redeclare is queued"
-    );
+    ids.extend(producer.post_many(&deleted, 5).await);
+    ids.extend(producer.post_many(&kept, 5).await);
+    assert_processed_exactly_once(&[&consumer], &ids, Duration::from_secs(30)).await;
 }
 
 /// `JOBGATE_PREFETCH` above the concurrency: the broker hands the consumer that many

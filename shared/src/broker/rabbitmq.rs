@@ -53,6 +53,9 @@ const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// A publisher connection that lived this long was healthy: when it is lost, the next
 /// one is opened at once and the reconnect backoff starts over.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
+/// How long a retired publishing connection stays open for the confirms still in
+/// flight on it (at most the publish timeout, which bounds every publish begun on it).
+const RETIRED_DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// How often a publisher connection sends its alarm probe (see [`probe_for_alarm`]).
 const ALARM_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Routing key of the alarm probe: `amq.` queue names are reserved, so no queue can
@@ -436,6 +439,9 @@ struct PublishSession {
     probe: Channel,
     next: AtomicUsize,
     blocked: AtomicBool,
+    /// Fired when a publish found its queue missing (see [`PublishPath::retire`]); a
+    /// child of the path's `cancel`.
+    retired: CancellationToken,
 }
 
 impl PublishSession {
@@ -502,6 +508,23 @@ impl PublishPath {
             (None, None) => Some(Instant::now()),
         };
         self.session.send_replace(session);
+    }
+
+    /// No session until the supervisor opens the next one, if `session` is still the
+    /// current one: it may have been replaced already, and the new one stays.
+    fn clear_if_current(&self, session: &Arc<PublishSession>) {
+        // The lock `set_current` takes, held over the compare and the clear.
+        let mut down_since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        let cleared = self.session.send_if_modified(|current| {
+            let is_it = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session));
+            if is_it {
+                *current = None;
+            }
+            is_it
+        });
+        if cleared && down_since.is_none() {
+            *down_since = Some(Instant::now());
+        }
     }
 
     /// True when the broker has been away for longer than a publish timeout.
@@ -574,6 +597,7 @@ impl PublishPath {
                 probe,
                 next: AtomicUsize::new(0),
                 blocked: AtomicBool::new(false),
+                retired: self.cancel.child_token(),
             }),
             Err(e) => {
                 close_connection(&conn, "setup failed").await;
@@ -597,13 +621,18 @@ impl PublishPath {
                         &session.all_channels(),
                         Some(&session.probe),
                         &session.blocked,
-                        &self.cancel,
+                        &session.retired,
                     )
                     .await;
                     self.set_current(None);
-                    close_connection(&session.conn, "reconnecting").await;
                     if self.cancel.is_cancelled() {
+                        close_connection(&session.conn, "producer shutting down").await;
                         break;
+                    }
+                    if session.retired.is_cancelled() {
+                        self.drain_then_close(session);
+                    } else {
+                        close_connection(&session.conn, "reconnecting").await;
                     }
                     // A connection lost after a good while is usually back at once (a
                     // broker-side error closed it, or a node restarted): try again
@@ -732,7 +761,7 @@ impl PublishPath {
             match attempt {
                 Attempt::Answered(answer) => {
                     if answer == Err(PublishError::Unroutable) {
-                        self.declare_again(&session, &meta.queue);
+                        self.retire(&session, &meta.queue);
                     }
                     return answer;
                 }
@@ -745,16 +774,38 @@ impl PublishPath {
     }
 
     /// The queue was deleted behind our back (by an operator, say). This request gets
-    /// its 503; declaring the topology again lets the next ones through.
-    fn declare_again(&self, session: &Arc<PublishSession>, queue: &str) {
-        let (session, queue) = (Arc::clone(session), queue.to_owned());
-        let tiers = self.options.retry_tiers.clone();
+    /// its 503; the next ones go out on a new connection, which declares the topology
+    /// again before it is used. Not the old one: RabbitMQ 3.10 nacked a publish on it to
+    /// the queue declared again (under load: a false 503 after the queue was back), and
+    /// may close it whole (541). Its channels keep RabbitMQ's state for the deleted
+    /// quorum queue, and a queue declared in the background is routable before its Raft
+    /// cluster is up; the new connection is used only after its `queue.declare-ok`.
+    ///
+    /// The session stops being current here, before the 503 goes out, so no request
+    /// after it can pick the old session; publishes wait for the new one, within their
+    /// timeout. Every publish that finds the queue missing calls this; only the first
+    /// does anything.
+    fn retire(&self, session: &Arc<PublishSession>, queue: &str) {
+        if session.retired.is_cancelled() {
+            return;
+        }
+        tracing::warn!(%queue, "queue missing on the broker; declaring it again on a new connection");
+        self.clear_if_current(session);
+        session.retired.cancel();
+    }
+
+    /// Closes a retired session once the publishes begun on it have had their publish
+    /// timeout to be answered (they may be to other queues of the path: retry tiers, the
+    /// dead-letter queue), or at once when the path closes.
+    fn drain_then_close(&self, session: Arc<PublishSession>) {
+        let drain = self.options.publish_timeout.min(RETIRED_DRAIN_LIMIT);
+        let cancel = self.cancel.clone();
         tokio::spawn(async move {
-            tracing::warn!(%queue, "queue missing on the broker; declaring it again");
-            let declare = declare_topology(&session.conn, &queue, &tiers);
-            if let Err(error) = declare.await {
-                tracing::warn!(%queue, %error, "could not declare the queue again");
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = tokio::time::sleep(drain) => {}
             }
+            close_connection(&session.conn, "queue declared again on a new connection").await;
         });
     }
 
@@ -932,7 +983,7 @@ impl RabbitSource {
         stop: &CancellationToken,
     ) -> bool {
         let tags: Vec<ShortString> = consumers.iter().map(|c| c.tag()).collect();
-        let mut deliveries = futures::stream::select_all(consumers);
+        let mut deliveries = futures::stream::select_all(consumers.into_iter().map(until_ended));
         let lost = CancellationToken::new();
         let blocked = AtomicBool::new(false);
         let watch = watch_connection(conn, std::slice::from_ref(channel), None, &blocked, &lost);
@@ -946,7 +997,7 @@ impl RabbitSource {
                 }
                 () = &mut watch => return false,
                 next = deliveries.next() => match next {
-                    Some(Ok(d)) => {
+                    Some(Subscription::Delivered(Ok(d))) => {
                         let queue = d.routing_key.to_string();
                         let queue = if self.options.queues.contains(&queue) { queue } else {
                             // Published via another exchange: the routing key is not the
@@ -977,8 +1028,15 @@ impl RabbitSource {
                             }
                         }
                     }
-                    Some(Err(error)) => {
+                    Some(Subscription::Delivered(Err(error))) => {
                         tracing::warn!(%error, "RabbitMQ consumer failed");
+                        return false;
+                    }
+                    // One queue's subscription is enough: `select_all` alone would end
+                    // only with the last one, and a queue deleted by hand would be left
+                    // without its consumer while the others went on.
+                    Some(Subscription::Ended(tag)) => {
+                        tracing::warn!(consumer_tag = %tag, "RabbitMQ ended a subscription (its queue deleted?); subscribing again on a new connection");
                         return false;
                     }
                     None => {
@@ -1003,24 +1061,51 @@ async fn give_back(settle: Box<dyn Settle>) {
     }
 }
 
+/// What one queue's subscription yields: its deliveries, then that it ended.
+// Passed along by value, never stored in bulk: boxing the delivery would cost an
+// allocation per job to save bytes on the one `Ended` per subscription.
+#[allow(clippy::large_enum_variant)]
+enum Subscription {
+    Delivered(lapin::Result<lapin::message::Delivery>),
+    /// lapin's stream ended: the broker cancelled the consumer (`basic.cancel`, sent
+    /// when the queue is deleted) or the channel closed.
+    Ended(ShortString),
+}
+
+type Subscriptions = futures::stream::SelectAll<futures::stream::BoxStream<'static, Subscription>>;
+
+/// `consumer`'s deliveries, then [`Subscription::Ended`] once it ends.
+fn until_ended(consumer: lapin::Consumer) -> futures::stream::BoxStream<'static, Subscription> {
+    let tag = consumer.tag();
+    consumer
+        .map(Subscription::Delivered)
+        .chain(futures::stream::once(
+            async move { Subscription::Ended(tag) },
+        ))
+        .boxed()
+}
+
 /// At shutdown: cancels the subscriptions, then gives back every delivery the broker had
 /// already sent for them (prefetched, up to `JOBGATE_PREFETCH`) that was never handed
 /// to the worker. Without this they would stay unacked, locked to this replica, for the
 /// whole shutdown grace. The channel stays open for the jobs still running.
-async fn stop_consuming(
-    channel: &Channel,
-    tags: &[ShortString],
-    deliveries: &mut futures::stream::SelectAll<lapin::Consumer>,
-) {
+async fn stop_consuming(channel: &Channel, tags: &[ShortString], deliveries: &mut Subscriptions) {
     for tag in tags {
         let cancel = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
         let _ = bounded("basic.cancel", cancel).await;
     }
     let mut given_back = 0usize;
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(PREFETCHED_DRAIN_WAIT, deliveries.next()).await
-    {
-        give_back(Box::new(RabbitSettle { acker: d.acker })).await;
-        given_back += 1;
+    // Each cancelled subscription ends with its marker: the others may still hold
+    // deliveries to give back.
+    loop {
+        match tokio::time::timeout(PREFETCHED_DRAIN_WAIT, deliveries.next()).await {
+            Ok(Some(Subscription::Delivered(Ok(d)))) => {
+                give_back(Box::new(RabbitSettle { acker: d.acker })).await;
+                given_back += 1;
+            }
+            Ok(Some(Subscription::Ended(_))) => {}
+            _ => break,
+        }
     }
     if given_back > 0 {
         tracing::info!(
