@@ -947,13 +947,9 @@ pub mod kafka {
 
     /// Deletes topics `Q` and `Q.*` and group `jobgate.Q` of each queue `Q`.
     pub async fn delete_all(queues: &[String]) -> Result<(), String> {
-        use rdkafka::admin::{AdminClient, AdminOptions};
-        use rdkafka::client::DefaultClientContext;
+        use rdkafka::admin::AdminOptions;
 
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", KAFKA_BROKERS)
-            .create()
-            .map_err(|e| e.to_string())?;
+        let admin = admin()?;
         let metadata = admin
             .inner()
             .fetch_metadata(None, TIMEOUT)
@@ -964,28 +960,50 @@ pub mod kafka {
             .map(|t| t.name().to_owned())
             .filter(|t| queues.iter().any(|q| belongs_to(t, q)))
             .collect();
-        let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
-        if !topics.is_empty() {
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            for result in
-                jobgate_shared::broker::kafka::admin::delete_topics(&admin, &names, &options)
-                    .await
-                    .map_err(|e| e.to_string())?
-            {
-                result.map_err(|(topic, e)| format!("delete topic {topic}: {e}"))?;
-            }
-        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        delete_topics_with(&admin, &names).await?;
         // A group whose members' sessions have not expired yet cannot be deleted; its
         // committed offsets are dropped with the topics anyway, so this is a courtesy.
         let groups: Vec<String> = queues.iter().map(|q| group(q)).collect();
         let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
         let _ = admin.delete_groups(&groups, &options).await;
         Ok(())
     }
 
-    /// See [`Backend::pending`].
-    /// Jobs of `queue` on the cluster at `bootstrap` not yet committed by its group
-    /// (see [`super::Backend::pending`]).
+    /// Deletes exactly the topics `names` (an operator's `kafka-topics --delete`).
+    pub async fn delete_topics(names: &[&str]) {
+        let admin = admin().expect("Kafka admin client");
+        delete_topics_with(&admin, names)
+            .await
+            .unwrap_or_else(|e| panic!("delete topics {names:?}: {e}"));
+    }
+
+    fn admin() -> Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, String>
+    {
+        ClientConfig::new()
+            .set("bootstrap.servers", KAFKA_BROKERS)
+            .create()
+            .map_err(|e| e.to_string())
+    }
+
+    async fn delete_topics_with(
+        admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+        names: &[&str],
+    ) -> Result<(), String> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let options = rdkafka::admin::AdminOptions::new().operation_timeout(Some(TIMEOUT));
+        let results = jobgate_shared::broker::kafka::admin::delete_topics(admin, names, &options)
+            .await
+            .map_err(|e| e.to_string())?;
+        for result in results {
+            result.map_err(|(topic, e)| format!("delete topic {topic}: {e}"))?;
+        }
+        Ok(())
+    }
+
     pub async fn pending_at(bootstrap: &str, queue: &str) -> u64 {
         let (bootstrap, queue) = (bootstrap.to_owned(), queue.to_owned());
         tokio::task::spawn_blocking(move || {

@@ -10,8 +10,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 use crate::helpers::{
-    brokers_shared, kafka, processing_counts, unique, vars, wait_until, Backend, Consumer,
-    Producer, KAFKA_PARTITIONS,
+    assert_processed_exactly_once, brokers_shared, kafka, processing_counts, unique, vars,
+    wait_until, Backend, Consumer, Producer, KAFKA_PARTITIONS,
 };
 
 const BACKEND: Backend = Backend::Kafka;
@@ -493,4 +493,50 @@ async fn a_replica_joining_then_one_leaving_under_load_redo_at_most_the_moved_jo
          ({allowed}): {:?}",
         counts.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
     );
+}
+
+/// An operator deletes the job topic under a running producer and consumer. The
+/// producer refuses jobs (503, "no queue for it") while the topic is missing and
+/// creates it again; the
+/// consumer goes on with the new topic from its start (its group's committed offsets
+/// were past the new topic's end): every job accepted after is processed, each once,
+/// with no restart. (RabbitMQ's side: `rabbitmq_only::a_queue_deleted_*`.)
+#[tokio::test]
+async fn a_topic_deleted_by_hand_is_created_again_and_the_jobs_after_are_processed() {
+    let _brokers = brokers_shared().await;
+    let queue = unique("ktopic");
+    let _cleanup = BACKEND.cleanup(&[&queue]);
+    let producer = Producer::start(BACKEND, &[&queue], &[]).await;
+    let consumer = Consumer::start(BACKEND, &queue, &[]).await;
+    let mut ids = producer.post_many(&queue, 6).await;
+    assert_processed_exactly_once(&[&consumer], &ids, Duration::from_secs(60)).await;
+
+    kafka::delete_topics(&[queue.as_str()]).await;
+    // Until the topic is back every job is refused, never accepted and dropped.
+    let started = std::time::Instant::now();
+    loop {
+        let response = producer.post(&queue, "{}").await;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or_default();
+        if status == 202 {
+            ids.push(body["job_id"].as_str().expect("job_id").to_owned());
+            break;
+        }
+        // Answered as missing at once, not after the publish timeout: librdkafka
+        // waited 30 s for a missing topic to "propagate", so every request timed out
+        // (503 "did not confirm in time") and the topic was created again only then.
+        assert_eq!(status, 503, "while the topic is missing: {body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("has no queue for it"),
+            "a missing topic is answered as missing: {body}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the producer did not take jobs again within 60 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ids.extend(producer.post_many(&queue, 6).await);
+    assert_processed_exactly_once(&[&consumer], &ids, Duration::from_secs(60)).await;
 }

@@ -239,6 +239,18 @@ fn message_timeout(publish_timeout: Duration) -> Duration {
         .max(Duration::from_millis(1))
 }
 
+/// librdkafka's `topic.metadata.propagation.max.ms`: how long a topic missing from the
+/// cluster's metadata counts as "not propagated yet" before its records fail as
+/// unknown. librdkafka's 30 s is longer than any publish timeout, so a topic deleted
+/// by hand made every publish wait out its timeout (a 503 "did not confirm") for 30 s
+/// before jobgate learnt the topic was gone and created it again. Half the message
+/// timeout: a missing topic is answered as missing, and created again, within it;
+/// jobgate creates its topics itself before it is ready, so nothing new has to
+/// propagate while it serves.
+fn topic_propagation_wait(publish_timeout: Duration) -> Duration {
+    (message_timeout(publish_timeout) / 2).clamp(Duration::from_millis(1), Duration::from_secs(30))
+}
+
 /// A producer with `acks=all` and idempotence; a record's delivery is reported within
 /// `publish_timeout` ([`message_timeout`]), so none is delivered after we gave up.
 fn idempotent_producer(
@@ -246,12 +258,16 @@ fn idempotent_producer(
     publish_timeout: Duration,
 ) -> Result<FutureProducer, String> {
     let timeout_ms = message_timeout(publish_timeout).as_millis().to_string();
+    let propagation_ms = topic_propagation_wait(publish_timeout)
+        .as_millis()
+        .to_string();
     spec.client_config("producer")
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", &timeout_ms)
         .set("linger.ms", spec.linger.as_millis().to_string())
         .set("allow.auto.create.topics", "false")
+        .set("topic.metadata.propagation.max.ms", &propagation_ms)
         .create()
         .map_err(|e| format!("Kafka producer: {e}"))
 }
@@ -336,7 +352,13 @@ impl KafkaPublisher {
             Some(RDKafkaErrorCode::MessageTimedOut) => {
                 PublishError::Timeout(self.options.publish_timeout)
             }
-            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            // `UnknownPartition` too: a record queued for a partition of the deleted topic
+            // (librdkafka's local error) is as unroutable as one for the topic.
+            Some(
+                RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition,
+            ) => {
                 self.topics_missing.store(true, Ordering::SeqCst);
                 PublishError::Unroutable
             }
@@ -1376,5 +1398,9 @@ mod tests {
         assert_eq!(message_timeout(ms(2000)), ms(1000));
         assert_eq!(message_timeout(ms(1500)), ms(750));
         assert_eq!(message_timeout(ms(1)), ms(1));
+        // A missing topic fails its records well within the message timeout.
+        assert_eq!(topic_propagation_wait(ms(5000)), ms(2000));
+        assert_eq!(topic_propagation_wait(ms(1)), ms(1));
+        assert_eq!(topic_propagation_wait(ms(600_000)), ms(30_000));
     }
 }
